@@ -1,0 +1,164 @@
+//! Finding the token in a request. The token is borrowed, never copied, never logged.
+
+use std::fmt;
+
+use crate::provider::TokenSource;
+use crate::request::Request;
+
+/// Real access tokens are a few KiB at most; anything larger is refused unread.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+#[derive(Clone, Copy)]
+pub struct Token<'a> {
+    pub value: &'a str,
+    pub source: &'a TokenSource,
+}
+
+impl fmt::Debug for Token<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"<redacted>")
+            .field("source", self.source)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("no token")]
+    Missing,
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
+/// The first token found, trying `sources` in order.
+pub fn extract<'a>(
+    req: &Request<'a>,
+    sources: impl IntoIterator<Item = &'a TokenSource>,
+) -> Result<Token<'a>, TokenError> {
+    for source in sources {
+        let raw = match source {
+            TokenSource::Header { name, prefix } => match req.header(name) {
+                Some(value) => match strip_prefix(value, prefix) {
+                    Some(rest) => rest.trim(),
+                    // "Bearer" alone: the scheme is ours but the token is missing.
+                    None if value.trim().eq_ignore_ascii_case(prefix.trim()) && !prefix.trim().is_empty() => "",
+                    // Another scheme (Basic, DPoP…): not ours.
+                    None => continue,
+                },
+                None => continue,
+            },
+            TokenSource::Cookie(name) => match req.cookie(name) {
+                Some(v) => v,
+                None => continue,
+            },
+            TokenSource::Query(name) => match req.query_param(name) {
+                Some(v) => v,
+                None => continue,
+            },
+        };
+        return check_shape(raw).map(|value| Token { value, source });
+    }
+    Err(TokenError::Missing)
+}
+
+/// Case-insensitive, as HTTP auth schemes are; never slices inside a character.
+fn strip_prefix<'v>(value: &'v str, prefix: &str) -> Option<&'v str> {
+    let head = value.as_bytes().get(..prefix.len())?;
+    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+        value.get(prefix.len()..)
+    } else {
+        None
+    }
+}
+
+fn check_shape(raw: &str) -> Result<&str, TokenError> {
+    if raw.is_empty() {
+        return Err(TokenError::Malformed("empty token"));
+    }
+    if raw.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::Malformed("token too large"));
+    }
+    if !raw
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(TokenError::Malformed("token has characters outside base64url"));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+    fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: path.into(),
+                        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn found(c: &CheckRequest, sources: &[TokenSource]) -> Result<String, TokenError> {
+        let r = Request::from_check(c).unwrap();
+        extract(&r, sources).map(|t| t.value.to_string())
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let bearer = [TokenSource::bearer()];
+        for h in ["Bearer a.b.c", "bearer a.b.c", "BEARER   a.b.c "] {
+            assert_eq!(found(&check("/", &[("authorization", h)]), &bearer), Ok("a.b.c".into()), "{h}");
+        }
+        assert_eq!(found(&check("/", &[("authorization", "Basic dXNlcg==")]), &bearer), Err(TokenError::Missing));
+        assert_eq!(found(&check("/", &[("authorization", "Bearer")]), &bearer), Err(TokenError::Malformed("empty token")));
+        assert_eq!(found(&check("/", &[("authorization", "Bearer ")]), &bearer), Err(TokenError::Malformed("empty token")));
+        assert_eq!(found(&check("/", &[("authorization", "é")]), &bearer), Err(TokenError::Missing));
+        assert_eq!(found(&check("/", &[]), &bearer), Err(TokenError::Missing));
+    }
+
+    #[test]
+    fn sources_are_tried_in_order() {
+        let sources = [
+            TokenSource::Header { name: "x-token".into(), prefix: String::new() },
+            TokenSource::Cookie("access_token".into()),
+            TokenSource::Query("access_token".into()),
+        ];
+        let c = check("/?access_token=q.q.q", &[("cookie", "access_token=c.c.c")]);
+        assert_eq!(found(&c, &sources), Ok("c.c.c".into()));
+        let c = check("/?access_token=q.q.q", &[]);
+        assert_eq!(found(&c, &sources), Ok("q.q.q".into()));
+        let c = check("/", &[("x-token", "h.h.h"), ("cookie", "access_token=c.c.c")]);
+        assert_eq!(found(&c, &sources), Ok("h.h.h".into()));
+    }
+
+    #[test]
+    fn odd_shapes_are_malformed() {
+        let bearer = [TokenSource::bearer()];
+        let big = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
+        assert_eq!(found(&check("/", &[("authorization", &big)]), &bearer), Err(TokenError::Malformed("token too large")));
+        let two = "Bearer a.b.c,Bearer d.e.f";
+        assert!(matches!(found(&check("/", &[("authorization", two)]), &bearer), Err(TokenError::Malformed(_))));
+        let padded = "Bearer a.b.c==";
+        assert!(matches!(found(&check("/", &[("authorization", padded)]), &bearer), Err(TokenError::Malformed(_))));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let source = TokenSource::bearer();
+        let t = Token { value: "secret.token.value", source: &source };
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,276 @@
+//! JWT verification against a provider's current keys: header, issuer, key,
+//! signature, then time and audience. No fetching, no route policy.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value};
+
+use crate::decision::Reason;
+use crate::policy::Policy;
+use crate::policy::require::audience_contains;
+use crate::provider::{Provider, algorithm_by_name};
+
+/// Tokens without a `kid` are tried against at most this many keys.
+const MAX_KEYS_WITHOUT_KID: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    UnsupportedAlgorithm(&'static str),
+    #[error("issuer not allowed")]
+    IssuerNotAllowed,
+    #[error("unknown key")]
+    UnknownKey,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("audience not allowed")]
+    AudienceNotAllowed,
+    #[error("keys unavailable")]
+    KeysUnavailable,
+}
+
+impl VerifyError {
+    pub fn reason(self) -> Reason {
+        match self {
+            VerifyError::Malformed(_) => Reason::MalformedToken,
+            VerifyError::UnsupportedAlgorithm(_) => Reason::UnsupportedAlgorithm,
+            VerifyError::IssuerNotAllowed => Reason::IssuerNotAllowed,
+            VerifyError::UnknownKey => Reason::UnknownKey,
+            VerifyError::BadSignature => Reason::BadSignature,
+            VerifyError::Expired => Reason::Expired,
+            VerifyError::NotYetValid => Reason::NotYetValid,
+            VerifyError::AudienceNotAllowed => Reason::AudienceNotAllowed,
+            VerifyError::KeysUnavailable => Reason::KeysUnavailable,
+        }
+    }
+}
+
+/// What went wrong, and as far as it got: the provider and kid, for logs.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: VerifyError,
+    pub provider: Option<usize>,
+    pub kid: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Verified {
+    /// Index into the policy's providers.
+    pub provider: usize,
+    pub kid: Option<String>,
+    pub claims: Map<String, Value>,
+}
+
+/// The JOSE header, as far as Valet reads it. Fields that ask the verifier to
+/// fetch or trust a key from the token itself, or to understand extensions, are
+/// recorded only to refuse them. Duplicate known fields fail to parse.
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    kid: Option<String>,
+    crit: Option<IgnoredAny>,
+    jku: Option<IgnoredAny>,
+    jwk: Option<IgnoredAny>,
+    x5u: Option<IgnoredAny>,
+    x5c: Option<IgnoredAny>,
+    enc: Option<IgnoredAny>,
+    zip: Option<IgnoredAny>,
+}
+
+/// Verifies `token` for one of `allowed` providers (indices; empty means any).
+pub fn verify(token: &str, policy: &Policy, allowed: &[usize], now: u64) -> Result<Verified, Failed> {
+    let mut provider = None;
+    let mut kid = None;
+    verify_inner(token, policy, allowed, now, &mut provider, &mut kid).map_err(|error| Failed {
+        error,
+        provider,
+        kid,
+    })
+}
+
+fn verify_inner(
+    token: &str,
+    policy: &Policy,
+    allowed: &[usize],
+    now: u64,
+    seen_provider: &mut Option<usize>,
+    seen_kid: &mut Option<String>,
+) -> Result<Verified, VerifyError> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        let why = if token.split('.').count() == 5 {
+            "encrypted tokens (JWE) are not accepted"
+        } else {
+            "not a JWT (three dot-separated parts)"
+        };
+        return Err(VerifyError::Malformed(why));
+    };
+
+    let header: Header = match decode_json(header_b64) {
+        Some(h) => h,
+        None => return Err(VerifyError::Malformed("unreadable header")),
+    };
+    seen_kid.clone_from(&header.kid);
+    if header.alg.eq_ignore_ascii_case("none") {
+        return Err(VerifyError::UnsupportedAlgorithm("unsigned tokens are not accepted"));
+    }
+    let Some(alg) = algorithm_by_name(&header.alg) else {
+        return Err(VerifyError::UnsupportedAlgorithm("unsupported algorithm"));
+    };
+    if header.crit.is_some() {
+        return Err(VerifyError::Malformed("crit header parameters are not supported"));
+    }
+    if header.jku.is_some() || header.jwk.is_some() || header.x5u.is_some() || header.x5c.is_some() {
+        return Err(VerifyError::Malformed("keys named by the token are never trusted"));
+    }
+    if header.enc.is_some() || header.zip.is_some() {
+        return Err(VerifyError::Malformed("encrypted tokens (JWE) are not accepted"));
+    }
+
+    let claims: Map<String, Value> = match decode_json(payload_b64) {
+        Some(c) => c,
+        None => return Err(VerifyError::Malformed("unreadable claims")),
+    };
+
+    let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
+        return Err(VerifyError::IssuerNotAllowed);
+    };
+    let found = policy
+        .providers
+        .iter()
+        .enumerate()
+        .find(|(i, p)| p.issuer == iss && (allowed.is_empty() || allowed.contains(i)));
+    let Some((index, provider)) = found else {
+        return Err(VerifyError::IssuerNotAllowed);
+    };
+    *seen_provider = Some(index);
+
+    if !provider.algorithms.contains(&alg) {
+        return Err(VerifyError::UnsupportedAlgorithm("algorithm not allowed for this issuer"));
+    }
+
+    check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
+    check_time(&claims, provider.clock_skew_secs, now)?;
+    if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
+        return Err(VerifyError::AudienceNotAllowed);
+    }
+    Ok(Verified {
+        provider: index,
+        kid: header.kid,
+        claims,
+    })
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(b64: &str) -> Option<T> {
+    let bytes = URL_SAFE_NO_PAD.decode(b64).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn check_signature(
+    provider: &Provider,
+    kid: Option<&str>,
+    alg: Algorithm,
+    token: &str,
+    signature_b64: &str,
+) -> Result<(), VerifyError> {
+    let keys = provider.keys.load().ok_or(VerifyError::KeysUnavailable)?;
+    if keys.is_empty() {
+        return Err(VerifyError::KeysUnavailable);
+    }
+    // The signed message is everything before the last dot.
+    let message = &token.as_bytes()[..token.len() - signature_b64.len() - 1];
+    let verify = |key: &crate::jwks::Key| {
+        jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg).unwrap_or(false)
+    };
+    match kid {
+        Some(kid) => {
+            let key = keys.get(kid).ok_or(VerifyError::UnknownKey)?;
+            if !key.accepts(alg) {
+                return Err(VerifyError::UnsupportedAlgorithm("algorithm does not fit the key"));
+            }
+            if verify(key) { Ok(()) } else { Err(VerifyError::BadSignature) }
+        }
+        None => {
+            let mut tried = 0;
+            for key in keys.candidates(alg).take(MAX_KEYS_WITHOUT_KID) {
+                tried += 1;
+                if verify(key) {
+                    return Ok(());
+                }
+            }
+            if tried == 0 { Err(VerifyError::UnknownKey) } else { Err(VerifyError::BadSignature) }
+        }
+    }
+}
+
+/// `exp` is required, `nbf` honoured, both with the provider's skew. NumericDate
+/// may be fractional (RFC 7519 §2).
+fn check_time(claims: &Map<String, Value>, skew: u64, now: u64) -> Result<(), VerifyError> {
+    let number = |name: &str| match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(_) => Err(VerifyError::Malformed("exp, nbf and iat must be numbers")),
+    };
+    let now = now as f64;
+    let skew = skew as f64;
+    let exp = number("exp")?.ok_or(VerifyError::Malformed("exp claim is required"))?;
+    if now >= exp + skew {
+        return Err(VerifyError::Expired);
+    }
+    if let Some(nbf) = number("nbf")?
+        && nbf > now + skew
+    {
+        return Err(VerifyError::NotYetValid);
+    }
+    number("iat")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn time_checks_honour_skew() {
+        let now = 1_000_000;
+        assert_eq!(check_time(&claims(json!({"exp": now + 10})), 0, now), Ok(()));
+        assert_eq!(check_time(&claims(json!({"exp": now})), 0, now), Err(VerifyError::Expired));
+        assert_eq!(check_time(&claims(json!({"exp": now - 30})), 60, now), Ok(()));
+        assert_eq!(check_time(&claims(json!({"exp": now - 60})), 60, now), Err(VerifyError::Expired));
+        assert_eq!(check_time(&claims(json!({"exp": now as f64 + 0.5})), 0, now), Ok(()));
+        assert_eq!(check_time(&claims(json!({"exp": 1e300})), 0, now), Ok(()));
+        assert_eq!(
+            check_time(&claims(json!({"exp": now + 100, "nbf": now + 30})), 60, now),
+            Ok(())
+        );
+        assert_eq!(
+            check_time(&claims(json!({"exp": now + 100, "nbf": now + 61})), 60, now),
+            Err(VerifyError::NotYetValid)
+        );
+        assert!(matches!(check_time(&claims(json!({})), 60, now), Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            check_time(&claims(json!({"exp": "tomorrow"})), 60, now),
+            Err(VerifyError::Malformed(_))
+        ));
+        assert!(matches!(
+            check_time(&claims(json!({"exp": now + 100, "iat": [1]})), 60, now),
+            Err(VerifyError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,101 @@
+//! The serde mirror of the YAML file: data only, no checks beyond shape.
+//! Unknown keys are rejected everywhere so a typo is an error, not a silent no-op.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listen: ListenFile,
+    /// The `realm` of `WWW-Authenticate` challenges.
+    pub realm: Option<String>,
+    #[serde(default)]
+    pub providers: Vec<ProviderFile>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    pub grpc: Option<String>,
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    pub name: String,
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks: JwksFile,
+    pub algorithms: Option<Vec<String>>,
+    pub clock_skew: Option<String>,
+    pub tokens_from: Option<Vec<TokenSourceFile>>,
+    #[serde(default)]
+    pub claims_to_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub forward_token: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksFile {
+    pub file: Option<String>,
+    pub uri: Option<String>,
+    pub discovery: Option<bool>,
+}
+
+/// Exactly one of `header`, `cookie`, `query`; checked when compiling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSourceFile {
+    pub header: Option<String>,
+    pub prefix: Option<String>,
+    pub cookie: Option<String>,
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: MatchFile,
+    #[serde(default)]
+    pub anonymous: bool,
+    pub require: Option<RequireFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchFile {
+    pub hosts: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub path_template: Option<String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireFile {
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub any_scopes: Vec<String>,
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, serde_yaml::Value>,
+}

@@ -1,0 +1,229 @@
+//! A parsed JWKS: every usable verification key, decoded once, by `kid`.
+
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+
+use crate::provider::algorithm_by_name;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeySetError {
+    #[error("not a JWKS document: {0}")]
+    NotJson(String),
+    #[error("no `keys` array")]
+    NoKeys,
+    #[error("no usable key ({0} skipped)")]
+    NoUsableKey(usize),
+}
+
+/// The kind of key, which decides the algorithms it can verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+    Oct,
+}
+
+impl KeyKind {
+    /// RS/PS with RSA, ES256 with P-256 only, and so on: never an RSA key as an
+    /// HMAC secret, never a P-384 key for ES256.
+    pub fn fits(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            KeyKind::P256 => alg == ES256,
+            KeyKind::P384 => alg == ES384,
+            KeyKind::Ed25519 => alg == EdDSA,
+            KeyKind::Oct => matches!(alg, HS256 | HS384 | HS512),
+        }
+    }
+}
+
+pub struct Key {
+    pub kid: Option<String>,
+    pub kind: KeyKind,
+    /// The key's own `alg`, when the JWKS pins one.
+    pub alg: Option<Algorithm>,
+    pub decoding: DecodingKey,
+}
+
+impl Key {
+    pub fn accepts(&self, alg: Algorithm) -> bool {
+        self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+}
+
+#[derive(Default)]
+pub struct KeySet {
+    keys: Vec<Key>,
+    /// Keys left out, each with its kid (or index) and why: for the loader to log.
+    pub skipped: Vec<String>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.kids().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KeySet {
+    pub fn parse(bytes: &[u8]) -> Result<KeySet, KeySetError> {
+        let doc: Value =
+            serde_json::from_slice(bytes).map_err(|e| KeySetError::NotJson(e.to_string()))?;
+        let entries = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or(KeySetError::NoKeys)?;
+        let mut set = KeySet::default();
+        for (i, entry) in entries.iter().enumerate() {
+            let kid = entry.get("kid").and_then(Value::as_str).map(str::to_owned);
+            let name = kid.clone().unwrap_or_else(|| format!("#{i}"));
+            match parse_key(entry) {
+                Ok(key) if key.kid.is_some() && set.get(key.kid.as_deref().unwrap()).is_some() => {
+                    set.skipped.push(format!("{name}: duplicate kid"));
+                }
+                Ok(key) => set.keys.push(key),
+                Err(why) => set.skipped.push(format!("{name}: {why}")),
+            }
+        }
+        if set.keys.is_empty() {
+            return Err(KeySetError::NoUsableKey(set.skipped.len()));
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, kid: &str) -> Option<&Key> {
+        self.keys.iter().find(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// Keys that can verify `alg`, for tokens without a `kid`.
+    pub fn candidates(&self, alg: Algorithm) -> impl Iterator<Item = &Key> {
+        self.keys.iter().filter(move |k| k.accepts(alg))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().filter_map(|k| k.kid.as_deref())
+    }
+}
+
+fn parse_key(entry: &Value) -> Result<Key, String> {
+    let field = |name: &str| entry.get(name).and_then(Value::as_str);
+    if field("use").is_some_and(|u| u != "sig") {
+        return Err("not a signing key (use is not \"sig\")".into());
+    }
+    if let Some(ops) = entry.get("key_ops").and_then(Value::as_array)
+        && !ops.iter().any(|op| op.as_str() == Some("verify"))
+    {
+        return Err("key_ops does not include \"verify\"".into());
+    }
+    let kind = match (field("kty"), field("crv")) {
+        (Some("RSA"), _) => KeyKind::Rsa,
+        (Some("EC"), Some("P-256")) => KeyKind::P256,
+        (Some("EC"), Some("P-384")) => KeyKind::P384,
+        (Some("OKP"), Some("Ed25519")) => KeyKind::Ed25519,
+        (Some("oct"), _) => KeyKind::Oct,
+        (Some(kty), crv) => {
+            return Err(format!(
+                "unsupported key type {kty}{}",
+                crv.map(|c| format!(" ({c})")).unwrap_or_default()
+            ));
+        }
+        (None, _) => return Err("no kty".into()),
+    };
+    let alg = match field("alg") {
+        None => None,
+        Some(name) => match algorithm_by_name(name) {
+            Some(alg) if kind.fits(alg) => Some(alg),
+            Some(_) => return Err(format!("alg {name} does not fit the key type")),
+            None => return Err(format!("unsupported alg {name}")),
+        },
+    };
+    // jsonwebtoken's Jwk type does the component decoding; it rejects what it
+    // cannot read, which is what we want.
+    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| format!("invalid key: {e}"))?;
+    let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| format!("invalid key: {e}"))?;
+    if kind == KeyKind::Rsa
+        && let jsonwebtoken::DecodingKeyKind::RsaModulusExponent { n, .. } = decoding.kind()
+    {
+        // Shorter RSA moduli are forgeable; RFC 7518 requires at least 2048 bits.
+        let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+        if bits < 2048 {
+            return Err(format!("RSA key of {bits} bits is too short (2048 at least)"));
+        }
+    }
+    if kind == KeyKind::Oct
+        && let jsonwebtoken::DecodingKeyKind::SecretOrDer(secret) = decoding.kind()
+        && secret.len() < 32
+    {
+        return Err("HMAC key shorter than 256 bits".into());
+    }
+    Ok(Key {
+        kid: field("kid").map(str::to_owned),
+        kind,
+        alg,
+        decoding,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn oct(kid: &str, extra: Value) -> Value {
+        let mut key = json!({"kty": "oct", "kid": kid, "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"});
+        if let (Some(k), Some(e)) = (key.as_object_mut(), extra.as_object()) {
+            k.extend(e.clone());
+        }
+        key
+    }
+
+    #[test]
+    fn skips_unusable_keys_and_keeps_the_rest() {
+        let doc = json!({"keys": [
+            oct("a", json!({})),
+            oct("enc", json!({"use": "enc"})),
+            {"kty": "EC", "crv": "P-521", "kid": "p521", "x": "AA", "y": "AA"},
+            {"kty": "XYZ", "kid": "weird"},
+            oct("a", json!({})),
+            oct("bad-alg", json!({"alg": "RS256"})),
+            {"kty": "oct", "kid": "short", "k": "c2hvcnQ"},
+        ]});
+        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.kids().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(set.skipped.len(), 6, "{:?}", set.skipped);
+        assert!(set.skipped.iter().any(|s| s.starts_with("enc: not a signing key")));
+        assert!(set.skipped.iter().any(|s| s.starts_with("a: duplicate kid")));
+    }
+
+    #[test]
+    fn rejects_documents_without_usable_keys() {
+        assert!(matches!(KeySet::parse(b"nope"), Err(KeySetError::NotJson(_))));
+        assert!(matches!(KeySet::parse(b"{}"), Err(KeySetError::NoKeys)));
+        assert!(matches!(
+            KeySet::parse(br#"{"keys":[{"kty":"oct","use":"enc","k":"AA"}]}"#),
+            Err(KeySetError::NoUsableKey(1))
+        ));
+    }
+
+    #[test]
+    fn key_kinds_fit_only_their_algorithms() {
+        assert!(KeyKind::Rsa.fits(Algorithm::PS256));
+        assert!(!KeyKind::Rsa.fits(Algorithm::HS256));
+        assert!(!KeyKind::P384.fits(Algorithm::ES256));
+        assert!(!KeyKind::Oct.fits(Algorithm::RS256));
+        assert!(KeyKind::Ed25519.fits(Algorithm::EdDSA));
+    }
+}

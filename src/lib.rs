@@ -1,0 +1,16 @@
+//! Valet: an Envoy ext_authz sidecar that checks OAuth 2.0 JWT access tokens
+//! against per-route YAML policy. See design.md for the path of one Check.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod check;
+pub mod config;
+pub mod decision;
+pub mod jwks;
+pub mod policy;
+pub mod provider;
+pub mod request;
+pub mod response;
+pub mod service;
+pub mod state;
+pub mod telemetry;

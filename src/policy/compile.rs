@@ -1,0 +1,476 @@
+//! File types → runtime types. Pure apart from resolving paths; reports every
+//! problem it finds instead of stopping at the first.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use regex::RegexBuilder;
+use serde_yaml::Value as Yaml;
+
+use super::require::{ClaimRequirement, Requirement};
+use super::route::{Access, HostMatch, PathMatch, Route, TemplateSegment};
+use super::{DefaultAction, Listen, Policy};
+use crate::config::file::{FileConfig, MatchFile, ProviderFile, RequireFile, RouteFile};
+use crate::config::{Problems, parse_duration};
+use crate::jwks::KeyCell;
+use crate::provider::{
+    ClaimPath, JwksSource, Provider, TokenSource, algorithm_by_name, default_algorithms,
+};
+use crate::request::normalize;
+
+pub const DEFAULT_GRPC: &str = "127.0.0.1:9001";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+const DEFAULT_SKEW_SECS: u64 = 60;
+/// Compiled regexes are bounded so one route cannot eat the sidecar's memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Policy) {
+    let listen = Listen {
+        grpc: addr(file.listen.grpc.as_deref().unwrap_or(DEFAULT_GRPC), "listen.grpc", p),
+        admin: Some(addr(
+            file.listen.admin.as_deref().unwrap_or(DEFAULT_ADMIN),
+            "listen.admin",
+            p,
+        )),
+    };
+    let realm = file.realm.unwrap_or_else(|| "valet".into());
+    if realm.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        p.error("realm", "must not contain quotes, backslashes or control characters");
+    }
+    let default = match file.default.as_deref() {
+        None | Some("deny") => DefaultAction::Deny,
+        Some("allow") => {
+            p.warn("default", "requests that match no route are allowed without a token");
+            DefaultAction::Allow
+        }
+        Some(other) => {
+            p.error("default", format!("must be deny or allow, not {other:?}"));
+            DefaultAction::Deny
+        }
+    };
+
+    let mut providers = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, pf) in file.providers.into_iter().enumerate() {
+        let at = format!("providers[{i}]");
+        if !seen.insert(pf.name.clone()) {
+            p.error(format!("{at}.name"), format!("duplicate provider name {:?}", pf.name));
+        }
+        providers.push(Arc::new(provider(pf, &at, base, p)));
+    }
+
+    let mut identity_headers: Vec<String> = Vec::new();
+    for prov in &providers {
+        for (_, h) in &prov.claims_to_headers {
+            if !identity_headers.contains(h) {
+                identity_headers.push(h.clone());
+            }
+        }
+    }
+
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    for (i, rf) in file.routes.into_iter().enumerate() {
+        let at = format!("routes[{i}]");
+        if !names.insert(rf.name.clone()) {
+            p.error(format!("{at}.name"), format!("duplicate route name {:?}", rf.name));
+        }
+        routes.push(route(rf, &at, &providers, p));
+    }
+    if routes.is_empty() {
+        p.warn("routes", "no routes: every request gets the default action");
+    }
+
+    let policy = Policy {
+        routes,
+        providers,
+        default,
+        realm,
+        identity_headers,
+    };
+    (listen, policy)
+}
+
+fn addr(text: &str, at: &str, p: &mut Problems) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        p.error(at, format!("{text:?} is not an address like 127.0.0.1:9001"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// Metric labels and log fields use these names, so keep them plain.
+fn check_name(name: &str, at: &str, p: &mut Problems) {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        p.error(
+            at,
+            format!("{name:?}: names are 1-64 letters, digits, '-', '_', '.' or ':', starting with a letter or digit"),
+        );
+    }
+}
+
+fn header_name(name: &str, at: &str, p: &mut Problems) -> String {
+    let lower = name.to_ascii_lowercase();
+    let token = !lower.is_empty()
+        && lower
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        p.error(at, format!("{name:?} is not a valid header name"));
+    }
+    lower
+}
+
+fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provider {
+    check_name(&pf.name, &format!("{at}.name"), p);
+    if pf.issuer.is_empty() {
+        p.error(format!("{at}.issuer"), "must not be empty");
+    }
+    if pf.audiences.is_empty() {
+        p.warn(
+            format!("{at}.audiences"),
+            "no audiences: tokens minted for any resource of this issuer are accepted",
+        );
+    }
+
+    let jwks = match (&pf.jwks.file, &pf.jwks.uri, pf.jwks.discovery.unwrap_or(false)) {
+        (Some(f), None, false) => JwksSource::File(base.join(f)),
+        (None, Some(_), false) | (None, None, true) => {
+            p.error(
+                format!("{at}.jwks"),
+                "remote JWKS (uri, discovery) is not supported by this build; use jwks.file",
+            );
+            JwksSource::File(base.join("unsupported"))
+        }
+        _ => {
+            p.error(format!("{at}.jwks"), "set exactly one of file, uri, discovery: true");
+            JwksSource::File(base.join("unset"))
+        }
+    };
+
+    let algorithms = match &pf.algorithms {
+        None => default_algorithms(),
+        Some(names) => {
+            if names.is_empty() {
+                p.error(format!("{at}.algorithms"), "must list at least one algorithm");
+            }
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(j, n)| {
+                    let found = algorithm_by_name(n);
+                    if found.is_none() {
+                        let why = if n.eq_ignore_ascii_case("none") {
+                            "unsigned tokens (alg none) are never accepted".to_string()
+                        } else {
+                            format!("unsupported algorithm {n:?}")
+                        };
+                        p.error(format!("{at}.algorithms[{j}]"), why);
+                    }
+                    found
+                })
+                .collect()
+        }
+    };
+
+    let clock_skew_secs = match pf.clock_skew.as_deref().map(parse_duration) {
+        None => DEFAULT_SKEW_SECS,
+        Some(Ok(d)) => {
+            if d.as_secs() > 300 {
+                p.warn(format!("{at}.clock_skew"), "more than 5m of skew keeps expired tokens alive");
+            }
+            d.as_secs()
+        }
+        Some(Err(e)) => {
+            p.error(format!("{at}.clock_skew"), e);
+            DEFAULT_SKEW_SECS
+        }
+    };
+
+    let sources = match pf.tokens_from {
+        None => vec![TokenSource::bearer()],
+        Some(list) => {
+            if list.is_empty() {
+                p.error(format!("{at}.tokens_from"), "must list at least one source");
+            }
+            list.into_iter()
+                .enumerate()
+                .filter_map(|(j, s)| {
+                    let sat = format!("{at}.tokens_from[{j}]");
+                    match (s.header, s.cookie, s.query, s.prefix) {
+                        (Some(h), None, None, prefix) => Some(TokenSource::Header {
+                            name: header_name(&h, &format!("{sat}.header"), p),
+                            prefix: prefix.unwrap_or_default(),
+                        }),
+                        (None, Some(c), None, None) if !c.is_empty() => Some(TokenSource::Cookie(c)),
+                        (None, None, Some(q), None) if !q.is_empty() => Some(TokenSource::Query(q)),
+                        (None, _, _, Some(_)) => {
+                            p.error(sat, "prefix goes with header only");
+                            None
+                        }
+                        _ => {
+                            p.error(sat, "set exactly one of header, cookie, query (non-empty)");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        }
+    };
+
+    let claims_to_headers = pf
+        .claims_to_headers
+        .iter()
+        .map(|(claim, header)| {
+            let hat = format!("{at}.claims_to_headers.{claim}");
+            let h = header_name(header, &hat, p);
+            if matches!(h.as_str(), "host" | "authorization" | "cookie" | "content-length" | "transfer-encoding" | "connection")
+                || h.starts_with(':')
+            {
+                p.error(hat, format!("{h:?} cannot carry identity"));
+            }
+            (ClaimPath(claim.clone()), h)
+        })
+        .collect();
+
+    Provider {
+        name: pf.name,
+        issuer: pf.issuer,
+        audiences: pf.audiences,
+        algorithms,
+        clock_skew_secs,
+        sources,
+        claims_to_headers,
+        forward_token: pf.forward_token,
+        jwks,
+        keys: Arc::new(KeyCell::default()),
+    }
+}
+
+fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems) -> Route {
+    check_name(&rf.name, &format!("{at}.name"), p);
+    let m = route_match(&rf.matches, &format!("{at}.match"), p);
+    let access = match (rf.anonymous, rf.require) {
+        (true, Some(_)) => {
+            p.error(format!("{at}.require"), "an anonymous route cannot require anything");
+            Access::Anonymous
+        }
+        (true, None) => Access::Anonymous,
+        (false, req) => {
+            if providers.is_empty() {
+                p.error(
+                    format!("{at}"),
+                    "this route needs a token but no providers are configured (or set anonymous: true)",
+                );
+            }
+            Access::Require(requirement(req.unwrap_or_default(), &format!("{at}.require"), providers, p))
+        }
+    };
+    Route {
+        name: rf.name,
+        hosts: m.0,
+        methods: m.1,
+        path: m.2,
+        context: rf.matches.context.into_iter().collect(),
+        access,
+    }
+}
+
+fn route_match(mf: &MatchFile, at: &str, p: &mut Problems) -> (Vec<HostMatch>, Vec<String>, PathMatch) {
+    let hosts = mf
+        .hosts
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(j, h)| {
+            let hat = format!("{at}.hosts[{j}]");
+            let h = h.to_ascii_lowercase();
+            if h == "*" || h.is_empty() {
+                p.error(&hat, "leave hosts out to match any host");
+            } else if h.contains(':') && !h.starts_with('[') {
+                p.error(&hat, "hosts are matched without a port; remove it");
+            } else if h[1..].contains('*') || (h.starts_with('*') && !h.starts_with("*.")) {
+                p.error(&hat, "only a leading \"*.\" wildcard is supported");
+            }
+            match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+                None => HostMatch::Exact(h),
+            }
+        })
+        .collect();
+    let methods = mf
+        .methods
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(j, m)| {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                p.error(format!("{at}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+            }
+            m.to_ascii_uppercase()
+        })
+        .collect();
+
+    let set = [
+        mf.path.is_some(),
+        mf.path_prefix.is_some(),
+        mf.path_regex.is_some(),
+        mf.path_template.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() > 1 {
+        p.error(at, "use only one of path, path_prefix, path_regex, path_template");
+    }
+    let path = if let Some(path) = &mf.path {
+        PathMatch::Exact(normalized(path, &format!("{at}.path"), p))
+    } else if let Some(prefix) = &mf.path_prefix {
+        let n = normalized(prefix, &format!("{at}.path_prefix"), p);
+        let n = if n.len() > 1 { n.trim_end_matches('/').to_string() } else { n };
+        PathMatch::Prefix(n)
+    } else if let Some(re) = &mf.path_regex {
+        match RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build() {
+            Ok(r) => PathMatch::Regex(r),
+            Err(e) => {
+                let msg = e.to_string().lines().last().unwrap_or("invalid").trim().to_string();
+                p.error(format!("{at}.path_regex"), format!("invalid regex: {msg}"));
+                PathMatch::Any
+            }
+        }
+    } else if let Some(t) = &mf.path_template {
+        template(t, &format!("{at}.path_template"), p)
+    } else {
+        PathMatch::Any
+    };
+    (hosts, methods, path)
+}
+
+/// Paths in policy must already be normal, or they could never match.
+fn normalized(path: &str, at: &str, p: &mut Problems) -> String {
+    match normalize(path) {
+        Ok(n) if n == path || n == format!("{path}/") => path.to_string(),
+        Ok(n) => {
+            p.error(at, format!("{path:?} is not normalised; requests are matched as {n:?}"));
+            n
+        }
+        Err(e) => {
+            p.error(at, format!("{path:?}: {e}"));
+            path.to_string()
+        }
+    }
+}
+
+fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
+    if !t.starts_with('/') {
+        p.error(at, "must start with /");
+        return PathMatch::Any;
+    }
+    let mut vars = HashSet::new();
+    let mut segments = Vec::new();
+    for seg in t[1..].split('/') {
+        match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(var) => {
+                let ok = !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok {
+                    p.error(at, format!("{{{var}}}: variable names are letters, digits and _"));
+                } else if !vars.insert(var.to_string()) {
+                    p.error(at, format!("variable {{{var}}} appears twice"));
+                }
+                segments.push(TemplateSegment::Variable(var.to_string()));
+            }
+            None => {
+                if seg.contains(['{', '}']) {
+                    p.error(at, format!("{seg:?}: a variable must be a whole segment, like {{id}}"));
+                } else if seg.is_empty() && t != "/" {
+                    p.error(at, "empty segment (double or trailing slash)");
+                } else if matches!(seg, "." | "..") {
+                    p.error(at, "dot segments never match a normalised path");
+                }
+                segments.push(TemplateSegment::Literal(seg.to_string()));
+            }
+        }
+    }
+    PathMatch::Template(segments)
+}
+
+fn requirement(rf: RequireFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems) -> Requirement {
+    let provider_idx: Vec<usize> = rf
+        .providers
+        .iter()
+        .enumerate()
+        .filter_map(|(j, name)| {
+            let idx = providers.iter().position(|pr| &pr.name == name);
+            if idx.is_none() {
+                p.error(format!("{at}.providers[{j}]"), format!("unknown provider {name:?}"));
+            }
+            idx
+        })
+        .collect();
+    for (field, list) in [("scopes", &rf.scopes), ("any_scopes", &rf.any_scopes)] {
+        for (j, s) in list.iter().enumerate() {
+            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+                p.error(
+                    format!("{at}.{field}[{j}]"),
+                    format!("{s:?}: a scope is one non-empty word without quotes (list several as separate items)"),
+                );
+            }
+        }
+    }
+    let claims = rf
+        .claims
+        .iter()
+        .filter_map(|(name, value)| {
+            let cat = format!("{at}.claims.{name}");
+            let values = match value {
+                Yaml::Sequence(items) if !items.is_empty() => items.iter().map(|v| claim_value(v, &cat, p)).collect(),
+                Yaml::Sequence(_) => {
+                    p.error(&cat, "an empty list matches nothing");
+                    return None;
+                }
+                v => vec![claim_value(v, &cat, p)],
+            };
+            Some(ClaimRequirement {
+                path: ClaimPath(name.clone()),
+                values: values.into_iter().flatten().collect(),
+            })
+        })
+        .collect();
+    let mut sources: Vec<TokenSource> = Vec::new();
+    for (i, prov) in providers.iter().enumerate() {
+        if provider_idx.is_empty() || provider_idx.contains(&i) {
+            for s in &prov.sources {
+                if !sources.contains(s) {
+                    sources.push(s.clone());
+                }
+            }
+        }
+    }
+    Requirement {
+        providers: provider_idx,
+        sources,
+        scopes: rf.scopes,
+        any_scopes: rf.any_scopes,
+        audiences: rf.audiences,
+        claims,
+    }
+}
+
+fn claim_value(v: &Yaml, at: &str, p: &mut Problems) -> Option<serde_json::Value> {
+    match v {
+        Yaml::String(s) => Some(serde_json::Value::String(s.clone())),
+        Yaml::Bool(b) => Some(serde_json::Value::Bool(*b)),
+        Yaml::Number(n) => serde_json::to_value(n).ok(),
+        _ => {
+            p.error(at, "claim values are strings, numbers or booleans (or a list of them: any of)");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

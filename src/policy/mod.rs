@@ -1,0 +1,51 @@
+//! The compiled policy: providers, routes in file order, and the default action.
+//! Immutable once built; a reload builds a new one and swaps it whole.
+
+mod compile;
+pub mod require;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use compile::compile;
+pub use require::{RequireError, Requirement};
+pub use route::{Access, Mismatch, Route};
+
+use crate::provider::Provider;
+use crate::request::Request;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultAction {
+    Deny,
+    Allow,
+}
+
+pub struct Policy {
+    pub routes: Vec<Route>,
+    pub providers: Vec<Arc<Provider>>,
+    pub default: DefaultAction,
+    /// The `realm` of every challenge.
+    pub realm: String,
+    /// Every header Valet sets on allow. Inbound copies are removed on every route,
+    /// anonymous ones too, so a client can never smuggle its own `x-user-id`.
+    pub identity_headers: Vec<String>,
+}
+
+/// Process settings read once at start; a reload cannot change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub grpc: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Policy {
+    /// The first route, in file order, that fits the request.
+    pub fn route_for(&self, req: &Request) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(req))
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}

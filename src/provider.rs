@@ -1,0 +1,164 @@
+//! A compiled identity provider: who issues tokens, where they are found, which
+//! algorithms and audiences are accepted, and the live key set that verifies them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use jsonwebtoken::Algorithm;
+
+use crate::jwks::KeyCell;
+
+pub struct Provider {
+    pub name: String,
+    pub issuer: String,
+    /// The token's `aud` must contain one of these; empty means not checked.
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub clock_skew_secs: u64,
+    pub sources: Vec<TokenSource>,
+    /// (claim path, lower-cased header name), set on allow.
+    pub claims_to_headers: Vec<(ClaimPath, String)>,
+    pub forward_token: bool,
+    pub jwks: JwksSource,
+    /// The current key set, swapped whole by whoever loads keys.
+    pub keys: Arc<KeyCell>,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+}
+
+/// Where a token may be found in a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `name` is lower-case; `prefix` is compared case-insensitively (HTTP auth
+    /// schemes are case-insensitive) and may be empty.
+    Header { name: String, prefix: String },
+    Cookie(String),
+    Query(String),
+}
+
+impl TokenSource {
+    pub fn bearer() -> Self {
+        TokenSource::Header {
+            name: "authorization".into(),
+            prefix: "Bearer ".into(),
+        }
+    }
+}
+
+/// A claim name, or a dotted path into nested objects (`realm_access.roles`).
+/// A claim whose own name contains dots (`https://example.com/roles`) is found too:
+/// the whole name is tried before the path is split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath(pub String);
+
+impl ClaimPath {
+    pub fn lookup<'a>(
+        &self,
+        claims: &'a serde_json::Map<String, serde_json::Value>,
+    ) -> Option<&'a serde_json::Value> {
+        if let Some(v) = claims.get(&self.0) {
+            return Some(v);
+        }
+        let mut parts = self.0.split('.');
+        let mut current = claims.get(parts.next()?)?;
+        for part in parts {
+            current = current.as_object()?.get(part)?;
+        }
+        Some(current)
+    }
+}
+
+impl fmt::Display for ClaimPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Every algorithm Valet verifies, by its JOSE name.
+pub const ALGORITHMS: &[(&str, Algorithm)] = &[
+    ("RS256", Algorithm::RS256),
+    ("RS384", Algorithm::RS384),
+    ("RS512", Algorithm::RS512),
+    ("PS256", Algorithm::PS256),
+    ("PS384", Algorithm::PS384),
+    ("PS512", Algorithm::PS512),
+    ("ES256", Algorithm::ES256),
+    ("ES384", Algorithm::ES384),
+    ("EdDSA", Algorithm::EdDSA),
+    ("HS256", Algorithm::HS256),
+    ("HS384", Algorithm::HS384),
+    ("HS512", Algorithm::HS512),
+];
+
+/// The default: the asymmetric ones. HMAC must be asked for by name.
+pub fn default_algorithms() -> Vec<Algorithm> {
+    ALGORITHMS
+        .iter()
+        .map(|(_, a)| *a)
+        .filter(|a| !is_hmac(*a))
+        .collect()
+}
+
+pub fn algorithm_by_name(name: &str) -> Option<Algorithm> {
+    ALGORITHMS.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+}
+
+pub fn algorithm_name(alg: Algorithm) -> &'static str {
+    ALGORITHMS
+        .iter()
+        .find(|(_, a)| *a == alg)
+        .map(|(n, _)| *n)
+        .unwrap_or("?")
+}
+
+pub fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn claim_paths_walk_objects_and_prefer_whole_names() {
+        let claims = json!({
+            "sub": "alice",
+            "realm_access": { "roles": ["admin"] },
+            "https://example.com/roles": "x",
+        });
+        let claims = claims.as_object().unwrap();
+        assert_eq!(ClaimPath("sub".into()).lookup(claims), Some(&json!("alice")));
+        assert_eq!(
+            ClaimPath("realm_access.roles".into()).lookup(claims),
+            Some(&json!(["admin"]))
+        );
+        assert_eq!(
+            ClaimPath("https://example.com/roles".into()).lookup(claims),
+            Some(&json!("x"))
+        );
+        assert_eq!(ClaimPath("realm_access.missing".into()).lookup(claims), None);
+        assert_eq!(ClaimPath("sub.deeper".into()).lookup(claims), None);
+    }
+
+    #[test]
+    fn default_algorithms_exclude_hmac() {
+        let algs = default_algorithms();
+        assert!(algs.contains(&Algorithm::RS256));
+        assert!(algs.contains(&Algorithm::EdDSA));
+        assert!(!algs.iter().any(|a| is_hmac(*a)));
+    }
+}

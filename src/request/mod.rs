@@ -1,0 +1,208 @@
+//! The small view of a `CheckRequest` that the rest of the Check reads: borrowed
+//! where it can be, normalised where it must be.
+
+mod path;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+
+pub use path::{PathError, normalize, split_query};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// No `attributes.request.http`: not a request Envoy's HTTP filter sends.
+    NoHttpAttributes,
+    Path(PathError),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::NoHttpAttributes => f.write_str("no HTTP request attributes"),
+            RequestError::Path(e) => e.fmt(f),
+        }
+    }
+}
+
+static EMPTY: std::sync::LazyLock<HashMap<String, String>> = std::sync::LazyLock::new(HashMap::new);
+
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Lower-case, without port.
+    pub host: String,
+    /// Normalised, without the query.
+    pub path: String,
+    /// Raw query string, without `?`.
+    pub query: &'a str,
+    headers: Headers<'a>,
+    /// Envoy's per-route `context_extensions`.
+    pub context: &'a HashMap<String, String>,
+    /// URL-encoded PEM of the client certificate, when Envoy sends it.
+    pub peer_certificate: &'a str,
+}
+
+/// Envoy sends headers as a map (keys lower-case, repeated headers joined by `,`),
+/// or, with `encode_raw_headers`, as a list with raw byte values. Both are read in
+/// place, without building a map per Check.
+enum Headers<'a> {
+    Map(&'a HashMap<String, String>),
+    Raw(&'a [envoy_types::pb::envoy::config::core::v3::HeaderValue]),
+}
+
+impl<'a> Request<'a> {
+    pub fn from_check(check: &'a CheckRequest) -> Result<Self, RequestError> {
+        let attributes = check.attributes.as_ref();
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or(RequestError::NoHttpAttributes)?;
+        let headers = match &http.header_map {
+            Some(map) if http.headers.is_empty() => Headers::Raw(&map.headers),
+            _ => Headers::Map(&http.headers),
+        };
+        let mut request = Request {
+            method: &http.method,
+            host: String::new(),
+            path: String::new(),
+            query: "",
+            headers,
+            context: attributes.map_or(&*EMPTY, |a| &a.context_extensions),
+            peer_certificate: attributes
+                .and_then(|a| a.source.as_ref())
+                .map_or("", |s| s.certificate.as_str()),
+        };
+        let raw_path = if http.path.is_empty() {
+            request.header(":path").unwrap_or("")
+        } else {
+            &http.path
+        };
+        let (path, query) = split_query(raw_path);
+        request.path = normalize(path).map_err(RequestError::Path)?;
+        request.query = query;
+        if request.method.is_empty() {
+            request.method = request.header(":method").unwrap_or("");
+        }
+        let host = if http.host.is_empty() {
+            request.header(":authority").unwrap_or("")
+        } else {
+            &http.host
+        };
+        request.host = strip_port(host).to_ascii_lowercase();
+        Ok(request)
+    }
+
+    /// A request header by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        match self.headers {
+            Headers::Map(map) => map.get(name).map(String::as_str),
+            Headers::Raw(list) => list
+                .iter()
+                .find(|h| h.key.eq_ignore_ascii_case(name))
+                .and_then(|h| {
+                    if h.raw_value.is_empty() {
+                        Some(h.value.as_str())
+                    } else {
+                        std::str::from_utf8(&h.raw_value).ok()
+                    }
+                }),
+        }
+    }
+
+    /// A cookie by name, from the `cookie` header.
+    pub fn cookie(&self, name: &str) -> Option<&'a str> {
+        self.header("cookie")?
+            .split([';', ','])
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.trim_matches('"'))
+    }
+
+    /// A query parameter by name, undecoded (tokens never need escaping).
+    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+        self.query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once(']').map_or(host, |(addr, _)| addr);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.contains(':') => {
+            name
+        }
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+
+    fn check(path: &str, host: &str, headers: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: path.into(),
+                        host: host.into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn view_splits_query_strips_port_and_reads_tokens() {
+        let c = check(
+            "/orders//7?access_token=abc&x=1",
+            "API.Example.com:8443",
+            &[("cookie", "a=1; access_token=xyz; b=2")],
+        );
+        let r = Request::from_check(&c).unwrap();
+        assert_eq!(r.path, "/orders/7");
+        assert_eq!(r.host, "api.example.com");
+        assert_eq!(r.query_param("access_token"), Some("abc"));
+        assert_eq!(r.query_param("missing"), None);
+        assert_eq!(r.cookie("access_token"), Some("xyz"));
+        assert_eq!(r.cookie("c"), None);
+    }
+
+    #[test]
+    fn hosts_lose_their_port_only() {
+        assert_eq!(strip_port("a.example:80"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+    }
+
+    #[test]
+    fn missing_attributes_and_bad_paths_are_errors() {
+        assert_eq!(
+            Request::from_check(&CheckRequest::default()).err(),
+            Some(RequestError::NoHttpAttributes)
+        );
+        let c = check("/a/../../b", "h", &[]);
+        assert_eq!(
+            Request::from_check(&c).err(),
+            Some(RequestError::Path(PathError::EscapesRoot))
+        );
+    }
+}

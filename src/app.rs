@@ -37,7 +37,9 @@ pub fn load_keys(policy: &Policy) {
                     );
                     provider.keys.store(set);
                 }
-                Err(e) => tracing::error!(provider = %provider.name, error = %e, "jwks load failed"),
+                Err(e) => {
+                    tracing::error!(provider = %provider.name, error = %e, "jwks load failed")
+                }
             },
         }
     }

@@ -44,7 +44,10 @@ pub enum JwksSource {
 pub enum TokenSource {
     /// `name` is lower-case; `prefix` is compared case-insensitively (HTTP auth
     /// schemes are case-insensitive) and may be empty.
-    Header { name: String, prefix: String },
+    Header {
+        name: String,
+        prefix: String,
+    },
     Cookie(String),
     Query(String),
 }
@@ -141,7 +144,10 @@ mod tests {
             "https://example.com/roles": "x",
         });
         let claims = claims.as_object().unwrap();
-        assert_eq!(ClaimPath("sub".into()).lookup(claims), Some(&json!("alice")));
+        assert_eq!(
+            ClaimPath("sub".into()).lookup(claims),
+            Some(&json!("alice"))
+        );
         assert_eq!(
             ClaimPath("realm_access.roles".into()).lookup(claims),
             Some(&json!(["admin"]))
@@ -150,7 +156,10 @@ mod tests {
             ClaimPath("https://example.com/roles".into()).lookup(claims),
             Some(&json!("x"))
         );
-        assert_eq!(ClaimPath("realm_access.missing".into()).lookup(claims), None);
+        assert_eq!(
+            ClaimPath("realm_access.missing".into()).lookup(claims),
+            None
+        );
         assert_eq!(ClaimPath("sub.deeper".into()).lookup(claims), None);
     }
 

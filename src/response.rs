@@ -8,7 +8,9 @@ use envoy_types::ext_authz::v3::pb::{
     CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
     HttpResponse, HttpStatus, OkHttpResponse,
 };
-use envoy_types::pb::google::protobuf::{BoolValue, ListValue, Struct, Value as PbValue, value::Kind};
+use envoy_types::pb::google::protobuf::{
+    BoolValue, ListValue, Struct, Value as PbValue, value::Kind,
+};
 use envoy_types::pb::google::rpc::Status;
 use serde_json::{Map, Value};
 
@@ -50,7 +52,11 @@ fn allow(a: Allow) -> CheckResponse {
             ..Default::default()
         }),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: a.set_headers.into_iter().map(|(k, v)| overwrite(k, v)).collect(),
+            headers: a
+                .set_headers
+                .into_iter()
+                .map(|(k, v)| overwrite(k, v))
+                .collect(),
             headers_to_remove: a.remove_headers,
             query_parameters_to_remove: a.remove_query,
             ..Default::default()
@@ -180,15 +186,28 @@ mod tests {
     #[test]
     fn challenges_follow_rfc_6750() {
         let missing = Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token");
-        assert_eq!(challenge(&missing, "valet").as_deref(), Some("Bearer realm=\"valet\""));
-        let bad = Deny::new(Reason::Expired, DenyKind::InvalidToken, "the token has \"expired\"");
+        assert_eq!(
+            challenge(&missing, "valet").as_deref(),
+            Some("Bearer realm=\"valet\"")
+        );
+        let bad = Deny::new(
+            Reason::Expired,
+            DenyKind::InvalidToken,
+            "the token has \"expired\"",
+        );
         assert_eq!(
             challenge(&bad, "valet").as_deref(),
-            Some("Bearer realm=\"valet\", error=\"invalid_token\", error_description=\"the token has expired\"")
+            Some(
+                "Bearer realm=\"valet\", error=\"invalid_token\", error_description=\"the token has expired\""
+            )
         );
         let mut scope = Deny::new(Reason::InsufficientScope, DenyKind::InsufficientScope, "x");
         scope.scope = Some("orders:read orders:write".into());
-        assert!(challenge(&scope, "r").unwrap().ends_with("scope=\"orders:read orders:write\""));
+        assert!(
+            challenge(&scope, "r")
+                .unwrap()
+                .ends_with("scope=\"orders:read orders:write\"")
+        );
         let no_route = Deny::new(Reason::NoRoute, DenyKind::Forbidden, "x");
         assert_eq!(challenge(&no_route, "r"), None);
     }

@@ -22,12 +22,18 @@ impl CheckService {
 
 #[tonic::async_trait]
 impl Authorization for CheckService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let policy = self.state.policy();
         let decision = check::check(&policy, request.get_ref(), unix_now());
         telemetry::check(&decision, started.elapsed());
-        Ok(Response::new(response::to_check_response(decision, &policy.realm)))
+        Ok(Response::new(response::to_check_response(
+            decision,
+            &policy.realm,
+        )))
     }
 }
 

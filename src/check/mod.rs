@@ -132,7 +132,13 @@ fn anonymous(policy: &Policy, route: &Route) -> Decision {
     })
 }
 
-fn allow(policy: &Policy, route: &Route, req: &Request, token: Token, verified: Verified) -> Decision {
+fn allow(
+    policy: &Policy,
+    route: &Route,
+    req: &Request,
+    token: Token,
+    verified: Verified,
+) -> Decision {
     let provider = &policy.providers[verified.provider];
     let mut set_headers = Vec::with_capacity(provider.claims_to_headers.len());
     for (claim, header) in &provider.claims_to_headers {

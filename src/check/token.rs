@@ -42,7 +42,11 @@ pub fn extract<'a>(
                 Some(value) => match strip_prefix(value, prefix) {
                     Some(rest) => rest.trim(),
                     // "Bearer" alone: the scheme is ours but the token is missing.
-                    None if value.trim().eq_ignore_ascii_case(prefix.trim()) && !prefix.trim().is_empty() => "",
+                    None if value.trim().eq_ignore_ascii_case(prefix.trim())
+                        && !prefix.trim().is_empty() =>
+                    {
+                        ""
+                    }
                     // Another scheme (Basic, DPoP…): not ours.
                     None => continue,
                 },
@@ -83,7 +87,9 @@ fn check_shape(raw: &str) -> Result<&str, TokenError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return Err(TokenError::Malformed("token has characters outside base64url"));
+        return Err(TokenError::Malformed(
+            "token has characters outside base64url",
+        ));
     }
     Ok(raw)
 }
@@ -91,7 +97,9 @@ fn check_shape(raw: &str) -> Result<&str, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as AttrRequest,
+    };
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
     fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
@@ -101,7 +109,10 @@ mod tests {
                     http: Some(HttpRequest {
                         method: "GET".into(),
                         path: path.into(),
-                        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -120,19 +131,38 @@ mod tests {
     fn bearer_scheme_is_case_insensitive() {
         let bearer = [TokenSource::bearer()];
         for h in ["Bearer a.b.c", "bearer a.b.c", "BEARER   a.b.c "] {
-            assert_eq!(found(&check("/", &[("authorization", h)]), &bearer), Ok("a.b.c".into()), "{h}");
+            assert_eq!(
+                found(&check("/", &[("authorization", h)]), &bearer),
+                Ok("a.b.c".into()),
+                "{h}"
+            );
         }
-        assert_eq!(found(&check("/", &[("authorization", "Basic dXNlcg==")]), &bearer), Err(TokenError::Missing));
-        assert_eq!(found(&check("/", &[("authorization", "Bearer")]), &bearer), Err(TokenError::Malformed("empty token")));
-        assert_eq!(found(&check("/", &[("authorization", "Bearer ")]), &bearer), Err(TokenError::Malformed("empty token")));
-        assert_eq!(found(&check("/", &[("authorization", "é")]), &bearer), Err(TokenError::Missing));
+        assert_eq!(
+            found(&check("/", &[("authorization", "Basic dXNlcg==")]), &bearer),
+            Err(TokenError::Missing)
+        );
+        assert_eq!(
+            found(&check("/", &[("authorization", "Bearer")]), &bearer),
+            Err(TokenError::Malformed("empty token"))
+        );
+        assert_eq!(
+            found(&check("/", &[("authorization", "Bearer ")]), &bearer),
+            Err(TokenError::Malformed("empty token"))
+        );
+        assert_eq!(
+            found(&check("/", &[("authorization", "é")]), &bearer),
+            Err(TokenError::Missing)
+        );
         assert_eq!(found(&check("/", &[]), &bearer), Err(TokenError::Missing));
     }
 
     #[test]
     fn sources_are_tried_in_order() {
         let sources = [
-            TokenSource::Header { name: "x-token".into(), prefix: String::new() },
+            TokenSource::Header {
+                name: "x-token".into(),
+                prefix: String::new(),
+            },
             TokenSource::Cookie("access_token".into()),
             TokenSource::Query("access_token".into()),
         ];
@@ -140,7 +170,10 @@ mod tests {
         assert_eq!(found(&c, &sources), Ok("c.c.c".into()));
         let c = check("/?access_token=q.q.q", &[]);
         assert_eq!(found(&c, &sources), Ok("q.q.q".into()));
-        let c = check("/", &[("x-token", "h.h.h"), ("cookie", "access_token=c.c.c")]);
+        let c = check(
+            "/",
+            &[("x-token", "h.h.h"), ("cookie", "access_token=c.c.c")],
+        );
         assert_eq!(found(&c, &sources), Ok("h.h.h".into()));
     }
 
@@ -148,17 +181,29 @@ mod tests {
     fn odd_shapes_are_malformed() {
         let bearer = [TokenSource::bearer()];
         let big = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
-        assert_eq!(found(&check("/", &[("authorization", &big)]), &bearer), Err(TokenError::Malformed("token too large")));
+        assert_eq!(
+            found(&check("/", &[("authorization", &big)]), &bearer),
+            Err(TokenError::Malformed("token too large"))
+        );
         let two = "Bearer a.b.c,Bearer d.e.f";
-        assert!(matches!(found(&check("/", &[("authorization", two)]), &bearer), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            found(&check("/", &[("authorization", two)]), &bearer),
+            Err(TokenError::Malformed(_))
+        ));
         let padded = "Bearer a.b.c==";
-        assert!(matches!(found(&check("/", &[("authorization", padded)]), &bearer), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            found(&check("/", &[("authorization", padded)]), &bearer),
+            Err(TokenError::Malformed(_))
+        ));
     }
 
     #[test]
     fn debug_never_shows_the_token() {
         let source = TokenSource::bearer();
-        let t = Token { value: "secret.token.value", source: &source };
+        let t = Token {
+            value: "secret.token.value",
+            source: &source,
+        };
         assert!(!format!("{t:?}").contains("secret"));
     }
 }

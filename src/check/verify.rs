@@ -87,7 +87,12 @@ struct Header {
 }
 
 /// Verifies `token` for one of `allowed` providers (indices; empty means any).
-pub fn verify(token: &str, policy: &Policy, allowed: &[usize], now: u64) -> Result<Verified, Failed> {
+pub fn verify(
+    token: &str,
+    policy: &Policy,
+    allowed: &[usize],
+    now: u64,
+) -> Result<Verified, Failed> {
     let mut provider = None;
     let mut kid = None;
     verify_inner(token, policy, allowed, now, &mut provider, &mut kid).map_err(|error| Failed {
@@ -123,19 +128,28 @@ fn verify_inner(
     };
     seen_kid.clone_from(&header.kid);
     if header.alg.eq_ignore_ascii_case("none") {
-        return Err(VerifyError::UnsupportedAlgorithm("unsigned tokens are not accepted"));
+        return Err(VerifyError::UnsupportedAlgorithm(
+            "unsigned tokens are not accepted",
+        ));
     }
     let Some(alg) = algorithm_by_name(&header.alg) else {
         return Err(VerifyError::UnsupportedAlgorithm("unsupported algorithm"));
     };
     if header.crit.is_some() {
-        return Err(VerifyError::Malformed("crit header parameters are not supported"));
+        return Err(VerifyError::Malformed(
+            "crit header parameters are not supported",
+        ));
     }
-    if header.jku.is_some() || header.jwk.is_some() || header.x5u.is_some() || header.x5c.is_some() {
-        return Err(VerifyError::Malformed("keys named by the token are never trusted"));
+    if header.jku.is_some() || header.jwk.is_some() || header.x5u.is_some() || header.x5c.is_some()
+    {
+        return Err(VerifyError::Malformed(
+            "keys named by the token are never trusted",
+        ));
     }
     if header.enc.is_some() || header.zip.is_some() {
-        return Err(VerifyError::Malformed("encrypted tokens (JWE) are not accepted"));
+        return Err(VerifyError::Malformed(
+            "encrypted tokens (JWE) are not accepted",
+        ));
     }
 
     let claims: Map<String, Value> = match decode_json(payload_b64) {
@@ -157,7 +171,9 @@ fn verify_inner(
     *seen_provider = Some(index);
 
     if !provider.algorithms.contains(&alg) {
-        return Err(VerifyError::UnsupportedAlgorithm("algorithm not allowed for this issuer"));
+        return Err(VerifyError::UnsupportedAlgorithm(
+            "algorithm not allowed for this issuer",
+        ));
     }
 
     check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
@@ -197,9 +213,15 @@ fn check_signature(
         Some(kid) => {
             let key = keys.get(kid).ok_or(VerifyError::UnknownKey)?;
             if !key.accepts(alg) {
-                return Err(VerifyError::UnsupportedAlgorithm("algorithm does not fit the key"));
+                return Err(VerifyError::UnsupportedAlgorithm(
+                    "algorithm does not fit the key",
+                ));
             }
-            if verify(key) { Ok(()) } else { Err(VerifyError::BadSignature) }
+            if verify(key) {
+                Ok(())
+            } else {
+                Err(VerifyError::BadSignature)
+            }
         }
         None => {
             let mut tried = 0;
@@ -209,7 +231,11 @@ fn check_signature(
                     return Ok(());
                 }
             }
-            if tried == 0 { Err(VerifyError::UnknownKey) } else { Err(VerifyError::BadSignature) }
+            if tried == 0 {
+                Err(VerifyError::UnknownKey)
+            } else {
+                Err(VerifyError::BadSignature)
+            }
         }
     }
 }
@@ -249,11 +275,26 @@ mod tests {
     #[test]
     fn time_checks_honour_skew() {
         let now = 1_000_000;
-        assert_eq!(check_time(&claims(json!({"exp": now + 10})), 0, now), Ok(()));
-        assert_eq!(check_time(&claims(json!({"exp": now})), 0, now), Err(VerifyError::Expired));
-        assert_eq!(check_time(&claims(json!({"exp": now - 30})), 60, now), Ok(()));
-        assert_eq!(check_time(&claims(json!({"exp": now - 60})), 60, now), Err(VerifyError::Expired));
-        assert_eq!(check_time(&claims(json!({"exp": now as f64 + 0.5})), 0, now), Ok(()));
+        assert_eq!(
+            check_time(&claims(json!({"exp": now + 10})), 0, now),
+            Ok(())
+        );
+        assert_eq!(
+            check_time(&claims(json!({"exp": now})), 0, now),
+            Err(VerifyError::Expired)
+        );
+        assert_eq!(
+            check_time(&claims(json!({"exp": now - 30})), 60, now),
+            Ok(())
+        );
+        assert_eq!(
+            check_time(&claims(json!({"exp": now - 60})), 60, now),
+            Err(VerifyError::Expired)
+        );
+        assert_eq!(
+            check_time(&claims(json!({"exp": now as f64 + 0.5})), 0, now),
+            Ok(())
+        );
         assert_eq!(check_time(&claims(json!({"exp": 1e300})), 0, now), Ok(()));
         assert_eq!(
             check_time(&claims(json!({"exp": now + 100, "nbf": now + 30})), 60, now),
@@ -263,7 +304,10 @@ mod tests {
             check_time(&claims(json!({"exp": now + 100, "nbf": now + 61})), 60, now),
             Err(VerifyError::NotYetValid)
         );
-        assert!(matches!(check_time(&claims(json!({})), 60, now), Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            check_time(&claims(json!({})), 60, now),
+            Err(VerifyError::Malformed(_))
+        ));
         assert!(matches!(
             check_time(&claims(json!({"exp": "tomorrow"})), 60, now),
             Err(VerifyError::Malformed(_))

@@ -108,10 +108,12 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
 }
 
 fn serde_error(e: &serde_yaml::Error, path: &Path) -> ConfigError {
-    let position = e.location().map_or(Position { line: 1, column: 1 }, |l| Position {
-        line: l.line(),
-        column: l.column(),
-    });
+    let position = e
+        .location()
+        .map_or(Position { line: 1, column: 1 }, |l| Position {
+            line: l.line(),
+            column: l.column(),
+        });
     // serde_yaml appends " at line L column C"; we put the position in front.
     let text = e.to_string();
     let text = text.split(" at line ").next().unwrap_or(&text);
@@ -166,7 +168,9 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let mut total = std::time::Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("invalid duration {text:?}: expected a number"));
         }
@@ -174,7 +178,9 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             .parse()
             .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -182,7 +188,11 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             "s" => std::time::Duration::from_secs(n),
             "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
             "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
-            "" => return Err(format!("invalid duration {text:?}: add a unit (ms, s, m, h)")),
+            "" => {
+                return Err(format!(
+                    "invalid duration {text:?}: add a unit (ms, s, m, h)"
+                ));
+            }
             u => return Err(format!("invalid duration {text:?}: unknown unit {u:?}")),
         };
         total = total.saturating_add(part);

@@ -41,7 +41,13 @@ impl Positions {
             }
             match path.rfind(['.', '[']) {
                 Some(i) => path = &path[..i],
-                None => return self.nodes.get("").copied().unwrap_or(Position { line: 1, column: 1 }),
+                None => {
+                    return self
+                        .nodes
+                        .get("")
+                        .copied()
+                        .unwrap_or(Position { line: 1, column: 1 });
+                }
             }
         }
     }
@@ -49,8 +55,12 @@ impl Positions {
 
 enum Frame {
     /// A mapping; `key` is set once its key scalar has been read.
-    Map { key: Option<String> },
-    Seq { next: usize },
+    Map {
+        key: Option<String>,
+    },
+    Seq {
+        next: usize,
+    },
 }
 
 #[derive(Default)]
@@ -131,13 +141,31 @@ mod tests {
         let src = "listen:\n  grpc: 127.0.0.1:9001\nroutes:\n  - name: a\n    match: { path: /x }\n  - name: b\n    require:\n      providers: [corp, other]\n";
         let p = Positions::index(src);
         assert_eq!(p.find("listen.grpc"), Position { line: 2, column: 9 });
-        assert_eq!(p.find("routes[1].name"), Position { line: 6, column: 11 });
-        assert_eq!(p.find("routes[0].match.path"), Position { line: 5, column: 20 });
+        assert_eq!(
+            p.find("routes[1].name"),
+            Position {
+                line: 6,
+                column: 11
+            }
+        );
+        assert_eq!(
+            p.find("routes[0].match.path"),
+            Position {
+                line: 5,
+                column: 20
+            }
+        );
         assert_eq!(
             p.find("routes[1].require.providers[1]"),
-            Position { line: 8, column: 25 }
+            Position {
+                line: 8,
+                column: 25
+            }
         );
         // Unknown paths fall back to the nearest ancestor.
-        assert_eq!(p.find("routes[1].require.nothing"), p.find("routes[1].require"));
+        assert_eq!(
+            p.find("routes[1].require.nothing"),
+            p.find("routes[1].require")
+        );
     }
 }

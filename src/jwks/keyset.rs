@@ -152,7 +152,8 @@ fn parse_key(entry: &Value) -> Result<Key, String> {
     };
     // jsonwebtoken's Jwk type does the component decoding; it rejects what it
     // cannot read, which is what we want.
-    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| format!("invalid key: {e}"))?;
+    let jwk: Jwk =
+        serde_json::from_value(entry.clone()).map_err(|e| format!("invalid key: {e}"))?;
     let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| format!("invalid key: {e}"))?;
     if kind == KeyKind::Rsa
         && let jsonwebtoken::DecodingKeyKind::RsaModulusExponent { n, .. } = decoding.kind()
@@ -160,7 +161,9 @@ fn parse_key(entry: &Value) -> Result<Key, String> {
         // Shorter RSA moduli are forgeable; RFC 7518 requires at least 2048 bits.
         let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
         if bits < 2048 {
-            return Err(format!("RSA key of {bits} bits is too short (2048 at least)"));
+            return Err(format!(
+                "RSA key of {bits} bits is too short (2048 at least)"
+            ));
         }
     }
     if kind == KeyKind::Oct
@@ -204,13 +207,24 @@ mod tests {
         let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
         assert_eq!(set.kids().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(set.skipped.len(), 6, "{:?}", set.skipped);
-        assert!(set.skipped.iter().any(|s| s.starts_with("enc: not a signing key")));
-        assert!(set.skipped.iter().any(|s| s.starts_with("a: duplicate kid")));
+        assert!(
+            set.skipped
+                .iter()
+                .any(|s| s.starts_with("enc: not a signing key"))
+        );
+        assert!(
+            set.skipped
+                .iter()
+                .any(|s| s.starts_with("a: duplicate kid"))
+        );
     }
 
     #[test]
     fn rejects_documents_without_usable_keys() {
-        assert!(matches!(KeySet::parse(b"nope"), Err(KeySetError::NotJson(_))));
+        assert!(matches!(
+            KeySet::parse(b"nope"),
+            Err(KeySetError::NotJson(_))
+        ));
         assert!(matches!(KeySet::parse(b"{}"), Err(KeySetError::NoKeys)));
         assert!(matches!(
             KeySet::parse(br#"{"keys":[{"kty":"oct","use":"enc","k":"AA"}]}"#),

@@ -28,7 +28,11 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Policy) {
     let listen = Listen {
-        grpc: addr(file.listen.grpc.as_deref().unwrap_or(DEFAULT_GRPC), "listen.grpc", p),
+        grpc: addr(
+            file.listen.grpc.as_deref().unwrap_or(DEFAULT_GRPC),
+            "listen.grpc",
+            p,
+        ),
         admin: Some(addr(
             file.listen.admin.as_deref().unwrap_or(DEFAULT_ADMIN),
             "listen.admin",
@@ -36,13 +40,22 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         )),
     };
     let realm = file.realm.unwrap_or_else(|| "valet".into());
-    if realm.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
-        p.error("realm", "must not contain quotes, backslashes or control characters");
+    if realm
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        p.error(
+            "realm",
+            "must not contain quotes, backslashes or control characters",
+        );
     }
     let default = match file.default.as_deref() {
         None | Some("deny") => DefaultAction::Deny,
         Some("allow") => {
-            p.warn("default", "requests that match no route are allowed without a token");
+            p.warn(
+                "default",
+                "requests that match no route are allowed without a token",
+            );
             DefaultAction::Allow
         }
         Some(other) => {
@@ -56,7 +69,10 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
     for (i, pf) in file.providers.into_iter().enumerate() {
         let at = format!("providers[{i}]");
         if !seen.insert(pf.name.clone()) {
-            p.error(format!("{at}.name"), format!("duplicate provider name {:?}", pf.name));
+            p.error(
+                format!("{at}.name"),
+                format!("duplicate provider name {:?}", pf.name),
+            );
         }
         providers.push(Arc::new(provider(pf, &at, base, p)));
     }
@@ -75,7 +91,10 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
     for (i, rf) in file.routes.into_iter().enumerate() {
         let at = format!("routes[{i}]");
         if !names.insert(rf.name.clone()) {
-            p.error(format!("{at}.name"), format!("duplicate route name {:?}", rf.name));
+            p.error(
+                format!("{at}.name"),
+                format!("duplicate route name {:?}", rf.name),
+            );
         }
         routes.push(route(rf, &at, &providers, p));
     }
@@ -95,7 +114,10 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
 
 fn addr(text: &str, at: &str, p: &mut Problems) -> SocketAddr {
     text.parse().unwrap_or_else(|_| {
-        p.error(at, format!("{text:?} is not an address like 127.0.0.1:9001"));
+        p.error(
+            at,
+            format!("{text:?} is not an address like 127.0.0.1:9001"),
+        );
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }
@@ -140,7 +162,11 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         );
     }
 
-    let jwks = match (&pf.jwks.file, &pf.jwks.uri, pf.jwks.discovery.unwrap_or(false)) {
+    let jwks = match (
+        &pf.jwks.file,
+        &pf.jwks.uri,
+        pf.jwks.discovery.unwrap_or(false),
+    ) {
         (Some(f), None, false) => JwksSource::File(base.join(f)),
         (None, Some(_), false) | (None, None, true) => {
             p.error(
@@ -150,7 +176,10 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
             JwksSource::File(base.join("unsupported"))
         }
         _ => {
-            p.error(format!("{at}.jwks"), "set exactly one of file, uri, discovery: true");
+            p.error(
+                format!("{at}.jwks"),
+                "set exactly one of file, uri, discovery: true",
+            );
             JwksSource::File(base.join("unset"))
         }
     };
@@ -159,7 +188,10 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         None => default_algorithms(),
         Some(names) => {
             if names.is_empty() {
-                p.error(format!("{at}.algorithms"), "must list at least one algorithm");
+                p.error(
+                    format!("{at}.algorithms"),
+                    "must list at least one algorithm",
+                );
             }
             names
                 .iter()
@@ -184,7 +216,10 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         None => DEFAULT_SKEW_SECS,
         Some(Ok(d)) => {
             if d.as_secs() > 300 {
-                p.warn(format!("{at}.clock_skew"), "more than 5m of skew keeps expired tokens alive");
+                p.warn(
+                    format!("{at}.clock_skew"),
+                    "more than 5m of skew keeps expired tokens alive",
+                );
             }
             d.as_secs()
         }
@@ -209,7 +244,9 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
                             name: header_name(&h, &format!("{sat}.header"), p),
                             prefix: prefix.unwrap_or_default(),
                         }),
-                        (None, Some(c), None, None) if !c.is_empty() => Some(TokenSource::Cookie(c)),
+                        (None, Some(c), None, None) if !c.is_empty() => {
+                            Some(TokenSource::Cookie(c))
+                        }
                         (None, None, Some(q), None) if !q.is_empty() => Some(TokenSource::Query(q)),
                         (None, _, _, Some(_)) => {
                             p.error(sat, "prefix goes with header only");
@@ -231,8 +268,15 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         .map(|(claim, header)| {
             let hat = format!("{at}.claims_to_headers.{claim}");
             let h = header_name(header, &hat, p);
-            if matches!(h.as_str(), "host" | "authorization" | "cookie" | "content-length" | "transfer-encoding" | "connection")
-                || h.starts_with(':')
+            if matches!(
+                h.as_str(),
+                "host"
+                    | "authorization"
+                    | "cookie"
+                    | "content-length"
+                    | "transfer-encoding"
+                    | "connection"
+            ) || h.starts_with(':')
             {
                 p.error(hat, format!("{h:?} cannot carry identity"));
             }
@@ -259,7 +303,10 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
     let m = route_match(&rf.matches, &format!("{at}.match"), p);
     let access = match (rf.anonymous, rf.require) {
         (true, Some(_)) => {
-            p.error(format!("{at}.require"), "an anonymous route cannot require anything");
+            p.error(
+                format!("{at}.require"),
+                "an anonymous route cannot require anything",
+            );
             Access::Anonymous
         }
         (true, None) => Access::Anonymous,
@@ -270,7 +317,12 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
                     "this route needs a token but no providers are configured (or set anonymous: true)",
                 );
             }
-            Access::Require(requirement(req.unwrap_or_default(), &format!("{at}.require"), providers, p))
+            Access::Require(requirement(
+                req.unwrap_or_default(),
+                &format!("{at}.require"),
+                providers,
+                p,
+            ))
         }
     };
     Route {
@@ -283,7 +335,11 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
     }
 }
 
-fn route_match(mf: &MatchFile, at: &str, p: &mut Problems) -> (Vec<HostMatch>, Vec<String>, PathMatch) {
+fn route_match(
+    mf: &MatchFile,
+    at: &str,
+    p: &mut Problems,
+) -> (Vec<HostMatch>, Vec<String>, PathMatch) {
     let hosts = mf
         .hosts
         .iter()
@@ -312,7 +368,10 @@ fn route_match(mf: &MatchFile, at: &str, p: &mut Problems) -> (Vec<HostMatch>, V
         .enumerate()
         .map(|(j, m)| {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                p.error(format!("{at}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+                p.error(
+                    format!("{at}.methods[{j}]"),
+                    format!("{m:?} is not an HTTP method"),
+                );
             }
             m.to_ascii_uppercase()
         })
@@ -325,19 +384,35 @@ fn route_match(mf: &MatchFile, at: &str, p: &mut Problems) -> (Vec<HostMatch>, V
         mf.path_template.is_some(),
     ];
     if set.iter().filter(|s| **s).count() > 1 {
-        p.error(at, "use only one of path, path_prefix, path_regex, path_template");
+        p.error(
+            at,
+            "use only one of path, path_prefix, path_regex, path_template",
+        );
     }
     let path = if let Some(path) = &mf.path {
         PathMatch::Exact(normalized(path, &format!("{at}.path"), p))
     } else if let Some(prefix) = &mf.path_prefix {
         let n = normalized(prefix, &format!("{at}.path_prefix"), p);
-        let n = if n.len() > 1 { n.trim_end_matches('/').to_string() } else { n };
+        let n = if n.len() > 1 {
+            n.trim_end_matches('/').to_string()
+        } else {
+            n
+        };
         PathMatch::Prefix(n)
     } else if let Some(re) = &mf.path_regex {
-        match RegexBuilder::new(&format!("^(?:{re})$")).size_limit(REGEX_SIZE_LIMIT).build() {
+        match RegexBuilder::new(&format!("^(?:{re})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+        {
             Ok(r) => PathMatch::Regex(r),
             Err(e) => {
-                let msg = e.to_string().lines().last().unwrap_or("invalid").trim().to_string();
+                let msg = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_string();
                 p.error(format!("{at}.path_regex"), format!("invalid regex: {msg}"));
                 PathMatch::Any
             }
@@ -355,7 +430,10 @@ fn normalized(path: &str, at: &str, p: &mut Problems) -> String {
     match normalize(path) {
         Ok(n) if n == path || n == format!("{path}/") => path.to_string(),
         Ok(n) => {
-            p.error(at, format!("{path:?} is not normalised; requests are matched as {n:?}"));
+            p.error(
+                at,
+                format!("{path:?} is not normalised; requests are matched as {n:?}"),
+            );
             n
         }
         Err(e) => {
@@ -375,9 +453,13 @@ fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
     for seg in t[1..].split('/') {
         match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             Some(var) => {
-                let ok = !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let ok =
+                    !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !ok {
-                    p.error(at, format!("{{{var}}}: variable names are letters, digits and _"));
+                    p.error(
+                        at,
+                        format!("{{{var}}}: variable names are letters, digits and _"),
+                    );
                 } else if !vars.insert(var.to_string()) {
                     p.error(at, format!("variable {{{var}}} appears twice"));
                 }
@@ -385,7 +467,10 @@ fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
             }
             None => {
                 if seg.contains(['{', '}']) {
-                    p.error(at, format!("{seg:?}: a variable must be a whole segment, like {{id}}"));
+                    p.error(
+                        at,
+                        format!("{seg:?}: a variable must be a whole segment, like {{id}}"),
+                    );
                 } else if seg.is_empty() && t != "/" {
                     p.error(at, "empty segment (double or trailing slash)");
                 } else if matches!(seg, "." | "..") {
@@ -398,7 +483,12 @@ fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
     PathMatch::Template(segments)
 }
 
-fn requirement(rf: RequireFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems) -> Requirement {
+fn requirement(
+    rf: RequireFile,
+    at: &str,
+    providers: &[Arc<Provider>],
+    p: &mut Problems,
+) -> Requirement {
     let provider_idx: Vec<usize> = rf
         .providers
         .iter()
@@ -406,14 +496,20 @@ fn requirement(rf: RequireFile, at: &str, providers: &[Arc<Provider>], p: &mut P
         .filter_map(|(j, name)| {
             let idx = providers.iter().position(|pr| &pr.name == name);
             if idx.is_none() {
-                p.error(format!("{at}.providers[{j}]"), format!("unknown provider {name:?}"));
+                p.error(
+                    format!("{at}.providers[{j}]"),
+                    format!("unknown provider {name:?}"),
+                );
             }
             idx
         })
         .collect();
     for (field, list) in [("scopes", &rf.scopes), ("any_scopes", &rf.any_scopes)] {
         for (j, s) in list.iter().enumerate() {
-            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+            if s.is_empty()
+                || s.chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+            {
                 p.error(
                     format!("{at}.{field}[{j}]"),
                     format!("{s:?}: a scope is one non-empty word without quotes (list several as separate items)"),
@@ -427,7 +523,9 @@ fn requirement(rf: RequireFile, at: &str, providers: &[Arc<Provider>], p: &mut P
         .filter_map(|(name, value)| {
             let cat = format!("{at}.claims.{name}");
             let values = match value {
-                Yaml::Sequence(items) if !items.is_empty() => items.iter().map(|v| claim_value(v, &cat, p)).collect(),
+                Yaml::Sequence(items) if !items.is_empty() => {
+                    items.iter().map(|v| claim_value(v, &cat, p)).collect()
+                }
                 Yaml::Sequence(_) => {
                     p.error(&cat, "an empty list matches nothing");
                     return None;
@@ -466,7 +564,10 @@ fn claim_value(v: &Yaml, at: &str, p: &mut Problems) -> Option<serde_json::Value
         Yaml::Bool(b) => Some(serde_json::Value::Bool(*b)),
         Yaml::Number(n) => serde_json::to_value(n).ok(),
         _ => {
-            p.error(at, "claim values are strings, numbers or booleans (or a list of them: any of)");
+            p.error(
+                at,
+                "claim values are strings, numbers or booleans (or a list of them: any of)",
+            );
             None
         }
     }

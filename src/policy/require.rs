@@ -135,7 +135,9 @@ mod tests {
         ] {
             assert_eq!(r.check(&claims(shape.clone())), Ok(()), "{shape}");
         }
-        let err = r.check(&claims(json!({"scope": "orders:read"}))).unwrap_err();
+        let err = r
+            .check(&claims(json!({"scope": "orders:read"})))
+            .unwrap_err();
         assert_eq!(
             err,
             RequireError::InsufficientScope {
@@ -163,7 +165,10 @@ mod tests {
             ..Default::default()
         };
         assert!(r.check(&claims(json!({"aud": "orders-api"}))).is_ok());
-        assert!(r.check(&claims(json!({"aud": ["x", "orders-api"]}))).is_ok());
+        assert!(
+            r.check(&claims(json!({"aud": ["x", "orders-api"]})))
+                .is_ok()
+        );
         assert_eq!(
             r.check(&claims(json!({"aud": ["x"]}))),
             Err(RequireError::AudienceNotAllowed)

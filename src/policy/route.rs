@@ -126,10 +126,12 @@ mod tests {
         PathMatch::Template(
             s.trim_start_matches('/')
                 .split('/')
-                .map(|p| match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                    Some(v) => TemplateSegment::Variable(v.into()),
-                    None => TemplateSegment::Literal(p.into()),
-                })
+                .map(
+                    |p| match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                        Some(v) => TemplateSegment::Variable(v.into()),
+                        None => TemplateSegment::Literal(p.into()),
+                    },
+                )
                 .collect(),
         )
     }

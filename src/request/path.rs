@@ -77,7 +77,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
         let b = bytes[i];
         match b {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadPercentEncoding)?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or(PathError::BadPercentEncoding)?;
                 let value = hex_value(hex[0])
                     .zip(hex_value(hex[1]))
                     .map(|(h, l)| h << 4 | l)

@@ -16,8 +16,9 @@ use crate::{jwks, telemetry};
 
 /// Bounds the streams one connection (Envoy) may open; tonic's default is unlimited.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Largest CheckRequest accepted; Envoy's are a few KiB.
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest CheckRequest accepted. Envoy's are a few KiB, but an oversized token must
+/// still arrive to be denied with a reason rather than fail as a gRPC error.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Loads every provider's keys once; a provider whose keys fail to load answers
 /// `keys_unavailable` until they do.

@@ -313,7 +313,7 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         (false, req) => {
             if providers.is_empty() {
                 p.error(
-                    format!("{at}"),
+                    at,
                     "this route needs a token but no providers are configured (or set anonymous: true)",
                 );
             }

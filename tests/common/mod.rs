@@ -1,0 +1,385 @@
+//! Black-box test support: the real `valet` binary on a free port, real gRPC with
+//! Envoy's message types, tokens signed with the fixture keys.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::google::protobuf::Struct;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+pub const ISSUER: &str = "https://idp.test/";
+pub const AUDIENCE: &str = "orders-api";
+pub const HMAC_SECRET: &[u8] = b"a-test-hmac-secret-of-at-least-32-bytes!";
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(&format!("keys/{name}"))).unwrap()
+}
+
+/// The signing key and kid the fixture JWKS publishes for `alg`.
+pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
+    use Algorithm::*;
+    match alg {
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
+            (EncodingKey::from_rsa_pem(&pem("rsa.pem")).unwrap(), "rsa-1")
+        }
+        ES256 => (
+            EncodingKey::from_ec_pem(&pem("ec256.pem")).unwrap(),
+            "ec256-1",
+        ),
+        ES384 => (
+            EncodingKey::from_ec_pem(&pem("ec384.pem")).unwrap(),
+            "ec384-1",
+        ),
+        EdDSA => (
+            EncodingKey::from_ed_pem(&pem("ed25519.pem")).unwrap(),
+            "ed-1",
+        ),
+        HS256 | HS384 | HS512 => (EncodingKey::from_secret(HMAC_SECRET), "hs-1"),
+        other => panic!("no fixture key for {other:?}"),
+    }
+}
+
+/// An RSA key the JWKS does not hold.
+pub fn other_rsa_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&pem("rsa-other.pem")).unwrap()
+}
+
+pub fn rsa_public_pem() -> Vec<u8> {
+    pem("rsa.pub.pem")
+}
+
+/// The fixture JWKS: one key per kind, plus an oct key for HMAC.
+pub fn jwks() -> Value {
+    let mut keys = Vec::new();
+    for (alg, pin) in [
+        (Algorithm::RS256, false),
+        (Algorithm::ES256, true),
+        (Algorithm::ES384, true),
+        (Algorithm::EdDSA, true),
+        (Algorithm::HS256, false),
+    ] {
+        let (key, kid) = signing_key(alg);
+        let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        if !pin {
+            // RSA serves RS* and PS*; oct serves HS*: no pinned alg.
+            jwk.common.key_algorithm = None;
+        }
+        keys.push(serde_json::to_value(jwk).unwrap());
+    }
+    json!({ "keys": keys })
+}
+
+pub fn claims(scope: &str) -> Value {
+    json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "alice",
+        "iat": now(),
+        "exp": now() + 600,
+        "scope": scope,
+    })
+}
+
+/// Signs any header and claims as given: for tokens no honest library would mint.
+pub fn sign_raw(header: &Value, claims: &Value, key: &EncodingKey, alg: Algorithm) -> String {
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap();
+    format!("{message}.{sig}")
+}
+
+pub fn alg_name(alg: Algorithm) -> String {
+    serde_json::to_value(alg)
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A well-formed token for `alg`, with the fixture key and kid.
+pub fn token(alg: Algorithm, claims: &Value) -> String {
+    let (key, kid) = signing_key(alg);
+    sign_raw(
+        &json!({"alg": alg_name(alg), "typ": "JWT", "kid": kid}),
+        claims,
+        &key,
+        alg,
+    )
+}
+
+pub fn rs256(scope: &str) -> String {
+    token(Algorithm::RS256, &claims(scope))
+}
+
+// === Valet process ===
+
+pub struct Valet {
+    child: Child,
+    pub grpc: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Valet {
+    /// Starts `valet serve` on a free port with `config` (no `listen:` section) and
+    /// the fixture JWKS as `jwks.json` beside it.
+    pub fn start(config: &str) -> Valet {
+        Self::start_with(config, &[("VALET_LOG", "info")])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Valet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+        let full = format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}");
+        let path = dir.path().join("valet.yaml");
+        std::fs::write(&path, full).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_valet"));
+        cmd.arg("serve").arg("--config").arg(&path);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn valet");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("grpc=").nth(1)
+                    && line.contains("listening")
+                {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .trim_matches('"');
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let grpc = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(addr)) => addr,
+            _ => {
+                let _ = child.kill();
+                panic!("valet did not start:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Valet {
+            child,
+            grpc,
+            logs,
+            dir,
+        }
+    }
+
+    pub async fn client(&self) -> AuthorizationClient<Channel> {
+        AuthorizationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Valet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === Requests and answers ===
+
+#[derive(Clone)]
+pub struct Req {
+    method: String,
+    path: String,
+    host: String,
+    headers: HashMap<String, String>,
+    context: HashMap<String, String>,
+}
+
+pub fn get(path: &str) -> Req {
+    Req {
+        method: "GET".into(),
+        path: path.into(),
+        host: "api.example.com".into(),
+        headers: HashMap::new(),
+        context: HashMap::new(),
+    }
+}
+
+impl Req {
+    pub fn method(mut self, m: &str) -> Self {
+        self.method = m.into();
+        self
+    }
+    pub fn host(mut self, h: &str) -> Self {
+        self.host = h.into();
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.insert(k.to_ascii_lowercase(), v.into());
+        self
+    }
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+    pub fn context(mut self, k: &str, v: &str) -> Self {
+        self.context.insert(k.into(), v.into());
+        self
+    }
+    pub fn build(self) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: self.method,
+                        path: self.path,
+                        host: self.host,
+                        headers: self.headers,
+                        protocol: "HTTP/1.1".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: self.context,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub grpc_code: i32,
+    pub grpc_message: String,
+    /// 200 for allow, else the denied response's status.
+    pub http_status: i32,
+    /// Headers set (allow) or sent back (deny), lower-case.
+    pub headers: HashMap<String, String>,
+    pub remove: Vec<String>,
+    pub remove_query: Vec<String>,
+    pub body: Value,
+    pub metadata: Option<Struct>,
+}
+
+impl Answer {
+    pub fn allowed(&self) -> bool {
+        self.grpc_code == 0 && self.http_status == 200
+    }
+    pub fn reason(&self) -> String {
+        if self.allowed() {
+            meta_str(&self.metadata, "reason")
+        } else {
+            self.body["error"].as_str().unwrap_or("").to_string()
+        }
+    }
+    pub fn challenge(&self) -> &str {
+        self.headers
+            .get("www-authenticate")
+            .map_or("", String::as_str)
+    }
+}
+
+pub fn meta_str(meta: &Option<Struct>, key: &str) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match meta
+        .as_ref()
+        .and_then(|m| m.fields.get(key))
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+pub async fn check(client: &mut AuthorizationClient<Channel>, req: Req) -> Answer {
+    let response = client
+        .check(req.build())
+        .await
+        .expect("Check must never fail as a gRPC error")
+        .into_inner();
+    let status = response.status.unwrap_or_default();
+    let mut answer = Answer {
+        grpc_code: status.code,
+        grpc_message: status.message,
+        http_status: 0,
+        headers: HashMap::new(),
+        remove: Vec::new(),
+        remove_query: Vec::new(),
+        body: Value::Null,
+        metadata: response.dynamic_metadata,
+    };
+    match response.http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            answer.http_status = 200;
+            for h in ok.headers.into_iter().filter_map(|h| h.header) {
+                answer.headers.insert(h.key, h.value);
+            }
+            answer.remove = ok.headers_to_remove;
+            answer.remove_query = ok.query_parameters_to_remove;
+        }
+        Some(HttpResponse::DeniedResponse(d)) => {
+            answer.http_status = d.status.map_or(0, |s| s.code);
+            for h in d.headers.into_iter().filter_map(|h| h.header) {
+                answer.headers.insert(h.key, h.value);
+            }
+            answer.body = serde_json::from_str(&d.body).unwrap_or(Value::Null);
+        }
+        other => panic!("no http response: {other:?}"),
+    }
+    answer
+}

@@ -1,82 +1,99 @@
-//! Wiring: initial key load, the gRPC server, shutdown. Makes no decisions.
+//! Wiring: metrics, key tasks, the gRPC and admin servers, shutdown. Makes no
+//! decisions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
+use crate::admin::{self, Admin};
 use crate::config::Config;
-use crate::policy::Policy;
-use crate::provider::JwksSource;
+use crate::jwks::Supervisor;
 use crate::service::CheckService;
 use crate::state::State;
-use crate::{jwks, telemetry};
+use crate::telemetry;
 
 /// Bounds the streams one connection (Envoy) may open; tonic's default is unlimited.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest CheckRequest accepted. Envoy's are a few KiB, but an oversized token must
 /// still arrive to be denied with a reason rather than fail as a gRPC error.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-
-/// Loads every provider's keys once; a provider whose keys fail to load answers
-/// `keys_unavailable` until they do.
-pub fn load_keys(policy: &Policy) {
-    for provider in &policy.providers {
-        match &provider.jwks {
-            JwksSource::File(path) => match jwks::read_file(path) {
-                Ok(set) => {
-                    for skipped in &set.skipped {
-                        tracing::warn!(provider = %provider.name, key = %skipped, "jwks key skipped");
-                    }
-                    tracing::info!(
-                        provider = %provider.name,
-                        keys = set.len(),
-                        kids = ?set.kids().collect::<Vec<_>>(),
-                        "jwks loaded"
-                    );
-                    provider.keys.store(set);
-                }
-                Err(e) => {
-                    tracing::error!(provider = %provider.name, error = %e, "jwks load failed")
-                }
-            },
-        }
-    }
-}
+/// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
+const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 pub async fn serve(config: Config) -> std::io::Result<()> {
-    telemetry::describe();
+    let metrics = telemetry::install().map_err(std::io::Error::other)?;
+    tokio::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    load_keys(&config.policy);
+
+    let mut policy = config.policy;
+    let mut keys = Supervisor::new();
+    keys.adopt(&mut policy);
     tracing::info!(
         config = %config.path.display(),
-        routes = config.policy.routes.len(),
-        providers = config.policy.providers.len(),
-        default = ?config.policy.default,
+        routes = policy.routes.len(),
+        providers = policy.providers.len(),
+        default = ?policy.default,
         "policy loaded"
     );
-    let state = Arc::new(State::new(config.policy));
+    let state = Arc::new(State::new(policy));
+
+    if let Some(addr) = config.listen.admin {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(admin = %listener.local_addr()?, "listening");
+        let admin = Arc::new(Admin {
+            state: state.clone(),
+            metrics,
+        });
+        tokio::spawn(admin::serve(listener, admin));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(state.clone(), health));
 
     let listener = TcpListener::bind(config.listen.grpc).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(grpc = %addr, "listening");
+    tracing::info!(grpc = %listener.local_addr()?, "listening");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-
     let service = AuthorizationServer::new(CheckService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(std::io::Error::other)?;
+    drop(keys);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// gRPC health follows readiness: SERVING once every provider a route uses has keys.
+async fn report_health(state: Arc<State>, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let ready = state.policy().providers_without_keys().is_empty();
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(CHECK_SERVICE, status).await;
+            tracing::info!(ready, "readiness changed");
+            last = Some(ready);
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -2,6 +2,7 @@
 //! against per-route YAML policy. See design.md for the path of one Check.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod check;
 pub mod config;

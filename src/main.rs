@@ -91,9 +91,11 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                 eprintln!("warning: {w}");
             }
             let mut ok = true;
+            // Local key files are checked too; remote ones are not fetched here.
             for provider in &config.policy.providers {
-                let valet::provider::JwksSource::File(file) = &provider.jwks;
-                if let Err(e) = valet::jwks::read_file(file) {
+                if let valet::provider::JwksSource::File(file) = &provider.jwks
+                    && let Err(e) = valet::jwks::read_file(file)
+                {
                     eprintln!("{}: provider {}: {e}", path.display(), provider.name);
                     ok = false;
                 }

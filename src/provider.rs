@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
@@ -34,9 +35,39 @@ impl fmt::Debug for Provider {
     }
 }
 
+/// Where a provider's keys come from, and how often they are refreshed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {
+    /// A local file, re-read when it changes.
     File(PathBuf),
+    /// An HTTP(S) JWKS URL, or OIDC discovery from the issuer.
+    Remote(RemoteJwks),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteJwks {
+    pub location: RemoteLocation,
+    /// Interval between refreshes, before Cache-Control and jitter.
+    pub refresh_interval: Duration,
+    /// Lower bound of any refresh interval, and of refetches on an unknown kid.
+    pub min_refresh: Duration,
+    /// Upper bound when Cache-Control asks for longer.
+    pub max_refresh: Duration,
+    /// Whole-request timeout of one fetch.
+    pub timeout: Duration,
+    /// How long a Check waits for the refetch an unknown kid triggered.
+    pub unknown_kid_wait: Duration,
+    /// Where the last good set is kept across restarts.
+    pub cache_dir: Option<PathBuf>,
+    /// A cached set older than this is not used at start.
+    pub max_stale: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteLocation {
+    Uri(String),
+    /// `{issuer}/.well-known/openid-configuration` → `jwks_uri`.
+    Discovery,
 }
 
 /// Where a token may be found in a request.

@@ -7,6 +7,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
+use crate::decision::{Decision, Reason};
+use crate::policy::Policy;
+use crate::provider::Provider;
 use crate::state::State;
 use crate::{check, response, telemetry};
 
@@ -28,13 +31,36 @@ impl Authorization for CheckService {
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let policy = self.state.policy();
-        let decision = check::check(&policy, request.get_ref(), unix_now());
+        let req = request.get_ref();
+        let mut decision = check::check(&policy, req, unix_now());
+        // A kid we do not know may be a rotation we have not seen yet: the one
+        // await on this path, bounded and rate-limited by the provider's key cell.
+        if let Some((provider, kid)) = unknown_kid(&decision, &policy)
+            && provider.keys.refetch_for(kid).await
+        {
+            let again = check::check(&policy, req, unix_now());
+            if again.reason() == Reason::UnknownKey {
+                provider.keys.remember_unknown(kid);
+            }
+            decision = again;
+        }
         telemetry::check(&decision, started.elapsed());
         Ok(Response::new(response::to_check_response(
             decision,
             &policy.realm,
         )))
     }
+}
+
+fn unknown_kid<'a>(decision: &'a Decision, policy: &'a Policy) -> Option<(&'a Provider, &'a str)> {
+    let Decision::Deny(d) = decision else {
+        return None;
+    };
+    if d.reason != Reason::UnknownKey {
+        return None;
+    }
+    let provider = policy.provider(d.provider.as_deref()?)?;
+    Some((provider, d.kid.as_deref()?))
 }
 
 pub fn unix_now() -> u64 {

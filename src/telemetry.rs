@@ -3,15 +3,90 @@
 
 use std::time::Duration;
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
 use crate::decision::Decision;
 
 pub const CHECK_TOTAL: &str = "valet_check_total";
 pub const CHECK_DURATION: &str = "valet_check_duration_seconds";
+pub const BUILD_INFO: &str = "valet_build_info";
+pub const JWKS_REFRESH_TOTAL: &str = "valet_jwks_refresh_total";
+pub const JWKS_KEYS: &str = "valet_jwks_keys";
+pub const JWKS_LAST_SUCCESS: &str = "valet_jwks_last_success_timestamp_seconds";
+pub const JWKS_AGE: &str = "valet_jwks_age_seconds";
+pub const JWKS_KEYSET_CHANGES: &str = "valet_jwks_keyset_changes_total";
+pub const POLICY_RELOAD_TOTAL: &str = "valet_policy_reload_total";
+pub const POLICY_LAST_SUCCESS: &str = "valet_policy_last_reload_success_timestamp_seconds";
+pub const POLICY_GENERATION: &str = "valet_policy_generation";
+
+/// From 10 µs (a cached Check) to 1 s (far past Envoy's budget).
+const CHECK_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+];
+
+/// Installs the Prometheus recorder for this process and describes every metric.
+/// Histograms buffer samples until rendered, so upkeep must run even when nobody
+/// scrapes: the caller spawns [`upkeep`].
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.into()), CHECK_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
 
 /// The `route` label when no route matched (route names cannot start with `_`).
 pub const NO_ROUTE_LABEL: &str = "_none";
 
-pub fn describe() {
+fn describe() {
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which Valet runs"
+    );
+    metrics::describe_counter!(
+        JWKS_REFRESH_TOTAL,
+        "Key set loads, by provider, result (success/not_modified/error) and trigger"
+    );
+    metrics::describe_gauge!(JWKS_KEYS, "Usable keys in the provider's current key set");
+    metrics::describe_gauge!(
+        JWKS_LAST_SUCCESS,
+        metrics::Unit::Seconds,
+        "Unix time the provider's key set was last loaded or confirmed"
+    );
+    metrics::describe_gauge!(
+        JWKS_AGE,
+        metrics::Unit::Seconds,
+        "Seconds since the provider's key set was last loaded or confirmed"
+    );
+    metrics::describe_counter!(
+        JWKS_KEYSET_CHANGES,
+        "Times the set of kids of a provider changed (a rotation)"
+    );
+    metrics::describe_counter!(
+        POLICY_RELOAD_TOTAL,
+        "Policy reloads, by result (success/error)"
+    );
+    metrics::describe_gauge!(
+        POLICY_LAST_SUCCESS,
+        metrics::Unit::Seconds,
+        "Unix time the policy in force was loaded"
+    );
+    metrics::describe_gauge!(
+        POLICY_GENERATION,
+        "Generation of the policy in force, from 1"
+    );
     metrics::describe_counter!(
         CHECK_TOTAL,
         "Checks answered, by decision (allow/deny), reason and configured route name"
@@ -64,4 +139,34 @@ fn loggable_kid(kid: &str) -> &str {
     } else {
         "<unprintable>"
     }
+}
+
+/// A key set was loaded (or confirmed unchanged) for `provider`.
+pub fn jwks_loaded(
+    provider: &str,
+    trigger: &'static str,
+    result: &'static str,
+    keys: usize,
+    now: u64,
+) {
+    metrics::counter!(JWKS_REFRESH_TOTAL, "provider" => provider.to_owned(), "result" => result, "trigger" => trigger)
+        .increment(1);
+    metrics::gauge!(JWKS_KEYS, "provider" => provider.to_owned()).set(keys as f64);
+    metrics::gauge!(JWKS_LAST_SUCCESS, "provider" => provider.to_owned()).set(now as f64);
+}
+
+/// A key set load failed; the last good set, if any, stays in force.
+pub fn jwks_failed(provider: &str, trigger: &'static str, error: &dyn std::fmt::Display) {
+    tracing::warn!(provider, trigger, error = %error, "jwks load failed; keeping the last good key set");
+    metrics::counter!(JWKS_REFRESH_TOTAL, "provider" => provider.to_owned(), "result" => "error", "trigger" => trigger)
+        .increment(1);
+}
+
+pub fn jwks_kids_changed(provider: &str, kids: &[&str]) {
+    tracing::info!(provider, kids = ?kids, "jwks key set changed");
+    metrics::counter!(JWKS_KEYSET_CHANGES, "provider" => provider.to_owned()).increment(1);
+}
+
+pub fn jwks_age(provider: &str, age_secs: u64) {
+    metrics::gauge!(JWKS_AGE, "provider" => provider.to_owned()).set(age_secs as f64);
 }

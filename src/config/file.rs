@@ -49,6 +49,13 @@ pub struct JwksFile {
     pub file: Option<String>,
     pub uri: Option<String>,
     pub discovery: Option<bool>,
+    pub refresh_interval: Option<String>,
+    pub min_refresh: Option<String>,
+    pub max_refresh: Option<String>,
+    pub timeout: Option<String>,
+    pub unknown_kid_wait: Option<String>,
+    pub cache_dir: Option<String>,
+    pub max_stale: Option<String>,
 }
 
 /// Exactly one of `header`, `cookie`, `query`; checked when compiling.

@@ -1,26 +1,176 @@
-//! Key sets and how they are loaded. The hot path only ever calls
-//! [`KeyCell::load`]; loaders build a whole new [`KeySet`] and swap it in.
+//! Key sets: how they are held, loaded, fetched and refreshed. The hot path only
+//! ever calls [`KeyCell::load`]; loaders build a whole new [`KeySet`] and swap it in.
 
+mod fetch;
 mod keyset;
+mod refresh;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::{Notify, watch};
 
-pub use keyset::{Key, KeySet, KeySetError};
+pub use fetch::{FetchError, Fetched, Fetcher};
+pub use keyset::{Key, KeyKind, KeySet, KeySetError};
+pub use refresh::Supervisor;
 
-/// The current key set of one provider: `None` until keys first load.
+/// Kids remembered as unknown (per provider) before new ones are simply not
+/// remembered: a flood of random kids must not grow memory without bound.
+const MAX_REMEMBERED_UNKNOWN: usize = 4096;
+
+/// The current key set of one provider (`None` until keys first load), when it
+/// was last confirmed, and the coordination of refetches on an unknown `kid`.
 #[derive(Default)]
-pub struct KeyCell(ArcSwapOption<KeySet>);
+pub struct KeyCell {
+    set: ArcSwapOption<KeySet>,
+    /// Unix seconds of the last successful load or 304; 0 = never.
+    confirmed_at: AtomicU64,
+    refetch: Option<Refetch>,
+}
+
+/// Singleflight, rate-limited refetching for one remote provider.
+struct Refetch {
+    wake: Notify,
+    /// Bumped after every fetch attempt, success or not: waiters watch it.
+    done: watch::Sender<u64>,
+    state: Mutex<RefetchState>,
+    min_refresh: Duration,
+    wait: Duration,
+}
+
+#[derive(Default)]
+struct RefetchState {
+    last_started: Option<Instant>,
+    in_flight: bool,
+    /// Kids a fresh set still lacked, with when: not refetched for min_refresh.
+    unknown: HashMap<String, Instant>,
+}
 
 impl KeyCell {
-    pub fn load(&self) -> Option<Arc<KeySet>> {
-        self.0.load_full()
+    /// A cell whose keys are fetched over HTTP and can be refetched on demand.
+    pub fn remote(min_refresh: Duration, wait: Duration) -> Self {
+        KeyCell {
+            refetch: Some(Refetch {
+                wake: Notify::new(),
+                done: watch::channel(0).0,
+                state: Mutex::new(RefetchState::default()),
+                min_refresh,
+                wait,
+            }),
+            ..Default::default()
+        }
     }
 
-    pub fn store(&self, keys: KeySet) {
-        self.0.store(Some(Arc::new(keys)));
+    pub fn load(&self) -> Option<Arc<KeySet>> {
+        self.set.load_full()
+    }
+
+    pub fn has_keys(&self) -> bool {
+        self.set.load().as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// Publishes a new set; returns true when its kids differ from the old set's.
+    pub fn publish(&self, set: KeySet, confirmed_at: u64) -> bool {
+        let changed = match self.set.load().as_ref() {
+            Some(old) => !old.kids().eq(set.kids()),
+            None => true,
+        };
+        self.set.store(Some(Arc::new(set)));
+        self.confirmed_at.store(confirmed_at, Ordering::Relaxed);
+        changed
+    }
+
+    /// The IdP said the set is unchanged (304).
+    pub fn confirm(&self, now: u64) {
+        self.confirmed_at.store(now, Ordering::Relaxed);
+    }
+
+    pub fn confirmed_at(&self) -> u64 {
+        self.confirmed_at.load(Ordering::Relaxed)
+    }
+
+    /// A Check met an unknown `kid`: ask for a refetch and wait for it, within
+    /// `unknown_kid_wait`. At most one fetch per `min_refresh`, shared by every
+    /// waiting Check; kids a fresh set still lacked are not asked for again
+    /// until `min_refresh` has passed. Returns true if a fetch completed in time
+    /// (the caller then looks again).
+    pub async fn refetch_for(&self, kid: &str) -> bool {
+        let Some(r) = &self.refetch else { return false };
+        let mut rx = r.done.subscribe();
+        let seen = *rx.borrow_and_update();
+        {
+            let mut st = r.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if let Some(at) = st.unknown.get(kid) {
+                if now.duration_since(*at) < r.min_refresh {
+                    return false;
+                }
+                st.unknown.remove(kid);
+            }
+            if !st.in_flight {
+                if st
+                    .last_started
+                    .is_some_and(|l| now.duration_since(l) < r.min_refresh)
+                {
+                    remember(&mut st, kid, now, r.min_refresh);
+                    return false;
+                }
+                st.last_started = Some(now);
+                st.in_flight = true;
+                r.wake.notify_one();
+            }
+        }
+        matches!(
+            tokio::time::timeout(r.wait, rx.wait_for(|g| *g > seen)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The kid is still unknown after a fresh fetch.
+    pub fn remember_unknown(&self, kid: &str) {
+        if let Some(r) = &self.refetch {
+            let mut st = r.state.lock().unwrap_or_else(|e| e.into_inner());
+            remember(&mut st, kid, Instant::now(), r.min_refresh);
+        }
+    }
+
+    // --- for the refresher task ---
+
+    async fn woken(&self) {
+        match &self.refetch {
+            Some(r) => r.wake.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Interval fetches mark themselves in flight (so an unknown kid meanwhile waits
+    /// for them) but do not count against `min_refresh`, which limits refetches
+    /// asked for by unknown kids only: a rotation just after a refresh is still
+    /// followed at once.
+    fn fetch_started(&self) {
+        if let Some(r) = &self.refetch {
+            r.state.lock().unwrap_or_else(|e| e.into_inner()).in_flight = true;
+        }
+    }
+
+    fn fetch_finished(&self) {
+        if let Some(r) = &self.refetch {
+            r.state.lock().unwrap_or_else(|e| e.into_inner()).in_flight = false;
+            r.done.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+fn remember(st: &mut RefetchState, kid: &str, now: Instant, ttl: Duration) {
+    if st.unknown.len() >= MAX_REMEMBERED_UNKNOWN {
+        st.unknown.retain(|_, at| now.duration_since(*at) < ttl);
+    }
+    if st.unknown.len() < MAX_REMEMBERED_UNKNOWN && kid.len() <= 256 {
+        st.unknown.insert(kid.to_owned(), now);
     }
 }
 
@@ -58,4 +208,74 @@ pub fn read_file(path: &Path) -> Result<KeySet, LoadError> {
         path: shown,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell() -> Arc<KeyCell> {
+        Arc::new(KeyCell::remote(
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+        ))
+    }
+
+    #[tokio::test]
+    async fn one_fetch_serves_every_waiter_and_min_refresh_limits_the_rest() {
+        let cell = cell();
+        let fetches = Arc::new(AtomicU64::new(0));
+        // A stand-in refresher: each wake is one fetch.
+        let (c, f) = (cell.clone(), fetches.clone());
+        tokio::spawn(async move {
+            loop {
+                c.woken().await;
+                c.fetch_started();
+                f.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                c.fetch_finished();
+            }
+        });
+        let waiters: Vec<_> = (0..50)
+            .map(|i| {
+                let c = cell.clone();
+                tokio::spawn(async move { c.refetch_for(&format!("kid-{i}")).await })
+            })
+            .collect();
+        let mut completed = 0;
+        for w in waiters {
+            if w.await.unwrap() {
+                completed += 1;
+            }
+        }
+        assert_eq!(fetches.load(Ordering::Relaxed), 1, "singleflight");
+        assert_eq!(completed, 50, "every waiter saw the fetch complete");
+        // Within min_refresh: no more fetches, and no waiting.
+        let started = Instant::now();
+        assert!(!cell.refetch_for("kid-new").await);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(fetches.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_kids_are_remembered_boundedly() {
+        let cell = cell();
+        for i in 0..(MAX_REMEMBERED_UNKNOWN + 100) {
+            cell.remember_unknown(&format!("k{i}"));
+        }
+        let r = cell.refetch.as_ref().unwrap();
+        assert_eq!(
+            r.state.lock().unwrap().unknown.len(),
+            MAX_REMEMBERED_UNKNOWN
+        );
+        assert!(
+            !cell.refetch_for("k1").await,
+            "remembered kids are not refetched"
+        );
+    }
+
+    #[tokio::test]
+    async fn file_cells_never_refetch() {
+        assert!(!KeyCell::default().refetch_for("x").await);
+    }
 }

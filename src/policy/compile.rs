@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use regex::RegexBuilder;
 use serde_yaml::Value as Yaml;
@@ -16,7 +17,8 @@ use crate::config::file::{FileConfig, MatchFile, ProviderFile, RequireFile, Rout
 use crate::config::{Problems, parse_duration};
 use crate::jwks::KeyCell;
 use crate::provider::{
-    ClaimPath, JwksSource, Provider, TokenSource, algorithm_by_name, default_algorithms,
+    ClaimPath, JwksSource, Provider, RemoteJwks, RemoteLocation, TokenSource, algorithm_by_name,
+    default_algorithms,
 };
 use crate::request::normalize;
 
@@ -102,7 +104,24 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         p.warn("routes", "no routes: every request gets the default action");
     }
 
+    let mut required_providers: Vec<usize> = Vec::new();
+    for r in &routes {
+        if let Access::Require(req) = &r.access {
+            let wanted: Vec<usize> = if req.providers.is_empty() {
+                (0..providers.len()).collect()
+            } else {
+                req.providers.clone()
+            };
+            for i in wanted {
+                if !required_providers.contains(&i) {
+                    required_providers.push(i);
+                }
+            }
+        }
+    }
+    required_providers.sort_unstable();
     let policy = Policy {
+        required_providers,
         routes,
         providers,
         default,
@@ -162,27 +181,7 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         );
     }
 
-    let jwks = match (
-        &pf.jwks.file,
-        &pf.jwks.uri,
-        pf.jwks.discovery.unwrap_or(false),
-    ) {
-        (Some(f), None, false) => JwksSource::File(base.join(f)),
-        (None, Some(_), false) | (None, None, true) => {
-            p.error(
-                format!("{at}.jwks"),
-                "remote JWKS (uri, discovery) is not supported by this build; use jwks.file",
-            );
-            JwksSource::File(base.join("unsupported"))
-        }
-        _ => {
-            p.error(
-                format!("{at}.jwks"),
-                "set exactly one of file, uri, discovery: true",
-            );
-            JwksSource::File(base.join("unset"))
-        }
-    };
+    let jwks = jwks_source(&pf, at, base, p);
 
     let algorithms = match &pf.algorithms {
         None => default_algorithms(),
@@ -295,6 +294,106 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         forward_token: pf.forward_token,
         jwks,
         keys: Arc::new(KeyCell::default()),
+    }
+}
+
+fn jwks_source(pf: &ProviderFile, at: &str, base: &Path, p: &mut Problems) -> JwksSource {
+    let j = &pf.jwks;
+    let at = format!("{at}.jwks");
+    let mut duration = |value: &Option<String>, name: &str, default: Duration| match value {
+        None => default,
+        Some(text) => parse_duration(text).unwrap_or_else(|e| {
+            p.error(format!("{at}.{name}"), e);
+            default
+        }),
+    };
+    let refresh_interval = duration(
+        &j.refresh_interval,
+        "refresh_interval",
+        Duration::from_secs(300),
+    );
+    let min_refresh = duration(&j.min_refresh, "min_refresh", Duration::from_secs(30));
+    let max_refresh = duration(&j.max_refresh, "max_refresh", Duration::from_secs(3600));
+    let timeout = duration(&j.timeout, "timeout", Duration::from_secs(5));
+    let unknown_kid_wait = duration(
+        &j.unknown_kid_wait,
+        "unknown_kid_wait",
+        Duration::from_millis(100),
+    );
+    let max_stale = duration(&j.max_stale, "max_stale", Duration::from_secs(24 * 3600));
+    let location = match (&j.file, &j.uri, j.discovery.unwrap_or(false)) {
+        (Some(f), None, false) => {
+            let remote_only = [
+                ("refresh_interval", j.refresh_interval.is_some()),
+                ("min_refresh", j.min_refresh.is_some()),
+                ("max_refresh", j.max_refresh.is_some()),
+                ("timeout", j.timeout.is_some()),
+                ("unknown_kid_wait", j.unknown_kid_wait.is_some()),
+                ("cache_dir", j.cache_dir.is_some()),
+                ("max_stale", j.max_stale.is_some()),
+            ];
+            for (name, set) in remote_only {
+                if set {
+                    p.error(
+                        format!("{at}.{name}"),
+                        "applies to uri and discovery only; a file is re-read when it changes",
+                    );
+                }
+            }
+            return JwksSource::File(base.join(f));
+        }
+        (None, Some(uri), false) => {
+            check_url(uri, &format!("{at}.uri"), p);
+            RemoteLocation::Uri(uri.clone())
+        }
+        (None, None, true) => {
+            check_url(&pf.issuer, &format!("{at}.discovery"), p);
+            RemoteLocation::Discovery
+        }
+        _ => {
+            p.error(at.clone(), "set exactly one of file, uri, discovery: true");
+            RemoteLocation::Discovery
+        }
+    };
+    if min_refresh > refresh_interval || refresh_interval > max_refresh {
+        p.error(
+            at.clone(),
+            "need min_refresh <= refresh_interval <= max_refresh",
+        );
+    }
+    if timeout.is_zero() || unknown_kid_wait > Duration::from_secs(1) {
+        p.error(
+            at.clone(),
+            "timeout must be positive and unknown_kid_wait at most 1s (Envoy's budget is 200ms by default)",
+        );
+    }
+    JwksSource::Remote(RemoteJwks {
+        location,
+        refresh_interval,
+        min_refresh,
+        max_refresh,
+        timeout,
+        unknown_kid_wait,
+        cache_dir: j.cache_dir.as_ref().map(|d| base.join(d)),
+        max_stale,
+    })
+}
+
+/// JWKS and discovery URLs: http(s) only, from config only.
+fn check_url(text: &str, at: &str, p: &mut Problems) {
+    match reqwest::Url::parse(text) {
+        Ok(u) if u.scheme() == "https" => {}
+        Ok(u) if u.scheme() == "http" => {
+            p.warn(
+                at,
+                "plain http: keys can be forged in transit unless this is loopback",
+            );
+        }
+        Ok(u) => p.error(
+            at,
+            format!("scheme {:?}: only http and https are fetched", u.scheme()),
+        ),
+        Err(e) => p.error(at, format!("{text:?} is not a URL: {e}")),
     }
 }
 

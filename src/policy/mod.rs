@@ -30,6 +30,8 @@ pub struct Policy {
     /// Every header Valet sets on allow. Inbound copies are removed on every route,
     /// anonymous ones too, so a client can never smuggle its own `x-user-id`.
     pub identity_headers: Vec<String>,
+    /// Providers some route accepts tokens from: readiness waits for their keys.
+    pub required_providers: Vec<usize>,
 }
 
 /// Process settings read once at start; a reload cannot change them.
@@ -43,6 +45,16 @@ impl Policy {
     /// The first route, in file order, that fits the request.
     pub fn route_for(&self, req: &Request) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(req))
+    }
+
+    /// Names of required providers that have no keys yet; empty when ready.
+    pub fn providers_without_keys(&self) -> Vec<&str> {
+        self.required_providers
+            .iter()
+            .map(|i| &self.providers[*i])
+            .filter(|p| p.keys.load().is_none_or(|k| k.is_empty()))
+            .map(|p| p.name.as_str())
+            .collect()
     }
 
     pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {

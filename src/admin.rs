@@ -1,0 +1,99 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`. Plain HTTP/1.1, separate
+//! from the Check port so probes and scrapes never queue behind Envoy's traffic.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::state::State;
+
+pub struct Admin {
+    pub state: Arc<State>,
+    pub metrics: PrometheusHandle,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+            });
+            let conn = http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+        });
+    }
+}
+
+fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let now = crate::service::unix_now();
+            for p in &admin.state.policy().providers {
+                let at = p.keys.confirmed_at();
+                if at > 0 {
+                    crate::telemetry::jwks_age(&p.name, now.saturating_sub(at));
+                }
+            }
+            let mut r = text(StatusCode::OK, &admin.metrics.render());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8".parse().unwrap(),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let policy = admin.state.policy();
+            let missing = policy.providers_without_keys();
+            if missing.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "not ready: no keys yet for provider(s) {}\n",
+                        missing.join(", ")
+                    ),
+                )
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().unwrap(),
+    );
+    r
+}

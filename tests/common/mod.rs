@@ -148,6 +148,7 @@ pub fn rs256(scope: &str) -> String {
 pub struct Valet {
     child: Child,
     pub grpc: SocketAddr,
+    pub admin: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
@@ -182,29 +183,36 @@ impl Valet {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("grpc=").nth(1)
-                    && line.contains("listening")
-                {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .trim_matches('"');
-                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                if line.contains("listening") {
+                    for kind in ["grpc=", "admin="] {
+                        if let Some(rest) = line.split(kind).nth(1) {
+                            let addr = rest
+                                .split_whitespace()
+                                .next()
+                                .unwrap_or("")
+                                .trim_matches('"');
+                            let _ = tx.send((kind, addr.parse::<SocketAddr>().ok()));
+                        }
+                    }
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let grpc = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Some(addr)) => addr,
-            _ => {
-                let _ = child.kill();
-                panic!("valet did not start:\n{}", logs.lock().unwrap().join("\n"));
+        let mut admin = None;
+        let grpc = loop {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(("admin=", addr)) => admin = addr,
+                Ok((_, Some(addr))) => break addr,
+                _ => {
+                    let _ = child.kill();
+                    panic!("valet did not start:\n{}", logs.lock().unwrap().join("\n"));
+                }
             }
         };
         Valet {
             child,
             grpc,
+            admin,
             logs,
             dir,
         }
@@ -214,6 +222,25 @@ impl Valet {
         AuthorizationClient::connect(format!("http://{}", self.grpc))
             .await
             .unwrap()
+    }
+
+    /// GET on the admin port: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.admin.expect("admin port"));
+        let r = reqwest::get(url).await.expect("admin answers");
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The value of one metric series on /metrics (name with labels, as rendered).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn logs(&self) -> String {

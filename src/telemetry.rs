@@ -149,6 +149,11 @@ pub fn jwks_loaded(
     keys: usize,
     now: u64,
 ) {
+    if result == "success" {
+        tracing::info!(provider, trigger, keys, "jwks loaded");
+    } else {
+        tracing::debug!(provider, trigger, keys, result, "jwks confirmed");
+    }
     metrics::counter!(JWKS_REFRESH_TOTAL, "provider" => provider.to_owned(), "result" => result, "trigger" => trigger)
         .increment(1);
     metrics::gauge!(JWKS_KEYS, "provider" => provider.to_owned()).set(keys as f64);

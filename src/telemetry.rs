@@ -36,6 +36,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     describe();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters exist from zero, so that the first failure is an increase alerts can see.
+    for result in ["success", "error"] {
+        metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
+    }
     Ok(handle)
 }
 
@@ -158,6 +162,14 @@ pub fn jwks_loaded(
         .increment(1);
     metrics::gauge!(JWKS_KEYS, "provider" => provider.to_owned()).set(keys as f64);
     metrics::gauge!(JWKS_LAST_SUCCESS, "provider" => provider.to_owned()).set(now as f64);
+}
+
+/// A provider's key task started: its counters exist from zero.
+pub fn jwks_provider_started(provider: &str) {
+    for result in ["success", "error"] {
+        metrics::counter!(JWKS_REFRESH_TOTAL, "provider" => provider.to_owned(), "result" => result, "trigger" => "interval")
+            .increment(0);
+    }
 }
 
 /// A key set load failed; the last good set, if any, stays in force.

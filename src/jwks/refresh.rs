@@ -79,6 +79,7 @@ impl Supervisor {
     fn start(&self, provider: &Provider) -> Task {
         let name = provider.name.clone();
         let identity = (provider.issuer.clone(), provider.jwks.clone());
+        telemetry::jwks_provider_started(&name);
         match &provider.jwks {
             JwksSource::File(path) => {
                 let cell = Arc::new(KeyCell::default());

@@ -199,13 +199,16 @@ impl Valet {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
-                    for kind in ["grpc=", "admin="] {
-                        if let Some(rest) = line.split(kind).nth(1) {
+                    // Text logs say grpc=ADDR; JSON logs say "grpc":"ADDR".
+                    for (kind, json) in [("grpc=", "\"grpc\":\""), ("admin=", "\"admin\":\"")] {
+                        if let Some(rest) =
+                            line.split(kind).nth(1).or_else(|| line.split(json).nth(1))
+                        {
                             let addr = rest
-                                .split_whitespace()
+                                .trim_start_matches('"')
+                                .split(|c: char| c == '"' || c.is_whitespace())
                                 .next()
-                                .unwrap_or("")
-                                .trim_matches('"');
+                                .unwrap_or("");
                             let _ = tx.send((kind, addr.parse::<SocketAddr>().ok()));
                         }
                     }

@@ -67,6 +67,14 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/statusz" => {
+            let mut r = text(StatusCode::OK, &status_json(admin).to_string());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            );
+            r
+        }
         "/readyz" => {
             let policy = admin.state.policy();
             let missing = policy.providers_without_keys();
@@ -97,4 +105,32 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         "text/plain; charset=utf-8".parse().unwrap(),
     );
     r
+}
+
+/// The policy in force and its keys: generation, last reload error, key ages.
+fn status_json(admin: &Admin) -> serde_json::Value {
+    let policy = admin.state.policy();
+    let now = crate::service::unix_now();
+    let providers: Vec<_> = policy
+        .providers
+        .iter()
+        .map(|p| {
+            let keys = p.keys.load();
+            let at = p.keys.confirmed_at();
+            serde_json::json!({
+                "name": p.name,
+                "issuer": p.issuer,
+                "keys": keys.as_ref().map_or(0, |k| k.len()),
+                "kids": keys.as_ref().map(|k| k.kids().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default(),
+                "confirmed_at": at,
+                "age_seconds": if at > 0 { Some(now.saturating_sub(at)) } else { None },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "policy": *admin.state.reload_status(),
+        "routes": policy.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        "providers": providers,
+        "ready": policy.providers_without_keys().is_empty(),
+    })
 }

@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::jwks::Supervisor;
+use crate::reload::{self, Reloader};
 use crate::service::CheckService;
 use crate::state::State;
 use crate::telemetry;
@@ -33,6 +34,7 @@ pub async fn serve(config: Config) -> std::io::Result<()> {
     }
 
     let mut policy = config.policy;
+    // The key tasks belong to the reloader from here on: a reload adds and removes providers.
     let mut keys = Supervisor::new();
     keys.adopt(&mut policy);
     tracing::info!(
@@ -42,7 +44,16 @@ pub async fn serve(config: Config) -> std::io::Result<()> {
         default = ?policy.default,
         "policy loaded"
     );
-    let state = Arc::new(State::new(policy));
+    let status = reload::initial_status(&config.path);
+    telemetry::policy_loaded(status.generation, status.loaded_at);
+    let state = Arc::new(State::new(policy, status));
+    let reloader = Reloader::new(
+        config.path.clone(),
+        config.listen.clone(),
+        state.clone(),
+        keys,
+    );
+    tokio::spawn(reloader.run());
 
     if let Some(addr) = config.listen.admin {
         let listener = TcpListener::bind(addr).await?;
@@ -70,7 +81,6 @@ pub async fn serve(config: Config) -> std::io::Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(std::io::Error::other)?;
-    drop(keys);
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod decision;
 pub mod jwks;
 pub mod policy;
 pub mod provider;
+pub mod reload;
 pub mod request;
 pub mod response;
 pub mod service;

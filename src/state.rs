@@ -1,5 +1,6 @@
-//! The one place that holds swapped state: the current policy snapshot.
-//! (Each provider's key set lives in its own cell, see `jwks::KeyCell`.)
+//! The one place that holds swapped state: the current policy snapshot and the
+//! status of the last reload. (Each provider's key set lives in its own cell,
+//! see `jwks::KeyCell`.)
 
 use std::sync::Arc;
 
@@ -9,12 +10,28 @@ use crate::policy::Policy;
 
 pub struct State {
     policy: ArcSwap<Policy>,
+    reload: ArcSwap<ReloadStatus>,
+}
+
+/// What the admin port reports about the policy in force.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub config: String,
+    /// 1 for the policy loaded at start, +1 per successful reload.
+    pub generation: u64,
+    /// Unix seconds the policy in force was loaded.
+    pub loaded_at: u64,
+    pub last_attempt_at: u64,
+    /// Every problem of the last failed reload, as file:line:column lines; None
+    /// once a reload succeeds again.
+    pub last_error: Option<String>,
 }
 
 impl State {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, status: ReloadStatus) -> Self {
         State {
             policy: ArcSwap::from_pointee(policy),
+            reload: ArcSwap::from_pointee(status),
         }
     }
 
@@ -25,5 +42,13 @@ impl State {
 
     pub fn store_policy(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
+    }
+
+    pub fn reload_status(&self) -> Arc<ReloadStatus> {
+        self.reload.load_full()
+    }
+
+    pub fn store_reload_status(&self, status: ReloadStatus) {
+        self.reload.store(Arc::new(status));
     }
 }

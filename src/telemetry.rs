@@ -187,3 +187,28 @@ pub fn jwks_kids_changed(provider: &str, kids: &[&str]) {
 pub fn jwks_age(provider: &str, age_secs: u64) {
     metrics::gauge!(JWKS_AGE, "provider" => provider.to_owned()).set(age_secs as f64);
 }
+
+pub const POLICY_LAST_SUCCESSFUL: &str = "valet_policy_last_reload_successful";
+
+pub fn policy_loaded(generation: u64, at: u64) {
+    metrics::gauge!(POLICY_GENERATION).set(generation as f64);
+    metrics::gauge!(POLICY_LAST_SUCCESS).set(at as f64);
+    metrics::gauge!(POLICY_LAST_SUCCESSFUL).set(1.0);
+}
+
+pub fn policy_reloaded(
+    trigger: &'static str,
+    generation: u64,
+    routes: usize,
+    providers: usize,
+    at: u64,
+) {
+    tracing::info!(trigger, generation, routes, providers, "policy reloaded");
+    metrics::counter!(POLICY_RELOAD_TOTAL, "result" => "success").increment(1);
+    policy_loaded(generation, at);
+}
+
+pub fn policy_reload_failed() {
+    metrics::counter!(POLICY_RELOAD_TOTAL, "result" => "error").increment(1);
+    metrics::gauge!(POLICY_LAST_SUCCESSFUL).set(0.0);
+}

@@ -83,6 +83,18 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 
 /// Parses and compiles `source`; `path` names it in errors and anchors relative paths.
 pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
+    // An empty file is a truncated write, not a policy that denies everything.
+    if matches!(
+        serde_yaml::from_str::<serde_yaml::Value>(source),
+        Ok(serde_yaml::Value::Null)
+    ) {
+        return Err(LoadError::Invalid(vec![ConfigError {
+            file: path.to_path_buf(),
+            position: Position { line: 1, column: 1 },
+            field: String::new(),
+            message: "the file is empty".into(),
+        }]));
+    }
     let file: FileConfig = match serde_yaml::from_str(source) {
         Ok(f) => f,
         Err(e) => return Err(LoadError::Invalid(vec![serde_error(&e, path)])),

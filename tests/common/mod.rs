@@ -160,6 +160,11 @@ pub fn rs256(scope: &str) -> String {
 
 // === Valet process ===
 
+/// `config` (which has no `listen:`) with both ports chosen by the kernel.
+pub fn with_free_ports(config: &str) -> String {
+    format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}")
+}
+
 pub struct Valet {
     child: Child,
     pub grpc: SocketAddr,
@@ -178,11 +183,16 @@ impl Valet {
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Valet {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
-        let full = format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}");
         let path = dir.path().join("valet.yaml");
-        std::fs::write(&path, full).unwrap();
+        std::fs::write(&path, with_free_ports(config)).unwrap();
+        Self::spawn(dir, &path, env)
+    }
+
+    /// Starts Valet on a config file the test laid out itself (in `dir`, which the
+    /// returned Valet keeps alive).
+    pub fn spawn(dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Valet {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_valet"));
-        cmd.arg("serve").arg("--config").arg(&path);
+        cmd.arg("serve").arg("--config").arg(path);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -239,12 +239,7 @@ async fn providers_come_and_go_with_the_policy() {
     assert!(v.wait_for_log("generation=3"));
     assert!(check(&mut c, get("/any").bearer(&partner)).await.allowed());
     // Changing the listen addresses needs a restart, and says so.
-    write(
-        &path,
-        &added
-            .replace("", "")
-            .replacen("", "listen:\n  grpc: 127.0.0.1:1\n", 1),
-    );
+    write(&path, &format!("listen:\n  grpc: 127.0.0.1:1\n{added}"));
     assert!(v.wait_for_log("take effect only after a restart"));
     assert!(
         check(&mut c, get("/any").bearer(&partner)).await.allowed(),

@@ -34,6 +34,38 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Explain how one request is decided: the route that matches and why the
+    /// earlier ones do not, what it requires, the decision and its reason.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value = "")]
+        host: String,
+        /// A request header, NAME:VALUE (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// An Envoy context extension, KEY=VALUE (repeatable).
+        #[arg(long = "context")]
+        context: Vec<String>,
+        /// A token, verified against the provider's keys (sent as a Bearer token).
+        #[arg(long, conflicts_with = "claims")]
+        token: Option<String>,
+        /// Claims as JSON, taken as verified: the policy logic alone.
+        #[arg(long)]
+        claims: Option<String>,
+    },
+    /// Run policy test suites (YAML files of cases); exit 1 if any case fails.
+    Test {
+        /// The policy under test; default: each suite's `config:`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,6 +81,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Explain {
+            config,
+            method,
+            path,
+            host,
+            headers,
+            context,
+            token,
+            claims,
+        } => explain(
+            &config, method, path, host, &headers, &context, token, claims,
+        ),
+        Command::Test { config, files } => run_tests(config.as_deref(), &files),
         Command::Serve {
             config,
             workers,
@@ -116,6 +161,127 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn load_or_exit(path: &std::path::Path) -> Result<valet::config::Config, ExitCode> {
+    valet::config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+/// Loads every provider's keys once (a fetch for remote ones), reporting failures.
+fn load_keys(policy: &valet::policy::Policy) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = runtime {
+        for problem in rt.block_on(valet::jwks::load_once(policy)) {
+            eprintln!("warning: {problem}");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn explain(
+    config: &std::path::Path,
+    method: String,
+    path: String,
+    host: String,
+    headers: &[String],
+    context: &[String],
+    token: Option<String>,
+    claims: Option<String>,
+) -> ExitCode {
+    let config = match load_or_exit(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut spec = valet::explain::RequestSpec {
+        method,
+        path,
+        host,
+        ..Default::default()
+    };
+    for h in headers {
+        let Some((k, v)) = h.split_once(':') else {
+            eprintln!("--header takes NAME:VALUE, not {h:?}");
+            return ExitCode::from(EX_USAGE);
+        };
+        spec.headers
+            .insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    for c in context {
+        let Some((k, v)) = c.split_once('=') else {
+            eprintln!("--context takes KEY=VALUE, not {c:?}");
+            return ExitCode::from(EX_USAGE);
+        };
+        spec.context.insert(k.to_string(), v.to_string());
+    }
+    let mode = match claims {
+        Some(json) => {
+            match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&json) {
+                Ok(map) => valet::explain::Mode::Claims(map),
+                Err(e) => {
+                    eprintln!("--claims is not a JSON object: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            }
+        }
+        None => {
+            if let Some(t) = token {
+                spec.headers
+                    .insert("authorization".into(), format!("Bearer {t}"));
+            }
+            if spec.headers.contains_key("authorization") || !config.policy.providers.is_empty() {
+                load_keys(&config.policy);
+            }
+            valet::explain::Mode::Token {
+                now: valet::service::unix_now(),
+            }
+        }
+    };
+    print!("{}", valet::explain::explain(&config.policy, &spec, mode));
+    ExitCode::SUCCESS
+}
+
+fn run_tests(config_flag: Option<&std::path::Path>, files: &[PathBuf]) -> ExitCode {
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        let suite = match valet::policy_test::read_suite(file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        let config_path = match valet::policy_test::config_path(file, &suite, config_flag) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        let config = match load_or_exit(&config_path) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        if valet::policy_test::needs_keys(&suite) {
+            load_keys(&config.policy);
+        }
+        println!("{} (policy {})", file.display(), config_path.display());
+        let (report, p, f) =
+            valet::policy_test::run(&config.policy, &suite, valet::service::unix_now());
+        print!("{report}");
+        passed += p;
+        failed += f;
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

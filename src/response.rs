@@ -43,6 +43,14 @@ fn allow(a: Allow) -> CheckResponse {
     if let Some(p) = a.provider {
         meta.insert("provider".to_string(), string(p));
     }
+    if a.dry_run {
+        meta.insert(
+            "dry_run".to_string(),
+            PbValue {
+                kind: Some(Kind::BoolValue(true)),
+            },
+        );
+    }
     if let Some(claims) = a.claims {
         meta.insert("claims".to_string(), object(claims));
     }

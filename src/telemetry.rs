@@ -106,6 +106,15 @@ pub fn check(decision: &Decision, elapsed: Duration) {
     let route = decision.route().unwrap_or(NO_ROUTE_LABEL);
     let reason = decision.reason().label();
     match decision {
+        Decision::Allow(a) if a.dry_run => {
+            tracing::info!(
+                route.name = route,
+                deny.reason = reason,
+                provider = a.provider.as_deref().unwrap_or(""),
+                kid = a.kid.as_deref().map(loggable_kid).unwrap_or(""),
+                "dry-run: would deny, allowed"
+            );
+        }
         Decision::Allow(a) => {
             tracing::debug!(
                 route.name = route,
@@ -127,8 +136,14 @@ pub fn check(decision: &Decision, elapsed: Duration) {
         }
     }
     let decision_label = if decision.is_allow() { "allow" } else { "deny" };
-    metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason, "route" => route.to_owned())
-        .increment(1);
+    if matches!(decision, Decision::Allow(a) if a.dry_run) {
+        // Allowed, so not part of the rejection rate; the reason says what would have been.
+        metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason, "route" => route.to_owned(), "dry_run" => "true")
+            .increment(1);
+    } else {
+        metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason, "route" => route.to_owned())
+            .increment(1);
+    }
     metrics::histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
 }
 

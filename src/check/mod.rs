@@ -5,62 +5,93 @@ pub mod token;
 pub mod verify;
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::decision::{Allow, Decision, Deny, DenyKind, Reason};
+use crate::policy::require::audience_contains;
 use crate::policy::{Access, DefaultAction, Policy, RequireError, Route};
 use crate::provider::TokenSource;
 use crate::request::Request;
 use token::{Token, TokenError};
 use verify::{Verified, VerifyError};
 
+/// How the identity behind a request is established.
+pub enum Identity {
+    /// Find the token in the request and verify it: what every Envoy Check gets.
+    /// `now` is Unix seconds.
+    Token { now: u64 },
+    /// Take these claims as verified, for policy tests and `explain --claims`:
+    /// the route logic alone, no token, no keys, no clock.
+    Claims(Map<String, Value>),
+}
+
 /// Decides one Check against one policy snapshot. `now` is Unix seconds.
 pub fn check(policy: &Policy, check: &CheckRequest, now: u64) -> Decision {
+    decide(policy, check, Identity::Token { now })
+}
+
+pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Decision {
     let req = match Request::from_check(check) {
         Ok(r) => r,
         Err(e) => {
-            return Decision::Deny(Deny::new(
+            let deny = Deny::new(
                 Reason::MalformedRequest,
                 DenyKind::BadRequest,
                 e.to_string(),
-            ));
+            );
+            return dry_run(policy, None, Decision::Deny(deny));
         }
     };
-    let Some(route) = policy.route_for(&req) else {
-        return no_route(policy);
+    let route = policy.route_for(&req);
+    let decision = match route {
+        None => no_route(policy),
+        Some(route) => match decide_route(policy, &req, route, identity) {
+            Ok(allow) => Decision::Allow(allow),
+            Err(mut deny) => {
+                deny.route = Some(route.name.clone());
+                Decision::Deny(deny)
+            }
+        },
     };
+    dry_run(policy, route, decision)
+}
+
+// A denial is an answer, not an exception: it moves by value rather than through a Box.
+#[allow(clippy::result_large_err)]
+fn decide_route(
+    policy: &Policy,
+    req: &Request,
+    route: &Route,
+    identity: Identity,
+) -> Result<Allow, Deny> {
     let requirement = match &route.access {
-        Access::Anonymous => return anonymous(policy, route),
+        Access::Anonymous => return Ok(anonymous(policy, route)),
         Access::Require(r) => r,
     };
-    let deny = |reason, kind, description: &'static str| {
-        let mut d = Deny::new(reason, kind, description);
-        d.route = Some(route.name.clone());
-        d
-    };
-
-    let token = match token::extract(&req, &requirement.sources) {
-        Ok(t) => t,
-        Err(TokenError::Missing) => {
-            return Decision::Deny(deny(Reason::MissingToken, DenyKind::NoToken, "no token"));
+    let (token, verified) = match identity {
+        Identity::Token { now } => {
+            let token = token::extract(req, &requirement.sources).map_err(|e| match e {
+                TokenError::Missing => {
+                    Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token")
+                }
+                TokenError::Malformed(why) => {
+                    Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
+                }
+            })?;
+            let verified = verify::verify(token.value, policy, &requirement.providers, now)
+                .map_err(|failed| {
+                    let kind = match failed.error {
+                        VerifyError::KeysUnavailable => DenyKind::Unavailable,
+                        _ => DenyKind::InvalidToken,
+                    };
+                    let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
+                    d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
+                    d.kid = failed.kid;
+                    d
+                })?;
+            (Some(token), verified)
         }
-        Err(TokenError::Malformed(why)) => {
-            return Decision::Deny(deny(Reason::MalformedToken, DenyKind::InvalidToken, why));
-        }
-    };
-
-    let verified = match verify::verify(token.value, policy, &requirement.providers, now) {
-        Ok(v) => v,
-        Err(failed) => {
-            let kind = match failed.error {
-                VerifyError::KeysUnavailable => DenyKind::Unavailable,
-                _ => DenyKind::InvalidToken,
-            };
-            let mut d = deny(failed.error.reason(), kind, describe(failed.error));
-            d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
-            d.kid = failed.kid;
-            return Decision::Deny(d);
-        }
+        Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
     };
 
     if let Err(e) = requirement.check(&verified.claims) {
@@ -84,14 +115,73 @@ pub fn check(policy: &Policy, check: &CheckRequest, now: u64) -> Decision {
                 None,
             ),
         };
-        let mut d = deny(reason, kind, description);
+        let mut d = Deny::new(reason, kind, description);
         d.scope = scope;
         d.provider = Some(policy.providers[verified.provider].name.clone());
         d.kid = verified.kid;
-        return Decision::Deny(d);
+        return Err(d);
     }
+    Ok(allow(policy, route, req, token, verified))
+}
 
-    allow(policy, route, &req, token, verified)
+/// Claims taken as verified: the provider is the allowed one whose issuer is `iss`
+/// (or the first allowed one when there is no `iss`), and its audiences apply.
+#[allow(clippy::result_large_err)]
+fn trusted(
+    policy: &Policy,
+    allowed: &[usize],
+    claims: Map<String, Value>,
+) -> Result<Verified, Deny> {
+    let candidates = || {
+        policy
+            .providers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| allowed.is_empty() || allowed.contains(i))
+    };
+    let found = match claims.get("iss").and_then(Value::as_str) {
+        Some(iss) => candidates().find(|(_, p)| p.issuer == iss),
+        None => candidates().next(),
+    };
+    let Some((index, provider)) = found else {
+        return Err(Deny::new(
+            Reason::IssuerNotAllowed,
+            DenyKind::InvalidToken,
+            describe(VerifyError::IssuerNotAllowed),
+        ));
+    };
+    if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
+        let mut d = Deny::new(
+            Reason::AudienceNotAllowed,
+            DenyKind::InvalidToken,
+            describe(VerifyError::AudienceNotAllowed),
+        );
+        d.provider = Some(provider.name.clone());
+        return Err(d);
+    }
+    Ok(Verified {
+        provider: index,
+        kid: None,
+        claims,
+    })
+}
+
+/// On a dry-run route (or with the global switch), a denial is recorded as what it
+/// would have been but the request passes, without identity.
+fn dry_run(policy: &Policy, route: Option<&Route>, decision: Decision) -> Decision {
+    let on = policy.dry_run || route.is_some_and(|r| r.dry_run);
+    match decision {
+        Decision::Deny(d) if on => Decision::Allow(Allow {
+            route: d.route,
+            reason: Some(d.reason),
+            dry_run: true,
+            provider: d.provider,
+            kid: d.kid,
+            remove_headers: policy.identity_headers.clone(),
+            ..Default::default()
+        }),
+        other => other,
+    }
 }
 
 /// Fixed text for `error_description`: never a claim value, never the token.
@@ -123,22 +213,22 @@ fn no_route(policy: &Policy) -> Decision {
     }
 }
 
-fn anonymous(policy: &Policy, route: &Route) -> Decision {
-    Decision::Allow(Allow {
+fn anonymous(policy: &Policy, route: &Route) -> Allow {
+    Allow {
         route: Some(route.name.clone()),
         reason: Some(Reason::Anonymous),
         remove_headers: policy.identity_headers.clone(),
         ..Default::default()
-    })
+    }
 }
 
 fn allow(
     policy: &Policy,
     route: &Route,
     req: &Request,
-    token: Token,
+    token: Option<Token>,
     verified: Verified,
-) -> Decision {
+) -> Allow {
     let provider = &policy.providers[verified.provider];
     let mut set_headers = Vec::with_capacity(provider.claims_to_headers.len());
     for (claim, header) in &provider.claims_to_headers {
@@ -154,7 +244,7 @@ fn allow(
         .cloned()
         .collect();
     let mut remove_query = Vec::new();
-    if !provider.forward_token {
+    if let Some(token) = token.filter(|_| !provider.forward_token) {
         match token.source {
             TokenSource::Header { name, .. } => remove_headers.push(name.clone()),
             TokenSource::Query(name) => remove_query.push(name.clone()),
@@ -175,7 +265,7 @@ fn allow(
             }
         }
     }
-    Decision::Allow(Allow {
+    Allow {
         route: Some(route.name.clone()),
         reason: Some(Reason::Verified),
         provider: Some(provider.name.clone()),
@@ -184,7 +274,8 @@ fn allow(
         remove_headers,
         remove_query,
         claims: Some(verified.claims),
-    })
+        dry_run: false,
+    }
 }
 
 /// A claim as a header value: strings as they are, numbers and booleans printed,

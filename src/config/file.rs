@@ -17,6 +17,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub routes: Vec<RouteFile>,
     pub default: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +79,8 @@ pub struct RouteFile {
     #[serde(default)]
     pub anonymous: bool,
     pub require: Option<RequireFile>,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 
 pub use fetch::{FetchError, Fetched, Fetcher};
 pub use keyset::{Key, KeyKind, KeySet, KeySetError};
-pub use refresh::Supervisor;
+pub use refresh::{Supervisor, load_once};
 
 /// Kids remembered as unknown (per provider) before new ones are simply not
 /// remembered: a flood of random kids must not grow memory without bound.

@@ -132,6 +132,43 @@ fn publish(name: &str, cell: &KeyCell, set: KeySet, trigger: &'static str, confi
     telemetry::jwks_loaded(name, trigger, "success", keys, confirmed_at);
 }
 
+/// Loads every provider's keys once, for the CLI (`explain --token`, `test`):
+/// files are read, remote sets fetched once. Failures are returned, not fatal:
+/// a provider without keys then decides `keys_unavailable`, which is the truth.
+pub async fn load_once(policy: &Policy) -> Vec<String> {
+    let fetcher = Fetcher::new();
+    let mut problems = Vec::new();
+    for p in &policy.providers {
+        let result: Result<KeySet, String> = match &p.jwks {
+            JwksSource::File(path) => read_file(path).map_err(|e| e.to_string()),
+            JwksSource::Remote(cfg) => {
+                let uri = match &cfg.location {
+                    RemoteLocation::Uri(u) => Ok(u.clone()),
+                    RemoteLocation::Discovery => fetcher
+                        .discover(&p.issuer, cfg.timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                match uri {
+                    Ok(u) => match fetcher.jwks(&u, None, cfg.timeout).await {
+                        Ok(Fetched::New { set, .. }) => Ok(set),
+                        Ok(Fetched::NotModified { .. }) => Err("unexpected 304".into()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(set) => {
+                p.keys.publish(set, unix_now());
+            }
+            Err(e) => problems.push(format!("provider {}: {e}", p.name)),
+        }
+    }
+    problems
+}
+
 // === File ===
 
 /// (modified, length, inode): a ConfigMap update swaps a symlink, which changes all three.

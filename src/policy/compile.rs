@@ -103,6 +103,17 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
     if routes.is_empty() {
         p.warn("routes", "no routes: every request gets the default action");
     }
+    for (j, later) in routes.iter().enumerate() {
+        if let Some(i) = (0..j).find(|i| covers(&routes[*i], later)) {
+            p.warn(
+                format!("routes[{j}].match"),
+                format!(
+                    "route {:?} is never reached: routes[{i}] ({:?}) matches every request it does",
+                    later.name, routes[i].name
+                ),
+            );
+        }
+    }
 
     let mut required_providers: Vec<usize> = Vec::new();
     for r in &routes {
@@ -120,7 +131,14 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         }
     }
     required_providers.sort_unstable();
+    if file.dry_run {
+        p.warn(
+            "dry_run",
+            "dry run: nothing is denied, denials are only recorded",
+        );
+    }
     let policy = Policy {
+        dry_run: file.dry_run,
         required_providers,
         routes,
         providers,
@@ -129,6 +147,40 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         identity_headers,
     };
     (listen, policy)
+}
+
+/// True when every request `b` matches is matched by `a` (conservatively: only
+/// the cases that can be proven from the match fields).
+fn covers(a: &Route, b: &Route) -> bool {
+    let context = a.context.iter().all(|kv| b.context.contains(kv));
+    let hosts =
+        a.hosts.is_empty() || (!b.hosts.is_empty() && b.hosts.iter().all(|h| a.hosts.contains(h)));
+    let methods = a.methods.is_empty()
+        || (!b.methods.is_empty() && b.methods.iter().all(|m| a.methods.contains(m)));
+    let under = |prefix: &str, path: &str| {
+        prefix == "/"
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+    };
+    let path = match (&a.path, &b.path) {
+        (PathMatch::Any, _) => true,
+        (PathMatch::Prefix(pa), PathMatch::Prefix(pb)) => under(pa, pb),
+        (PathMatch::Prefix(pa), PathMatch::Exact(eb)) => under(pa, eb),
+        (PathMatch::Prefix(pa), PathMatch::Template(segs)) => {
+            let literal: Vec<&str> = segs
+                .iter()
+                .map_while(|s| match s {
+                    TemplateSegment::Literal(l) => Some(l.as_str()),
+                    TemplateSegment::Variable(_) => None,
+                })
+                .collect();
+            under(pa, &format!("/{}", literal.join("/")))
+        }
+        (PathMatch::Exact(ea), PathMatch::Exact(eb)) => ea == eb,
+        _ => false,
+    };
+    context && hosts && methods && path
 }
 
 fn addr(text: &str, at: &str, p: &mut Problems) -> SocketAddr {
@@ -410,6 +462,18 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         }
         (true, None) => Access::Anonymous,
         (false, req) => {
+            if let Some(r) = &req
+                && r.scopes.is_empty()
+                && r.any_scopes.is_empty()
+                && r.providers.is_empty()
+                && r.audiences.is_empty()
+                && r.claims.is_empty()
+            {
+                p.warn(
+                    format!("{at}.require"),
+                    "requires nothing beyond a valid token; say so by leaving `require` out, or list what is needed",
+                );
+            }
             if providers.is_empty() {
                 p.error(
                     at,
@@ -431,6 +495,7 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         path: m.2,
         context: rf.matches.context.into_iter().collect(),
         access,
+        dry_run: rf.dry_run,
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Policy {
     pub identity_headers: Vec<String>,
     /// Providers some route accepts tokens from: readiness waits for their keys.
     pub required_providers: Vec<usize>,
+    /// Every route in dry-run: nothing is denied, everything is recorded.
+    pub dry_run: bool,
 }
 
 /// Process settings read once at start; a reload cannot change them.

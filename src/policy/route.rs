@@ -14,6 +14,8 @@ pub struct Route {
     /// Equality on Envoy's per-route `context_extensions`.
     pub context: Vec<(String, String)>,
     pub access: Access,
+    /// Denials are recorded but the request passes.
+    pub dry_run: bool,
 }
 
 pub enum Access {

@@ -126,3 +126,40 @@ fn names_and_defaults_are_checked() {
     assert!(e[0].to_string().contains("must be deny or allow"));
     assert!(e[1].to_string().contains("names are 1-64"));
 }
+
+fn warnings(src: &str) -> Vec<String> {
+    parse(src, &Path::new(JWKS_DIR).join("valet.yaml"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn shadowed_routes_are_warned_about() {
+    let src = format!(
+        "{PROVIDER}routes:\n  - name: all-orders\n    match: {{ path_prefix: /orders }}\n  - name: one-order\n    match: {{ methods: [GET], path_template: '/orders/{{id}}' }}\n  - name: get-only\n    match: {{ methods: [GET], path_prefix: /x }}\n  - name: post-x\n    match: {{ methods: [POST], path: /x/y }}\n  - name: exact\n    match: {{ path: /x/y }}\n"
+    );
+    let w = warnings(&src);
+    let shadow: Vec<&String> = w.iter().filter(|w| w.contains("never reached")).collect();
+    assert_eq!(shadow.len(), 1, "{w:#?}");
+    assert!(shadow[0].contains("\"one-order\"") && shadow[0].contains("routes[0]"));
+    assert!(
+        shadow[0].starts_with("/nonexistent/valet.yaml:10:"),
+        "{}",
+        shadow[0]
+    );
+}
+
+#[test]
+fn empty_requirements_are_warned_about() {
+    let w = warnings(&format!(
+        "{PROVIDER}routes:\n  - name: r\n    require: {{}}\n"
+    ));
+    assert!(
+        w.iter()
+            .any(|w| w.contains("requires nothing beyond a valid token")),
+        "{w:#?}"
+    );
+}

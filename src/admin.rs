@@ -53,7 +53,9 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let now = crate::service::unix_now();
-            for p in &admin.state.policy().providers {
+            let policy = admin.state.policy();
+            crate::telemetry::verify_cache_entries(policy.cache.entries());
+            for p in &policy.providers {
                 let at = p.keys.confirmed_at();
                 if at > 0 {
                     crate::telemetry::jwks_age(&p.name, now.saturating_sub(at));

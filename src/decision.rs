@@ -113,7 +113,7 @@ pub struct Allow {
     pub remove_headers: Vec<String>,
     pub remove_query: Vec<String>,
     /// Verified claims, for Envoy's dynamic metadata.
-    pub claims: Option<Map<String, Value>>,
+    pub claims: Option<std::sync::Arc<Map<String, Value>>>,
     /// A denial let through by `dry_run`: `reason` is what it would have been.
     pub dry_run: bool,
 }

@@ -52,7 +52,7 @@ fn allow(a: Allow) -> CheckResponse {
         );
     }
     if let Some(claims) = a.claims {
-        meta.insert("claims".to_string(), object(claims));
+        meta.insert("claims".to_string(), object(&claims));
     }
     CheckResponse {
         status: Some(Status {
@@ -164,22 +164,22 @@ fn string(s: String) -> PbValue {
     }
 }
 
-fn object(map: Map<String, Value>) -> PbValue {
+fn object(map: &Map<String, Value>) -> PbValue {
     PbValue {
         kind: Some(Kind::StructValue(Struct {
-            fields: map.into_iter().map(|(k, v)| (k, json(v))).collect(),
+            fields: map.iter().map(|(k, v)| (k.clone(), json(v))).collect(),
         })),
     }
 }
 
-fn json(v: Value) -> PbValue {
+fn json(v: &Value) -> PbValue {
     let kind = match v {
         Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s),
+        Value::String(s) => Kind::StringValue(s.clone()),
         Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.into_iter().map(json).collect(),
+            values: items.iter().map(json).collect(),
         }),
         Value::Object(map) => return object(map),
     };

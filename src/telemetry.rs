@@ -92,6 +92,15 @@ fn describe() {
         "Generation of the policy in force, from 1"
     );
     metrics::describe_counter!(
+        VERIFY_CACHE_TOTAL,
+        "Verified-token cache lookups, by result (hit/miss)"
+    );
+    metrics::describe_counter!(
+        VERIFY_CACHE_EVICTIONS,
+        "Verified tokens evicted from the cache for room (not expiry)"
+    );
+    metrics::describe_gauge!(VERIFY_CACHE_ENTRIES, "Verified tokens in the cache");
+    metrics::describe_counter!(
         CHECK_TOTAL,
         "Checks answered, by decision (allow/deny), reason and configured route name"
     );
@@ -201,6 +210,23 @@ pub fn jwks_kids_changed(provider: &str, kids: &[&str]) {
 
 pub fn jwks_age(provider: &str, age_secs: u64) {
     metrics::gauge!(JWKS_AGE, "provider" => provider.to_owned()).set(age_secs as f64);
+}
+
+pub const VERIFY_CACHE_TOTAL: &str = "valet_verify_cache_total";
+pub const VERIFY_CACHE_EVICTIONS: &str = "valet_verify_cache_evictions_total";
+pub const VERIFY_CACHE_ENTRIES: &str = "valet_verify_cache_entries";
+
+pub fn verify_cache(hit: bool) {
+    metrics::counter!(VERIFY_CACHE_TOTAL, "result" => if hit { "hit" } else { "miss" })
+        .increment(1);
+}
+
+pub fn verify_cache_evicted() {
+    metrics::counter!(VERIFY_CACHE_EVICTIONS).increment(1);
+}
+
+pub fn verify_cache_entries(n: u64) {
+    metrics::gauge!(VERIFY_CACHE_ENTRIES).set(n as f64);
 }
 
 pub const POLICY_LAST_SUCCESSFUL: &str = "valet_policy_last_reload_successful";

@@ -749,3 +749,36 @@ async fn logs_never_carry_the_token() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_verified_token_cache_never_outlives_exp_nor_skips_the_route() {
+    let v = Valet::start(
+        "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\n    clock_skew: 0s\nroutes:\n  - name: read\n    match: { methods: [GET], path_prefix: /orders }\n    require: { scopes: [orders:read] }\n  - name: write\n    match: { methods: [PUT], path_prefix: /orders }\n    require: { scopes: [orders:write] }\n",
+    );
+    let mut c = v.client().await;
+    let mut cl = claims("orders:read");
+    cl["exp"] = json!(now() + 2);
+    let t = token(Algorithm::RS256, &cl);
+    for _ in 0..5 {
+        assert!(check(&mut c, get("/orders").bearer(&t)).await.allowed());
+    }
+    // Cached claims, but the route is still evaluated.
+    let a = check(&mut c, get("/orders").method("PUT").bearer(&t)).await;
+    assert_eq!(a.reason(), "insufficient_scope");
+    assert!(
+        v.metric("valet_verify_cache_total{result=\"hit\"}")
+            .await
+            .unwrap()
+            >= 5.0
+    );
+    assert_eq!(
+        v.metric("valet_verify_cache_total{result=\"miss\"}").await,
+        Some(1.0)
+    );
+    // Past exp the cached entry is gone and the token is expired.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(
+        check(&mut c, get("/orders").bearer(&t)).await.reason(),
+        "expired"
+    );
+}

@@ -1,6 +1,7 @@
 //! The data path of one Check, top to bottom: request view, route, token,
 //! verification, requirement, decision. No protobuf out, no metrics, no I/O.
 
+pub mod cache;
 pub mod token;
 pub mod verify;
 
@@ -162,7 +163,7 @@ fn trusted(
     Ok(Verified {
         provider: index,
         kid: None,
-        claims,
+        claims: std::sync::Arc::new(claims),
     })
 }
 

@@ -8,6 +8,9 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
+use std::sync::Arc;
+
+use super::cache::VerifiedCache;
 use crate::decision::Reason;
 use crate::policy::Policy;
 use crate::policy::require::audience_contains;
@@ -67,7 +70,7 @@ pub struct Verified {
     /// Index into the policy's providers.
     pub provider: usize,
     pub kid: Option<String>,
-    pub claims: Map<String, Value>,
+    pub claims: Arc<Map<String, Value>>,
 }
 
 /// The JOSE header, as far as Valet reads it. Fields that ask the verifier to
@@ -110,6 +113,25 @@ fn verify_inner(
     seen_provider: &mut Option<usize>,
     seen_kid: &mut Option<String>,
 ) -> Result<Verified, VerifyError> {
+    // A token seen before, verified by the key set in force, under this policy.
+    let hash = policy.cache.enabled().then(|| VerifiedCache::hash(token));
+    if let Some(hash) = &hash
+        && let Some(hit) = policy.cache.get(hash, now)
+        && (allowed.is_empty() || allowed.contains(&hit.provider))
+        && policy
+            .providers
+            .get(hit.provider)
+            .and_then(|p| p.keys.load())
+            .is_some_and(|k| k.id() == hit.keyset)
+    {
+        *seen_provider = Some(hit.provider);
+        seen_kid.clone_from(&hit.kid);
+        return Ok(Verified {
+            provider: hit.provider,
+            kid: hit.kid.clone(),
+            claims: hit.claims.clone(),
+        });
+    }
     let mut parts = token.split('.');
     let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -176,10 +198,25 @@ fn verify_inner(
         ));
     }
 
-    check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
-    check_time(&claims, provider.clock_skew_secs, now)?;
+    let keyset = check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
+    let exp = check_time(&claims, provider.clock_skew_secs, now)?;
     if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
         return Err(VerifyError::AudienceNotAllowed);
+    }
+    let claims = Arc::new(claims);
+    if let Some(hash) = hash {
+        // Until exp exactly (fractions dropped), and never for more than a day.
+        let until = (exp.max(0.0) as u64).min(now + 86_400);
+        policy.cache.insert(
+            hash,
+            token.len(),
+            index,
+            keyset,
+            header.kid.clone(),
+            claims.clone(),
+            until,
+            now,
+        );
     }
     Ok(Verified {
         provider: index,
@@ -199,7 +236,7 @@ fn check_signature(
     alg: Algorithm,
     token: &str,
     signature_b64: &str,
-) -> Result<(), VerifyError> {
+) -> Result<u64, VerifyError> {
     let keys = provider.keys.load().ok_or(VerifyError::KeysUnavailable)?;
     if keys.is_empty() {
         return Err(VerifyError::KeysUnavailable);
@@ -218,7 +255,7 @@ fn check_signature(
                 ));
             }
             if verify(key) {
-                Ok(())
+                Ok(keys.id())
             } else {
                 Err(VerifyError::BadSignature)
             }
@@ -228,7 +265,7 @@ fn check_signature(
             for key in keys.candidates(alg).take(MAX_KEYS_WITHOUT_KID) {
                 tried += 1;
                 if verify(key) {
-                    return Ok(());
+                    return Ok(keys.id());
                 }
             }
             if tried == 0 {
@@ -242,7 +279,8 @@ fn check_signature(
 
 /// `exp` is required, `nbf` honoured, both with the provider's skew. NumericDate
 /// may be fractional (RFC 7519 §2).
-fn check_time(claims: &Map<String, Value>, skew: u64, now: u64) -> Result<(), VerifyError> {
+/// Returns `exp`.
+fn check_time(claims: &Map<String, Value>, skew: u64, now: u64) -> Result<f64, VerifyError> {
     let number = |name: &str| match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
@@ -260,7 +298,7 @@ fn check_time(claims: &Map<String, Value>, skew: u64, now: u64) -> Result<(), Ve
         return Err(VerifyError::NotYetValid);
     }
     number("iat")?;
-    Ok(())
+    Ok(exp)
 }
 
 #[cfg(test)]
@@ -275,31 +313,19 @@ mod tests {
     #[test]
     fn time_checks_honour_skew() {
         let now = 1_000_000;
-        assert_eq!(
-            check_time(&claims(json!({"exp": now + 10})), 0, now),
-            Ok(())
-        );
+        assert!(check_time(&claims(json!({"exp": now + 10})), 0, now).is_ok());
         assert_eq!(
             check_time(&claims(json!({"exp": now})), 0, now),
             Err(VerifyError::Expired)
         );
-        assert_eq!(
-            check_time(&claims(json!({"exp": now - 30})), 60, now),
-            Ok(())
-        );
+        assert!(check_time(&claims(json!({"exp": now - 30})), 60, now).is_ok());
         assert_eq!(
             check_time(&claims(json!({"exp": now - 60})), 60, now),
             Err(VerifyError::Expired)
         );
-        assert_eq!(
-            check_time(&claims(json!({"exp": now as f64 + 0.5})), 0, now),
-            Ok(())
-        );
-        assert_eq!(check_time(&claims(json!({"exp": 1e300})), 0, now), Ok(()));
-        assert_eq!(
-            check_time(&claims(json!({"exp": now + 100, "nbf": now + 30})), 60, now),
-            Ok(())
-        );
+        assert!(check_time(&claims(json!({"exp": now as f64 + 0.5})), 0, now).is_ok());
+        assert!(check_time(&claims(json!({"exp": 1e300})), 0, now).is_ok());
+        assert!(check_time(&claims(json!({"exp": now + 100, "nbf": now + 30})), 60, now).is_ok());
         assert_eq!(
             check_time(&claims(json!({"exp": now + 100, "nbf": now + 61})), 60, now),
             Err(VerifyError::NotYetValid)

@@ -19,6 +19,14 @@ pub struct FileConfig {
     pub default: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+    pub cache: Option<CacheFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -57,6 +57,8 @@ impl Key {
 
 #[derive(Default)]
 pub struct KeySet {
+    /// Unique per parsed set: a cached verification is valid only with the same set.
+    id: u64,
     keys: Vec<Key>,
     /// Keys left out, each with its kid (or index) and why: for the loader to log.
     pub skipped: Vec<String>,
@@ -78,7 +80,11 @@ impl KeySet {
             .get("keys")
             .and_then(Value::as_array)
             .ok_or(KeySetError::NoKeys)?;
-        let mut set = KeySet::default();
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut set = KeySet {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        };
         for (i, entry) in entries.iter().enumerate() {
             let kid = entry.get("kid").and_then(Value::as_str).map(str::to_owned);
             let name = kid.clone().unwrap_or_else(|| format!("#{i}"));
@@ -103,6 +109,10 @@ impl KeySet {
     /// Keys that can verify `alg`, for tokens without a `kid`.
     pub fn candidates(&self, alg: Algorithm) -> impl Iterator<Item = &Key> {
         self.keys.iter().filter(move |k| k.accepts(alg))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn len(&self) -> usize {

@@ -13,6 +13,7 @@ use serde_yaml::Value as Yaml;
 use super::require::{ClaimRequirement, Requirement};
 use super::route::{Access, HostMatch, PathMatch, Route, TemplateSegment};
 use super::{DefaultAction, Listen, Policy};
+use crate::check::cache::{self, VerifiedCache};
 use crate::config::file::{FileConfig, MatchFile, ProviderFile, RequireFile, RouteFile};
 use crate::config::{Problems, parse_duration};
 use crate::jwks::KeyCell;
@@ -137,7 +138,15 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
             "dry run: nothing is denied, denials are only recorded",
         );
     }
+    let cache = match &file.cache {
+        None => VerifiedCache::new(cache::DEFAULT_MAX_ENTRIES, cache::DEFAULT_MAX_BYTES),
+        Some(c) => VerifiedCache::new(
+            c.max_entries.unwrap_or(cache::DEFAULT_MAX_ENTRIES),
+            c.max_bytes.unwrap_or(cache::DEFAULT_MAX_BYTES),
+        ),
+    };
     let policy = Policy {
+        cache,
         dry_run: file.dry_run,
         required_providers,
         routes,

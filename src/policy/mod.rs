@@ -34,6 +34,8 @@ pub struct Policy {
     pub required_providers: Vec<usize>,
     /// Every route in dry-run: nothing is denied, everything is recorded.
     pub dry_run: bool,
+    /// Verified tokens of this policy's providers; a new policy starts empty.
+    pub cache: crate::check::cache::VerifiedCache,
 }
 
 /// Process settings read once at start; a reload cannot change them.

@@ -1,0 +1,225 @@
+//! The verified-token cache: a token that verified once is not verified again
+//! until it expires. Keyed by SHA-256 of the token (never the token itself),
+//! bounded by entries and bytes, an entry lives exactly until the token's `exp`
+//! and only while the provider's key set is the one that verified it. It holds
+//! verified claims, not decisions: every Check still evaluates its route.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use serde_json::{Map, Value};
+
+use crate::telemetry;
+
+pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+pub type TokenHash = [u8; 32];
+
+pub struct Entry {
+    pub provider: usize,
+    /// The id of the key set that verified the token: another set means re-verify.
+    pub keyset: u64,
+    pub kid: Option<String>,
+    pub claims: Arc<Map<String, Value>>,
+    /// Unix seconds; the entry is gone at this instant.
+    pub exp: u64,
+    weight: u32,
+}
+
+pub struct VerifiedCache {
+    cache: Option<Cache<TokenHash, Arc<Entry>>>,
+    min_weight: u32,
+}
+
+struct UntilExp;
+
+impl moka::Expiry<TokenHash, Arc<Entry>> for UntilExp {
+    fn expire_after_create(
+        &self,
+        _: &TokenHash,
+        entry: &Arc<Entry>,
+        _: Instant,
+    ) -> Option<Duration> {
+        let now = crate::service::unix_now();
+        Some(Duration::from_secs(entry.exp.saturating_sub(now)))
+    }
+}
+
+static EVICTIONS: AtomicU64 = AtomicU64::new(0);
+
+impl VerifiedCache {
+    /// `max_entries == 0` disables the cache.
+    pub fn new(max_entries: u64, max_bytes: u64) -> Self {
+        if max_entries == 0 || max_bytes == 0 {
+            return VerifiedCache {
+                cache: None,
+                min_weight: 1,
+            };
+        }
+        // One capacity, two bounds: each entry weighs at least max_bytes/max_entries,
+        // so neither more entries nor more bytes than configured fit.
+        let min_weight = (max_bytes / max_entries).clamp(1, u64::from(u32::MAX)) as u32;
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_, e: &Arc<Entry>| e.weight)
+            .expire_after(UntilExp)
+            .eviction_listener(|_, _, cause| {
+                if cause.was_evicted() && cause != moka::notification::RemovalCause::Expired {
+                    EVICTIONS.fetch_add(1, Ordering::Relaxed);
+                    telemetry::verify_cache_evicted();
+                }
+            })
+            .build();
+        VerifiedCache {
+            cache: Some(cache),
+            min_weight,
+        }
+    }
+
+    pub fn disabled() -> Self {
+        Self::new(0, 0)
+    }
+
+    pub fn hash(token: &str) -> TokenHash {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    pub fn get(&self, key: &TokenHash, now: u64) -> Option<Arc<Entry>> {
+        let cache = self.cache.as_ref()?;
+        match cache.get(key) {
+            Some(e) if now < e.exp => {
+                telemetry::verify_cache(true);
+                Some(e)
+            }
+            _ => {
+                telemetry::verify_cache(false);
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert(
+        &self,
+        key: TokenHash,
+        token_len: usize,
+        provider: usize,
+        keyset: u64,
+        kid: Option<String>,
+        claims: Arc<Map<String, Value>>,
+        exp: u64,
+        now: u64,
+    ) {
+        let Some(cache) = &self.cache else { return };
+        if exp <= now {
+            return;
+        }
+        // The claims are about as large as the token's payload.
+        let bytes = (token_len + 256).min(u32::MAX as usize) as u32;
+        let entry = Entry {
+            provider,
+            keyset,
+            kid,
+            claims,
+            exp,
+            weight: bytes.max(self.min_weight),
+        };
+        cache.insert(key, Arc::new(entry));
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| {
+            c.run_pending_tasks();
+            c.entry_count()
+        })
+    }
+
+    pub fn evictions() -> u64 {
+        EVICTIONS.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> Arc<Map<String, Value>> {
+        Arc::new(Map::new())
+    }
+
+    #[test]
+    fn entries_expire_at_exp_and_are_bounded() {
+        let now = crate::service::unix_now();
+        let c = VerifiedCache::new(10, 1024 * 1024);
+        let k = VerifiedCache::hash("a.b.c");
+        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        assert!(c.get(&k, now).is_some());
+        assert!(c.get(&k, now + 100).is_none(), "gone at exp exactly");
+        c.insert(
+            VerifiedCache::hash("expired"),
+            5,
+            0,
+            1,
+            None,
+            claims(),
+            now,
+            now,
+        );
+        assert!(
+            c.get(&VerifiedCache::hash("expired"), now).is_none(),
+            "never cached"
+        );
+        for i in 0..100 {
+            c.insert(
+                VerifiedCache::hash(&format!("t{i}")),
+                5,
+                0,
+                1,
+                None,
+                claims(),
+                now + 100,
+                now,
+            );
+        }
+        assert!(c.entries() <= 10, "{}", c.entries());
+    }
+
+    #[test]
+    fn bytes_bound_too() {
+        let now = crate::service::unix_now();
+        let c = VerifiedCache::new(1000, 64 * 1024);
+        for i in 0..100 {
+            c.insert(
+                VerifiedCache::hash(&format!("t{i}")),
+                8 * 1024,
+                0,
+                1,
+                None,
+                claims(),
+                now + 100,
+                now,
+            );
+        }
+        assert!(c.entries() <= 8, "{}", c.entries());
+    }
+
+    #[test]
+    fn disabled_caches_nothing() {
+        let now = crate::service::unix_now();
+        let c = VerifiedCache::new(0, 0);
+        let k = VerifiedCache::hash("x");
+        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        assert!(c.get(&k, now).is_none());
+        assert!(!c.enabled());
+    }
+}

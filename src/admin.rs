@@ -80,7 +80,12 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             let policy = admin.state.policy();
             let missing = policy.providers_without_keys();
-            if missing.is_empty() {
+            if admin.state.is_draining() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n",
+                )
+            } else if missing.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(
@@ -133,6 +138,7 @@ fn status_json(admin: &Admin) -> serde_json::Value {
         "policy": *admin.state.reload_status(),
         "routes": policy.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
         "providers": providers,
-        "ready": policy.providers_without_keys().is_empty(),
+        "ready": admin.state.is_ready(),
+        "draining": admin.state.is_draining(),
     })
 }

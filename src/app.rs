@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -16,7 +17,7 @@ use crate::jwks::Supervisor;
 use crate::reload::{self, Reloader};
 use crate::service::CheckService;
 use crate::state::State;
-use crate::telemetry;
+use crate::{http_authz, telemetry};
 
 /// Bounds the streams one connection (Envoy) may open; tonic's default is unlimited.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -26,7 +27,7 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-pub async fn serve(config: Config) -> std::io::Result<()> {
+pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
     let metrics = telemetry::install().map_err(std::io::Error::other)?;
     tokio::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
@@ -68,21 +69,90 @@ pub async fn serve(config: Config) -> std::io::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(state.clone(), health));
 
-    let listener = TcpListener::bind(config.listen.grpc).await?;
-    tracing::info!(grpc = %listener.local_addr()?, "listening");
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let service = AuthorizationServer::new(CheckService::new(state))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .map_err(std::io::Error::other)?;
+    // SIGTERM: not ready at once, keep answering for `drain` (Envoy in the same pod
+    // is draining too and still asks), then stop accepting and let in-flight
+    // Checks finish within `grace`.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let state = state.clone();
+        let drain = shutdown.drain;
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            state.start_draining();
+            tracing::info!(
+                drain_secs = drain.as_secs_f64(),
+                "draining: not ready, still answering"
+            );
+            tokio::time::sleep(drain).await;
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    if let Some(addr) = config.listen.http {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(http = %listener.local_addr()?, "listening");
+        let http = http_authz::serve(listener, state.clone());
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = http => {}
+                _ = stop => {}
+            }
+        });
+    }
+
+    let server = async {
+        match config.listen.grpc {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).await?;
+                tracing::info!(grpc = %listener.local_addr()?, "listening");
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let service = AuthorizationServer::new(CheckService::new(state.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                Server::builder()
+                    .tcp_nodelay(true)
+                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                    .add_service(health_service)
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+            None => {
+                stopped(stop_rx.clone()).await;
+                Ok(())
+            }
+        }
+    };
+    let grace = shutdown.grace;
+    tokio::select! {
+        result = server => result?,
+        _ = async { stopped(stop_rx.clone()).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: exiting with Checks in flight");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Shutdown timing, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    pub drain: Duration,
+    pub grace: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            drain: Duration::from_secs(5),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// gRPC health follows readiness: SERVING once every provider a route uses has keys.
@@ -91,7 +161,7 @@ async fn report_health(state: Arc<State>, reporter: tonic_health::server::Health
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let ready = state.policy().providers_without_keys().is_empty();
+        let ready = state.is_ready();
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving

@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod decision;
 pub mod explain;
+pub mod http_authz;
 pub mod jwks;
 pub mod policy;
 pub mod policy_test;

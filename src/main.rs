@@ -27,6 +27,12 @@ enum Command {
         workers: usize,
         #[arg(long, env = "VALET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// After SIGTERM: not ready, but still answering, for this long.
+        #[arg(long, env = "VALET_DRAIN", default_value = "5s", value_parser = duration)]
+        drain: std::time::Duration,
+        /// Then at most this long for in-flight Checks before exiting.
+        #[arg(long, env = "VALET_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+        grace: std::time::Duration,
     },
     /// Validate a config file: exit 0 if valid, else print every error as
     /// file:line:column and exit 1.
@@ -98,6 +104,8 @@ fn main() -> ExitCode {
             config,
             workers,
             log_format,
+            drain,
+            grace,
         } => {
             init_logging(log_format);
             let config = match valet::config::load(&config) {
@@ -117,7 +125,8 @@ fn main() -> ExitCode {
                     .enable_all()
                     .build()
             };
-            let result = runtime.and_then(|rt| rt.block_on(valet::app::serve(config)));
+            let shutdown = valet::app::Shutdown { drain, grace };
+            let result = runtime.and_then(|rt| rt.block_on(valet::app::serve(config, shutdown)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -162,6 +171,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    valet::config::parse_duration(text)
 }
 
 fn load_or_exit(path: &std::path::Path) -> Result<valet::config::Config, ExitCode> {

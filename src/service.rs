@@ -29,27 +29,32 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let started = Instant::now();
-        let policy = self.state.policy();
-        let req = request.get_ref();
-        let mut decision = check::check(&policy, req, unix_now());
-        // A kid we do not know may be a rotation we have not seen yet: the one
-        // await on this path, bounded and rate-limited by the provider's key cell.
-        if let Some((provider, kid)) = unknown_kid(&decision, &policy)
-            && provider.keys.refetch_for(kid).await
-        {
-            let again = check::check(&policy, req, unix_now());
-            if again.reason() == Reason::UnknownKey {
-                provider.keys.remember_unknown(kid);
-            }
-            decision = again;
-        }
-        telemetry::check(&decision, started.elapsed());
+        let (decision, policy) = decide(&self.state, request.get_ref()).await;
         Ok(Response::new(response::to_check_response(
             decision,
             &policy.realm,
         )))
     }
+}
+
+/// One Check, for either listener: decide against one policy snapshot, record it.
+pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>) {
+    let started = Instant::now();
+    let policy = state.policy();
+    let mut decision = check::check(&policy, req, unix_now());
+    // A kid we do not know may be a rotation we have not seen yet: the one
+    // await on this path, bounded and rate-limited by the provider's key cell.
+    if let Some((provider, kid)) = unknown_kid(&decision, &policy)
+        && provider.keys.refetch_for(kid).await
+    {
+        let again = check::check(&policy, req, unix_now());
+        if again.reason() == Reason::UnknownKey {
+            provider.keys.remember_unknown(kid);
+        }
+        decision = again;
+    }
+    telemetry::check(&decision, started.elapsed());
+    (decision, policy)
 }
 
 fn unknown_kid<'a>(decision: &'a Decision, policy: &'a Policy) -> Option<(&'a Provider, &'a str)> {

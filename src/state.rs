@@ -3,6 +3,7 @@
 //! see `jwks::KeyCell`.)
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -11,6 +12,8 @@ use crate::policy::Policy;
 pub struct State {
     policy: ArcSwap<Policy>,
     reload: ArcSwap<ReloadStatus>,
+    /// Set on SIGTERM: readiness goes false while Checks are still answered.
+    draining: AtomicBool,
 }
 
 /// What the admin port reports about the policy in force.
@@ -32,6 +35,7 @@ impl State {
         State {
             policy: ArcSwap::from_pointee(policy),
             reload: ArcSwap::from_pointee(status),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -42,6 +46,19 @@ impl State {
 
     pub fn store_policy(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Ready: not draining, and every provider a route uses has keys.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.policy().providers_without_keys().is_empty()
     }
 
     pub fn reload_status(&self) -> Arc<ReloadStatus> {

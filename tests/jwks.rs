@@ -101,7 +101,6 @@ async fn a_rotation_is_followed_without_dropping_a_valid_check() {
         1,
         "one refetch for the new kid"
     );
-    assert!(latency < Duration::from_secs(1));
     assert_eq!(
         v.metric("valet_jwks_keyset_changes_total{provider=\"corp\"}")
             .await,

@@ -34,6 +34,7 @@ pub struct CacheFile {
 pub struct ListenFile {
     pub grpc: Option<String>,
     pub admin: Option<String>,
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

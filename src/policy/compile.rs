@@ -31,17 +31,23 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Policy) {
     let listen = Listen {
-        grpc: addr(
-            file.listen.grpc.as_deref().unwrap_or(DEFAULT_GRPC),
+        grpc: optional_addr(
+            file.listen.grpc.as_deref(),
+            Some(DEFAULT_GRPC),
             "listen.grpc",
             p,
         ),
-        admin: Some(addr(
-            file.listen.admin.as_deref().unwrap_or(DEFAULT_ADMIN),
+        admin: optional_addr(
+            file.listen.admin.as_deref(),
+            Some(DEFAULT_ADMIN),
             "listen.admin",
             p,
-        )),
+        ),
+        http: optional_addr(file.listen.http.as_deref(), None, "listen.http", p),
     };
+    if listen.grpc.is_none() && listen.http.is_none() {
+        p.error("listen", "turn on at least one of grpc and http");
+    }
     let realm = file.realm.unwrap_or_else(|| "valet".into());
     if realm
         .chars()
@@ -190,6 +196,19 @@ fn covers(a: &Route, b: &Route) -> bool {
         _ => false,
     };
     context && hosts && methods && path
+}
+
+/// An address, `off`, or absent (then the default, which may be off).
+fn optional_addr(
+    text: Option<&str>,
+    default: Option<&str>,
+    at: &str,
+    p: &mut Problems,
+) -> Option<SocketAddr> {
+    match text.or(default) {
+        None | Some("off") => None,
+        Some(t) => Some(addr(t, at, p)),
+    }
 }
 
 fn addr(text: &str, at: &str, p: &mut Problems) -> SocketAddr {

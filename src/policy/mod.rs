@@ -41,8 +41,12 @@ pub struct Policy {
 /// Process settings read once at start; a reload cannot change them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
-    pub grpc: SocketAddr,
+    /// Envoy's ext_authz gRPC (and grpc.health.v1); `off` disables it.
+    pub grpc: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The same decisions over plain HTTP (Envoy http_service, nginx auth_request,
+    /// Traefik forwardAuth); off unless set.
+    pub http: Option<SocketAddr>,
 }
 
 impl Policy {

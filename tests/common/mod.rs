@@ -162,6 +162,9 @@ pub fn rs256(scope: &str) -> String {
 
 /// `config` (which has no `listen:`) with both ports chosen by the kernel.
 pub fn with_free_ports(config: &str) -> String {
+    if config.contains("listen:") {
+        return config.to_string();
+    }
     format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}")
 }
 
@@ -169,6 +172,7 @@ pub struct Valet {
     child: Child,
     pub grpc: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
@@ -210,7 +214,11 @@ impl Valet {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
                     // Text logs say grpc=ADDR; JSON logs say "grpc":"ADDR".
-                    for (kind, json) in [("grpc=", "\"grpc\":\""), ("admin=", "\"admin\":\"")] {
+                    for (kind, json) in [
+                        ("grpc=", "\"grpc\":\""),
+                        ("admin=", "\"admin\":\""),
+                        ("http=", "\"http\":\""),
+                    ] {
                         if let Some(rest) =
                             line.split(kind).nth(1).or_else(|| line.split(json).nth(1))
                         {
@@ -227,9 +235,11 @@ impl Valet {
             }
         });
         let mut admin = None;
+        let mut http = None;
         let grpc = loop {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(("admin=", addr)) => admin = addr,
+                Ok(("http=", addr)) => http = addr,
                 Ok((_, Some(addr))) => break addr,
                 _ => {
                     let _ = child.kill();
@@ -241,6 +251,7 @@ impl Valet {
             child,
             grpc,
             admin,
+            http,
             logs,
             dir,
         }
@@ -277,6 +288,26 @@ impl Valet {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, up to `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn pid(&self) -> u32 {

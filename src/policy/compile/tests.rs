@@ -27,7 +27,8 @@ fn a_valid_file_compiles() {
     );
     let c = parse(&src, Path::new("/etc/valet/valet.yaml")).unwrap();
     assert_eq!(c.policy.routes.len(), 2);
-    assert_eq!(c.listen.grpc.to_string(), "127.0.0.1:9001");
+    assert_eq!(c.listen.grpc.unwrap().to_string(), "127.0.0.1:9001");
+    assert_eq!(c.listen.http, None, "HTTP mode is off unless asked for");
     assert_eq!(
         c.policy.providers[0].jwks,
         crate::provider::JwksSource::File("/etc/valet/jwks.json".into()),

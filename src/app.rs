@@ -47,7 +47,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
     );
     let status = reload::initial_status(&config.path);
     telemetry::policy_loaded(status.generation, status.loaded_at);
-    let state = Arc::new(State::new(policy, status));
+    let state = Arc::new(State::new(policy, status).with_max_in_flight(shutdown.max_in_flight));
     let reloader = Reloader::new(
         config.path.clone(),
         config.listen.clone(),
@@ -140,6 +140,8 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
 pub struct Shutdown {
     pub drain: Duration,
     pub grace: Duration,
+    /// Checks in flight before new ones are answered `overloaded`.
+    pub max_in_flight: usize,
 }
 
 impl Default for Shutdown {
@@ -147,6 +149,7 @@ impl Default for Shutdown {
         Shutdown {
             drain: Duration::from_secs(5),
             grace: Duration::from_secs(10),
+            max_in_flight: crate::state::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }

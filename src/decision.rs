@@ -23,10 +23,11 @@ pub enum Reason {
     InsufficientScope,
     ClaimMismatch,
     KeysUnavailable,
+    Overloaded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -43,6 +44,7 @@ impl Reason {
         Reason::InsufficientScope,
         Reason::ClaimMismatch,
         Reason::KeysUnavailable,
+        Reason::Overloaded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -63,6 +65,7 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::ClaimMismatch => "claim_mismatch",
             Reason::KeysUnavailable => "keys_unavailable",
+            Reason::Overloaded => "overloaded",
         }
     }
 }

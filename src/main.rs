@@ -33,6 +33,9 @@ enum Command {
         /// Then at most this long for in-flight Checks before exiting.
         #[arg(long, env = "VALET_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
         grace: std::time::Duration,
+        /// Checks in flight before new ones are answered 503 `overloaded`.
+        #[arg(long, env = "VALET_MAX_IN_FLIGHT", default_value_t = 1024)]
+        max_in_flight: usize,
     },
     /// Validate a config file: exit 0 if valid, else print every error as
     /// file:line:column and exit 1.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
             log_format,
             drain,
             grace,
+            max_in_flight,
         } => {
             init_logging(log_format);
             let config = match valet::config::load(&config) {
@@ -125,7 +129,11 @@ fn main() -> ExitCode {
                     .enable_all()
                     .build()
             };
-            let shutdown = valet::app::Shutdown { drain, grace };
+            let shutdown = valet::app::Shutdown {
+                drain,
+                grace,
+                max_in_flight,
+            };
             let result = runtime.and_then(|rt| rt.block_on(valet::app::serve(config, shutdown)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,

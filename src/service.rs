@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
-use crate::decision::{Decision, Reason};
+use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::policy::Policy;
 use crate::provider::Provider;
 use crate::state::State;
@@ -41,6 +41,17 @@ impl Authorization for CheckService {
 pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>) {
     let started = Instant::now();
     let policy = state.policy();
+    // Shed load with a clear answer rather than queue past Envoy's timeout.
+    let Some(_permit) = state.admit() else {
+        let deny = Deny::new(
+            Reason::Overloaded,
+            DenyKind::Unavailable,
+            "too many Checks in flight",
+        );
+        let decision = Decision::Deny(deny);
+        telemetry::check(&decision, started.elapsed());
+        return (decision, policy);
+    };
     let mut decision = check::check(&policy, req, unix_now());
     // A kid we do not know may be a rotation we have not seen yet: the one
     // await on this path, bounded and rate-limited by the provider's key cell.

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 use crate::policy::Policy;
 
@@ -14,6 +17,8 @@ pub struct State {
     reload: ArcSwap<ReloadStatus>,
     /// Set on SIGTERM: readiness goes false while Checks are still answered.
     draining: AtomicBool,
+    /// Checks in flight, bounded: past the bound a Check is answered `overloaded`.
+    in_flight: Arc<Semaphore>,
 }
 
 /// What the admin port reports about the policy in force.
@@ -36,6 +41,7 @@ impl State {
             policy: ArcSwap::from_pointee(policy),
             reload: ArcSwap::from_pointee(status),
             draining: AtomicBool::new(false),
+            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
         }
     }
 
@@ -46,6 +52,16 @@ impl State {
 
     pub fn store_policy(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
+    }
+
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.in_flight = Arc::new(Semaphore::new(max.max(1)));
+        self
+    }
+
+    /// A permit for one Check, or None when too many are in flight.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
     }
 
     pub fn start_draining(&self) {

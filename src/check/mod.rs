@@ -69,31 +69,33 @@ fn decide_route(
         Access::Anonymous => return Ok(anonymous(policy, route)),
         Access::Require(r) => r,
     };
-    let (token, verified) = match identity {
-        Identity::Token { now } => {
-            let token = token::extract(req, &requirement.sources).map_err(|e| match e {
-                TokenError::Missing => {
-                    Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token")
-                }
-                TokenError::Malformed(why) => {
-                    Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
-                }
-            })?;
-            let verified = verify::verify(token.value, policy, &requirement.providers, now)
-                .map_err(|failed| {
-                    let kind = match failed.error {
-                        VerifyError::KeysUnavailable => DenyKind::Unavailable,
-                        _ => DenyKind::InvalidToken,
-                    };
-                    let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
-                    d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
-                    d.kid = failed.kid;
-                    d
-                })?;
-            (Some(token), verified)
-        }
-        Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
-    };
+    let (token, verified) =
+        match identity {
+            Identity::Token { now } => {
+                let token = token::extract(req, &requirement.sources, policy.max_token_bytes)
+                    .map_err(|e| match e {
+                        TokenError::Missing => {
+                            Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token")
+                        }
+                        TokenError::Malformed(why) => {
+                            Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
+                        }
+                    })?;
+                let verified = verify::verify(token.value, policy, &requirement.providers, now)
+                    .map_err(|failed| {
+                        let kind = match failed.error {
+                            VerifyError::KeysUnavailable => DenyKind::Unavailable,
+                            _ => DenyKind::InvalidToken,
+                        };
+                        let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
+                        d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
+                        d.kid = failed.kid;
+                        d
+                    })?;
+                (Some(token), verified)
+            }
+            Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
+        };
 
     if let Err(e) = requirement.check(&verified.claims) {
         let (reason, kind, description, scope) = match e {

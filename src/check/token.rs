@@ -5,7 +5,8 @@ use std::fmt;
 use crate::provider::TokenSource;
 use crate::request::Request;
 
-/// Real access tokens are a few KiB at most; anything larger is refused unread.
+/// Real access tokens are a few KiB at most; anything larger is refused unread
+/// (the default of `limits.max_token_bytes`).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, Copy)]
@@ -35,6 +36,7 @@ pub enum TokenError {
 pub fn extract<'a>(
     req: &Request<'a>,
     sources: impl IntoIterator<Item = &'a TokenSource>,
+    max_bytes: usize,
 ) -> Result<Token<'a>, TokenError> {
     for source in sources {
         let raw = match source {
@@ -61,7 +63,7 @@ pub fn extract<'a>(
                 None => continue,
             },
         };
-        return check_shape(raw).map(|value| Token { value, source });
+        return check_shape(raw, max_bytes).map(|value| Token { value, source });
     }
     Err(TokenError::Missing)
 }
@@ -76,11 +78,11 @@ fn strip_prefix<'v>(value: &'v str, prefix: &str) -> Option<&'v str> {
     }
 }
 
-fn check_shape(raw: &str) -> Result<&str, TokenError> {
+fn check_shape(raw: &str, max_bytes: usize) -> Result<&str, TokenError> {
     if raw.is_empty() {
         return Err(TokenError::Malformed("empty token"));
     }
-    if raw.len() > MAX_TOKEN_BYTES {
+    if raw.len() > max_bytes {
         return Err(TokenError::Malformed("token too large"));
     }
     if !raw
@@ -124,7 +126,7 @@ mod tests {
 
     fn found(c: &CheckRequest, sources: &[TokenSource]) -> Result<String, TokenError> {
         let r = Request::from_check(c).unwrap();
-        extract(&r, sources).map(|t| t.value.to_string())
+        extract(&r, sources, MAX_TOKEN_BYTES).map(|t| t.value.to_string())
     }
 
     #[test]

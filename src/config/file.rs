@@ -20,6 +20,13 @@ pub struct FileConfig {
     #[serde(default)]
     pub dry_run: bool,
     pub cache: Option<CacheFile>,
+    pub limits: Option<LimitsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_token_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

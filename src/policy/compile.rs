@@ -151,7 +151,16 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
             c.max_bytes.unwrap_or(cache::DEFAULT_MAX_BYTES),
         ),
     };
+    let max_token_bytes = file
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_token_bytes)
+        .unwrap_or(crate::check::token::MAX_TOKEN_BYTES);
+    if !(256..=1024 * 1024).contains(&max_token_bytes) {
+        p.error("limits.max_token_bytes", "must be between 256 and 1048576");
+    }
     let policy = Policy {
+        max_token_bytes,
         cache,
         dry_run: file.dry_run,
         required_providers,

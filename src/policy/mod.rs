@@ -36,6 +36,8 @@ pub struct Policy {
     pub dry_run: bool,
     /// Verified tokens of this policy's providers; a new policy starts empty.
     pub cache: crate::check::cache::VerifiedCache,
+    /// Longer tokens are refused unread (`malformed_token`).
+    pub max_token_bytes: usize,
 }
 
 /// Process settings read once at start; a reload cannot change them.

@@ -1,0 +1,238 @@
+//! The RFC 8725 checklist, as tokens an attacker would send: each is denied with
+//! the right reason, and the server keeps answering.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+
+const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    algorithms: [RS256, ES256, ES384, EdDSA]\nroutes:\n  - name: r\n    match: { path_prefix: / }\n";
+
+fn b64(v: &str) -> String {
+    URL_SAFE_NO_PAD.encode(v)
+}
+
+fn es256(header: &Value, claims: &Value) -> String {
+    let (key, _) = signing_key(Algorithm::ES256);
+    sign_raw(header, claims, &key, Algorithm::ES256)
+}
+
+#[tokio::test]
+async fn the_rfc_8725_corpus() {
+    let v = Valet::start(POLICY);
+    let mut c = v.client().await;
+    let good = claims("");
+    let ok_header = json!({"alg": "ES256", "kid": "ec256-1"});
+    assert!(
+        check(&mut c, get("/").bearer(&es256(&ok_header, &good)))
+            .await
+            .allowed()
+    );
+
+    let mut cases: Vec<(String, String, &str)> = Vec::new();
+    let mut add = |name: &str, token: String, reason: &'static str| {
+        cases.push((name.to_string(), token, reason))
+    };
+
+    // ES256 signature in DER (as some libraries emit) instead of the raw r||s form.
+    {
+        let t = es256(&ok_header, &good);
+        let (msg, sig) = t.rsplit_once('.').unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        let (r, s) = raw.split_at(32);
+        let int = |x: &[u8]| {
+            let mut v = x
+                .iter()
+                .skip_while(|b| **b == 0)
+                .copied()
+                .collect::<Vec<u8>>();
+            if v.first().is_some_and(|b| *b >= 0x80) {
+                v.insert(0, 0);
+            }
+            let mut out = vec![0x02, v.len() as u8];
+            out.extend(v);
+            out
+        };
+        let (ri, si) = (int(r), int(s));
+        let mut der = vec![0x30, (ri.len() + si.len()) as u8];
+        der.extend(ri);
+        der.extend(si);
+        add(
+            "ES256 DER signature",
+            format!("{msg}.{}", URL_SAFE_NO_PAD.encode(der)),
+            "bad_signature",
+        );
+    }
+    // kid games.
+    add(
+        "kid path traversal",
+        es256(
+            &json!({"alg": "ES256", "kid": "../../../../etc/passwd"}),
+            &good,
+        ),
+        "unknown_key",
+    );
+    add(
+        "kid huge",
+        es256(&json!({"alg": "ES256", "kid": "k".repeat(8000)}), &good),
+        "unknown_key",
+    );
+    add(
+        "kid not a string",
+        es256(&json!({"alg": "ES256", "kid": 7}), &good),
+        "malformed_token",
+    );
+    add(
+        "kid null byte",
+        es256(&json!({"alg": "ES256", "kid": "ec256-1\u{0}"}), &good),
+        "unknown_key",
+    );
+    // Keys named by the token.
+    add(
+        "x5c",
+        es256(
+            &json!({"alg": "ES256", "kid": "ec256-1", "x5c": ["MIIB"]}),
+            &good,
+        ),
+        "malformed_token",
+    );
+    add(
+        "jku",
+        es256(
+            &json!({"alg": "ES256", "kid": "ec256-1", "jku": "http://127.0.0.1:1/"}),
+            &good,
+        ),
+        "malformed_token",
+    );
+    add(
+        "crit",
+        es256(
+            &json!({"alg": "ES256", "kid": "ec256-1", "crit": ["b64"], "b64": false}),
+            &good,
+        ),
+        "malformed_token",
+    );
+    // Nested and encrypted.
+    let inner = es256(&ok_header, &good);
+    add(
+        "nested JWT as payload",
+        es256(
+            &json!({"alg": "ES256", "kid": "ec256-1", "cty": "JWT"}),
+            &Value::String(inner),
+        ),
+        "malformed_token",
+    );
+    add(
+        "JWE",
+        format!(
+            "{}.{}.{}.{}.{}",
+            b64(r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#),
+            "a",
+            "b",
+            "c",
+            "d"
+        ),
+        "malformed_token",
+    );
+    add(
+        "enc in a JWS header",
+        es256(
+            &json!({"alg": "ES256", "kid": "ec256-1", "enc": "A256GCM"}),
+            &good,
+        ),
+        "malformed_token",
+    );
+    // Duplicate keys: in the header refused; in the claims the last wins (RFC 7519 §4).
+    let dup_header = format!(r#"{{"alg":"ES256","kid":"ec256-1","alg":"none"}}"#);
+    {
+        let (key, _) = signing_key(Algorithm::ES256);
+        let msg = format!("{}.{}", b64(&dup_header), b64(&good.to_string()));
+        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key, Algorithm::ES256).unwrap();
+        add(
+            "duplicate alg in header",
+            format!("{msg}.{sig}"),
+            "malformed_token",
+        );
+    }
+    // exp of every wrong shape.
+    for (name, exp) in [
+        ("exp string", json!("9999999999")),
+        ("exp null", json!(null)),
+        ("exp array", json!([9999999999u64])),
+        ("exp negative", json!(-1)),
+        ("exp zero", json!(0)),
+        ("exp fractional past", json!(1.5)),
+    ] {
+        let mut cl = good.clone();
+        cl["exp"] = exp;
+        let reason = if name.contains("negative") || name.contains("zero") || name.contains("past")
+        {
+            "expired"
+        } else {
+            "malformed_token"
+        };
+        add(name, es256(&ok_header, &cl), reason);
+    }
+    {
+        let payload = good
+            .to_string()
+            .replace(&format!("\"exp\":{}", good["exp"]), "\"exp\":1e400");
+        let (key, _) = signing_key(Algorithm::ES256);
+        let msg = format!("{}.{}", b64(&ok_header.to_string()), b64(&payload));
+        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key, Algorithm::ES256).unwrap();
+        add("exp 1e400", format!("{msg}.{sig}"), "malformed_token");
+    }
+    // Look-alike issuers and audiences of the wrong type.
+    for (name, iss) in [
+        ("Cyrillic e", "https://idp.t\u{0435}st/"),
+        ("trailing space", "https://idp.test/ "),
+        ("upper case", "HTTPS://IDP.TEST/"),
+        ("no slash", "https://idp.test"),
+    ] {
+        let mut cl = good.clone();
+        cl["iss"] = json!(iss);
+        add(name, es256(&ok_header, &cl), "issuer_not_allowed");
+    }
+    for (name, aud) in [
+        ("aud number", json!(7)),
+        ("aud null", json!(null)),
+        ("aud numbers", json!([1, 2])),
+        ("aud object", json!({"orders-api": true})),
+        ("aud prefix", json!("orders-api-evil")),
+    ] {
+        let mut cl = good.clone();
+        cl["aud"] = aud;
+        add(name, es256(&ok_header, &cl), "audience_not_allowed");
+    }
+    // Encodings.
+    let t = es256(&ok_header, &good);
+    add("padding", format!("{t}=="), "malformed_token");
+    add(
+        "standard base64 chars",
+        t.replace('-', "+").replace('_', "/") + "+/",
+        "malformed_token",
+    );
+    add("trailing garbage", format!("{t}.x"), "malformed_token");
+    add("thousands of dots", ".".repeat(5000), "malformed_token");
+    add("a megabyte", "a".repeat(1 << 20), "malformed_token");
+    add("empty parts", "..".to_string(), "malformed_token");
+
+    for (name, token, reason) in &cases {
+        let a = check(&mut c, get("/").bearer(token)).await;
+        assert!(!a.allowed(), "{name} was allowed");
+        assert_eq!(a.reason(), *reason, "{name}");
+    }
+    // Still serving after all of it.
+    assert!(
+        check(&mut c, get("/").bearer(&es256(&ok_header, &good)))
+            .await
+            .allowed()
+    );
+    eprintln!(
+        "{} adversarial tokens denied with the expected reason",
+        cases.len()
+    );
+}

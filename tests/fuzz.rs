@@ -1,0 +1,142 @@
+//! Property-based fuzzing (proptest, stable Rust) of the parts that read untrusted
+//! input: tokens and their verification, config files, path normalisation and
+//! route matching. Bounded so CI stays fast; failures are persisted by proptest in
+//! tests/fuzz.proptest-regressions and replayed on every run.
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use proptest::prelude::*;
+use valet::decision::Decision;
+use valet::policy::Policy;
+
+const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    algorithms: [RS256, ES256, EdDSA, HS256]\n    tokens_from: [{ header: authorization, prefix: 'Bearer ' }, { cookie: at }, { query: at }]\nroutes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n  - name: tpl\n    match: { methods: [GET], path_template: '/o/{id}/items/{item}' }\n    require: { scopes: [a] }\n  - name: re\n    match: { hosts: ['*.example.com'], path_regex: '/v[0-9]+/.*' }\n    require: { any_scopes: [a, b] }\n  - name: all\n    match: { path_prefix: / }\n    require: { claims: { 'x.y': [1, true, 'z'] } }\n";
+
+fn policy() -> &'static Policy {
+    static P: OnceLock<Policy> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cfg = valet::config::parse(POLICY, &dir.join("valet.yaml")).unwrap();
+        let set = valet::jwks::KeySet::parse(jwks().to_string().as_bytes()).unwrap();
+        cfg.policy.providers[0].keys.publish(set, 1);
+        cfg.policy
+    })
+}
+
+fn decide(path: &str, host: &str, headers: &[(&str, &str)]) -> Decision {
+    let mut req = get(path).host(host);
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    valet::check::check(policy(), &req.build(), now() as u64)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 512,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Any bytes as a token: an answer, never a panic, never an allow.
+    #[test]
+    fn arbitrary_tokens_are_denied(token in "\\PC{0,300}") {
+        let d = decide("/anything", "a", &[("authorization", &format!("Bearer {token}"))]);
+        prop_assert!(!d.is_allow());
+    }
+
+    /// Structured tokens with arbitrary JSON-ish header and payload.
+    #[test]
+    fn arbitrary_jose_parts_are_denied(header in "\\PC{0,120}", payload in "\\PC{0,200}", sig in "[A-Za-z0-9_-]{0,100}") {
+        let t = format!("{}.{}.{sig}", URL_SAFE_NO_PAD.encode(&header), URL_SAFE_NO_PAD.encode(&payload));
+        let d = decide("/anything", "a", &[("authorization", &format!("Bearer {t}"))]);
+        prop_assert!(!d.is_allow());
+    }
+
+    /// A valid token with one byte changed anywhere never verifies.
+    #[test]
+    fn mutated_tokens_never_verify(pos in 0usize..10_000, byte in "[A-Za-z0-9_.-]") {
+        let good = token(jsonwebtoken::Algorithm::ES256, &claims("a"));
+        let pos = pos % good.len();
+        let b = byte.as_bytes()[0];
+        prop_assume!(good.as_bytes()[pos] != b);
+        let mut bytes = good.into_bytes();
+        bytes[pos] = b;
+        let t = String::from_utf8(bytes).unwrap();
+        let d = decide("/o/1/items/2", "a", &[("authorization", &format!("Bearer {t}"))]);
+        // Base64 slack: a change in the last character's unused bits may decode the same.
+        if d.is_allow() {
+            prop_assert_eq!(pos, t.len() - 1);
+        }
+    }
+
+    /// Any claims, validly signed: an answer, never a panic.
+    #[test]
+    fn arbitrary_claims_are_answered(claims_json in "\\PC{0,200}", exp in any::<i64>(), aud in any::<u8>()) {
+        let mut c = serde_json::from_str::<serde_json::Value>(&claims_json).unwrap_or(serde_json::json!({}));
+        if let Some(o) = c.as_object_mut() {
+            o.insert("iss".into(), "https://idp.test/".into());
+            o.insert("exp".into(), exp.into());
+            if aud % 2 == 0 { o.insert("aud".into(), "orders-api".into()); }
+        }
+        let t = token(jsonwebtoken::Algorithm::HS256, &c);
+        let _ = decide("/v2/x", "a.example.com", &[("authorization", &format!("Bearer {t}"))]);
+    }
+
+    /// Paths: never a panic; normalised output is absolute, has no dot segments or
+    /// empty segments, and normalising again changes nothing.
+    #[test]
+    fn normalisation_is_safe_and_idempotent(path in "(/|[a-z.%2eE/\\\\]|%[0-9a-fA-F]{2}|\\.\\.){0,40}") {
+        if let Ok(n) = valet::request::normalize(&path) {
+            prop_assert!(n.starts_with('/'));
+            prop_assert!(!n.contains("//"));
+            prop_assert!(!n.split('/').any(|s| s == "." || s == ".."));
+            prop_assert_eq!(valet::request::normalize(&n), Ok(n.clone()));
+        }
+    }
+
+    /// Route matching on arbitrary requests: no panic, and the decision's route is
+    /// the first route that matches.
+    #[test]
+    fn route_matching_is_total(path in "/\\PC{0,60}", host in "\\PC{0,30}", method in "[A-Z]{0,7}", cookie in "\\PC{0,60}") {
+        let d = valet::check::check(policy(), &get(&path).host(&host).method(&method).header("cookie", &cookie).build(), 0);
+        let _ = d.reason();
+    }
+
+    /// Arbitrary config text: an error with a position, or a policy; never a panic.
+    #[test]
+    fn arbitrary_configs_are_answered(text in "\\PC{0,400}") {
+        match valet::config::parse(&text, Path::new("/x/valet.yaml")) {
+            Ok(_) => {}
+            Err(valet::config::LoadError::Invalid(errors)) => {
+                prop_assert!(!errors.is_empty());
+                for e in errors {
+                    prop_assert!(e.position.line >= 1 && e.position.column >= 1);
+                }
+            }
+            Err(e) => prop_assert!(false, "unexpected {}", e),
+        }
+    }
+
+    /// Structured config mutations: real keys, odd values.
+    #[test]
+    fn mutated_configs_are_answered(idx in 0usize..2000, junk in "[\\[\\]{}:,'\"&*!|>-]|\\PC{1,5}") {
+        let mut text = POLICY.to_string();
+        let i = idx % text.len();
+        if text.is_char_boundary(i) {
+            text.insert_str(i, &junk);
+            let _ = valet::config::parse(&text, Path::new("/x/valet.yaml"));
+        }
+    }
+}

@@ -146,7 +146,7 @@ async fn the_rfc_8725_corpus() {
         "malformed_token",
     );
     // Duplicate keys: in the header refused; in the claims the last wins (RFC 7519 §4).
-    let dup_header = format!(r#"{{"alg":"ES256","kid":"ec256-1","alg":"none"}}"#);
+    let dup_header = r#"{"alg":"ES256","kid":"ec256-1","alg":"none"}"#;
     {
         let (key, _) = signing_key(Algorithm::ES256);
         let msg = format!("{}.{}", b64(&dup_header), b64(&good.to_string()));

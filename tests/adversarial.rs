@@ -149,7 +149,7 @@ async fn the_rfc_8725_corpus() {
     let dup_header = r#"{"alg":"ES256","kid":"ec256-1","alg":"none"}"#;
     {
         let (key, _) = signing_key(Algorithm::ES256);
-        let msg = format!("{}.{}", b64(&dup_header), b64(&good.to_string()));
+        let msg = format!("{}.{}", b64(dup_header), b64(&good.to_string()));
         let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key, Algorithm::ES256).unwrap();
         add(
             "duplicate alg in header",

@@ -782,3 +782,33 @@ async fn the_verified_token_cache_never_outlives_exp_nor_skips_the_route() {
         "expired"
     );
 }
+
+#[tokio::test]
+async fn envoy_can_name_the_route_and_valet_skips_matching() {
+    let (_v, mut c) = valet().await;
+    // Envoy matched the route already: the path is not matched again.
+    let a = check(
+        &mut c,
+        get("/whatever/envoy/matched")
+            .context("valet_route", "orders-read")
+            .bearer(&rs256("orders:read")),
+    )
+    .await;
+    assert!(a.allowed(), "{a:?}");
+    assert_eq!(meta_str(&a.metadata, "route"), "orders-read");
+    let a = check(&mut c, get("/whatever").context("valet_route", "health")).await;
+    assert_eq!(a.reason(), "anonymous");
+    // An unknown name (a stale Envoy config) falls back to matching.
+    let a = check(
+        &mut c,
+        get("/healthz").context("valet_route", "renamed-long-ago"),
+    )
+    .await;
+    assert_eq!(a.reason(), "anonymous");
+    assert_eq!(
+        check(&mut c, get("/nowhere").context("valet_route", "gone"))
+            .await
+            .reason(),
+        "no_route"
+    );
+}

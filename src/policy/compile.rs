@@ -160,6 +160,7 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         p.error("limits.max_token_bytes", "must be between 256 and 1048576");
     }
     let policy = Policy {
+        index: super::index::RouteIndex::build(&routes),
         max_token_bytes,
         cache,
         dry_run: file.dry_run,

@@ -2,6 +2,7 @@
 //! Immutable once built; a reload builds a new one and swaps it whole.
 
 mod compile;
+pub mod index;
 pub mod require;
 pub mod route;
 
@@ -38,6 +39,7 @@ pub struct Policy {
     pub cache: crate::check::cache::VerifiedCache,
     /// Longer tokens are refused unread (`malformed_token`).
     pub max_token_bytes: usize,
+    pub index: index::RouteIndex,
 }
 
 /// Process settings read once at start; a reload cannot change them.
@@ -52,9 +54,19 @@ pub struct Listen {
 }
 
 impl Policy {
-    /// The first route, in file order, that fits the request.
+    /// The first route, in file order, that fits the request. When Envoy names
+    /// the route (`context_extensions: { valet_route: NAME }`, only ever sent by
+    /// Envoy on the ext_authz port), it is taken as is: Envoy already matched it.
     pub fn route_for(&self, req: &Request) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(req))
+        if let Some(name) = req.context.get(index::ROUTE_CONTEXT_KEY)
+            && let Some(i) = self.index.by_name(name)
+        {
+            return Some(&self.routes[i]);
+        }
+        self.index
+            .candidates(&req.path)
+            .map(|i| &self.routes[i])
+            .find(|r| r.matches(req))
     }
 
     /// Names of required providers that have no keys yet; empty when ready.

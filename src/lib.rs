@@ -7,6 +7,7 @@ pub mod app;
 pub mod check;
 pub mod config;
 pub mod decision;
+pub mod envoy_config;
 pub mod explain;
 pub mod http_authz;
 pub mod jwks;

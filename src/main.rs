@@ -67,6 +67,26 @@ enum Command {
         #[arg(long)]
         claims: Option<String>,
     },
+    /// Print an Envoy bootstrap generated from the policy: routes mirrored in order,
+    /// ext_authz off on anonymous routes, the Valet route named per route.
+    EnvoyConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where Envoy listens for clients.
+        #[arg(long, default_value = "0.0.0.0:8000")]
+        listen: std::net::SocketAddr,
+        /// The application Envoy forwards to.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        upstream: std::net::SocketAddr,
+        /// Valet's Check port.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        valet: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+        /// ext_authz timeout.
+        #[arg(long, default_value = "250ms", value_parser = duration)]
+        timeout: std::time::Duration,
+    },
     /// Run policy test suites (YAML files of cases); exit 1 if any case fails.
     Test {
         /// The policy under test; default: each suite's `config:`.
@@ -103,6 +123,32 @@ fn main() -> ExitCode {
             &config, method, path, host, &headers, &context, token, claims,
         ),
         Command::Test { config, files } => run_tests(config.as_deref(), &files),
+        Command::EnvoyConfig {
+            config,
+            listen,
+            upstream,
+            valet,
+            admin,
+            timeout,
+        } => {
+            let loaded = match load_or_exit(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let options = valet::envoy_config::Options {
+                listen,
+                upstream,
+                valet,
+                admin,
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            let v = valet::envoy_config::bootstrap(&loaded.policy, &options);
+            print!(
+                "{}",
+                valet::envoy_config::to_yaml(&config.display().to_string(), &v)
+            );
+            ExitCode::SUCCESS
+        }
         Command::Serve {
             config,
             workers,

@@ -260,7 +260,13 @@ impl Reply {
 
 async fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nhost: api.example.com\r\nconnection: close\r\n");
+    // "POST /x" sends another method; a bare path is a GET.
+    let (method, path) = path
+        .split_once(' ')
+        .filter(|(m, _)| m.bytes().all(|b| b.is_ascii_uppercase()))
+        .unwrap_or(("GET", path));
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: api.example.com\r\nconnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -470,5 +476,167 @@ async fn envoy_asks_valet_before_the_upstream() {
     eprintln!(
         "envoy ready after {ready:?}; whole test {:?}",
         started.elapsed()
+    );
+}
+
+const GENERATED_POLICY: &str = r#"
+providers:
+  - name: corp
+    issuer: https://idp.test/
+    audiences: [orders-api]
+    jwks: { file: jwks.json }
+    claims_to_headers: { sub: x-user-id }
+routes:
+  - name: health
+    match: { path: /healthz }
+    anonymous: true
+  - name: docs
+    match: { path_prefix: /docs }
+    anonymous: true
+  - name: read
+    match: { methods: [GET], path_prefix: /orders }
+    require: { scopes: [orders:read] }
+  - name: write
+    match: { methods: [POST, PUT], path_template: "/orders/{id}" }
+    require: { scopes: [orders:write] }
+  - name: reports
+    match: { path_regex: "/v[0-9]+/reports" }
+    require: { any_scopes: [reports:read, admin] }
+  - name: tenant
+    match: { hosts: [api.example.com], path_prefix: /tenant }
+    require: { claims: { tenant: acme } }
+default: deny
+"#;
+
+/// `valet envoy-config` round trip: the generated bootstrap validates, and real
+/// Envoy in front of Valet decides every case as Valet alone does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_envoy_config_decides_as_valet_does() {
+    let envoy_bin = envoy_path();
+    let (up_addr, seen) = upstream().await;
+    let valet = Valet::start(GENERATED_POLICY);
+    let (listen_port, admin_port) = (free_port(), free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_valet"))
+        .args(["envoy-config", "--config"])
+        .arg(valet.dir.path().join("valet.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{listen_port}")])
+        .args(["--upstream", &up_addr.to_string()])
+        .args(["--valet", &valet.grpc.to_string()])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("generated.yaml");
+    std::fs::write(&config_path, &out.stdout).unwrap();
+    validate(&envoy_bin, &config_path);
+    let mut envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = envoy.child.try_wait().unwrap() {
+            panic!("envoy exited early ({status}):\n{}", envoy.log());
+        }
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            request(listen_port, "/healthz", &[]),
+        )
+        .await
+            && r.status == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "envoy did not start:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let through = Through {
+        port: listen_port,
+        seen,
+        next: Default::default(),
+    };
+    let mut grpc = valet.client().await;
+
+    let bearer = |scope: &str| format!("Bearer {}", rs256(scope));
+    let tenant = |t: &str| {
+        let mut c = claims("");
+        c["tenant"] = serde_json::json!(t);
+        format!("Bearer {}", token(jsonwebtoken::Algorithm::RS256, &c))
+    };
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("/healthz", vec![("x-user-id", "mallory".into())]),
+        ("/healthz/../orders/1", vec![]),
+        ("/docs/intro", vec![]),
+        ("/docsx", vec![]),
+        ("/orders/1", vec![("authorization", bearer("orders:read"))]),
+        ("/orders/1", vec![]),
+        ("/orders/1", vec![("authorization", "Bearer junk".into())]),
+        (
+            "POST /orders/1",
+            vec![("authorization", bearer("orders:read"))],
+        ),
+        (
+            "POST /orders/1",
+            vec![("authorization", bearer("orders:write"))],
+        ),
+        (
+            "PUT /orders/1/x",
+            vec![("authorization", bearer("orders:write"))],
+        ),
+        ("/v2/reports", vec![("authorization", bearer("admin"))]),
+        (
+            "/v2/reports",
+            vec![("authorization", bearer("orders:read"))],
+        ),
+        ("/tenant/a", vec![("authorization", tenant("acme"))]),
+        ("/tenant/a", vec![("authorization", tenant("globex"))]),
+        (
+            "//orders//1",
+            vec![("authorization", bearer("orders:read"))],
+        ),
+        ("/nowhere", vec![("authorization", bearer("admin"))]),
+    ];
+    for (target, headers) in &cases {
+        let (method, path) = target.split_once(' ').unwrap_or(("GET", target));
+        let mut req = get(path).method(method);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let alone = check(&mut grpc, req).await;
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (r, s) = through.get(target, &refs).await;
+        assert_eq!(
+            r.status as i32, alone.http_status,
+            "{target}: Envoy {r:?} vs Valet alone {alone:?}"
+        );
+        assert_eq!(s.is_some(), alone.allowed(), "{target}: upstream reached?");
+        if let Some(s) = s {
+            let id = s.all("x-user-id");
+            let want: Vec<&str> = alone
+                .headers
+                .get("x-user-id")
+                .map(|v| vec![v.as_str()])
+                .unwrap_or_default();
+            assert_eq!(id, want, "{target}: identity upstream");
+            assert!(
+                s.all("authorization").is_empty() || !alone.allowed(),
+                "{target}: token stripped"
+            );
+        }
+    }
+    // Anonymous routes never reached Valet: only the others were counted.
+    let anon = valet
+        .metric("valet_check_total{decision=\"allow\",reason=\"anonymous\",route=\"health\"}")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        anon, 1.0,
+        "only the direct gRPC Check of /healthz; Envoy skipped ext_authz"
     );
 }

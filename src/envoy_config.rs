@@ -8,6 +8,7 @@
 //! - `allowed_headers` is limited to what the policy reads (the token sources);
 //! - the connection manager normalises paths as Valet does, so a route Envoy skips
 //!   cannot be reached with `/healthz/../admin`.
+//!
 //! What cannot be derived from the policy (addresses, cluster names, timeout) are
 //! flags.
 

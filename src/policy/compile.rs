@@ -554,7 +554,9 @@ fn route_match(
                 p.error(&hat, "leave hosts out to match any host");
             } else if h.contains(':') && !h.starts_with('[') {
                 p.error(&hat, "hosts are matched without a port; remove it");
-            } else if h[1..].contains('*') || (h.starts_with('*') && !h.starts_with("*.")) {
+            } else if h.chars().skip(1).any(|c| c == '*')
+                || (h.starts_with('*') && !h.starts_with("*."))
+            {
                 p.error(&hat, "only a leading \"*.\" wildcard is supported");
             }
             match h.strip_prefix('*') {

@@ -9,7 +9,9 @@ VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
 export VALET_ENVOY VALET_IDP_SERVER
 
-# Alert rules and the dashboard, parsed offline.
+# Alert rules and the dashboard, parsed offline; the Kubernetes, Istio and Docker
+# recipes validated offline (schemas, envoy --mode validate, valet check-config).
 scripts/check-observability.sh
+scripts/check-deploy.sh
 
 cargo test --locked --all-targets

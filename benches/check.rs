@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the synchronous data path: one Check per algorithm and
 //! outcome, route matching, policy compilation, and protobuf decoding for scale.
 //!
-//!   cargo bench --bench check                  # everything, ~2 minutes
+//!   cargo bench --bench check                  # everything, ~1 minute once built
 //!   cargo bench --bench check -- check/        # one group
 //!
 //! Keys are published straight into the providers' key cells (no Supervisor, no
@@ -30,9 +30,12 @@ const ISSUER: &str = "https://idp.bench/";
 const AUDIENCE: &str = "orders-api";
 
 /// The policy the Check benches run against: one provider with one key per
-/// algorithm, a few routes, the matching one for /orders/7 second.
+/// algorithm, a few routes, the matching one for /orders/7 second. The
+/// verified-token cache is off so that every Check verifies its signature;
+/// `check/rs256_cached` turns it back on (`cache_on`).
 const POLICY: &str = r#"
 realm: bench
+cache: { max_entries: 0 }
 providers:
   - name: corp
     issuer: https://idp.bench/
@@ -197,9 +200,14 @@ fn check_request(method: &str, path: &str, token: Option<&str>) -> CheckRequest 
     }
 }
 
+/// The bench policy with the default verified-token cache.
+fn cache_on() -> String {
+    POLICY.replace("cache: { max_entries: 0 }\n", "")
+}
+
 /// The bench policy with every provider's keys published.
-fn warm_policy(signers: &[Signer]) -> Policy {
-    let config = valet::config::parse(POLICY, &config_path()).expect("bench policy compiles");
+fn warm_policy(source: &str, signers: &[Signer]) -> Policy {
+    let config = valet::config::parse(source, &config_path()).expect("bench policy compiles");
     let policy = config.policy;
     let set = jwks(signers);
     for p in &policy.providers {
@@ -222,7 +230,8 @@ fn expect(policy: &Policy, req: &CheckRequest, allow: bool, reason: Reason) {
 
 fn bench_check(c: &mut Criterion) {
     let signers = signers();
-    let policy = warm_policy(&signers);
+    let policy = warm_policy(POLICY, &signers);
+    let cached = warm_policy(&cache_on(), &signers);
     let now = now();
 
     let mut cases: Vec<(&str, CheckRequest, bool, Reason)> = vec![(
@@ -263,6 +272,12 @@ fn bench_check(c: &mut Criterion) {
             b.iter(|| valet::check::check(black_box(&policy), black_box(req), now))
         });
     }
+    // The same RS256 Check, its token already in the cache (the first Check fills it).
+    let rs256 = &cases[1].1;
+    expect(&cached, rs256, true, Reason::Verified);
+    g.bench_function("rs256_cached", |b| {
+        b.iter(|| valet::check::check(black_box(&cached), black_box(rs256), now))
+    });
     g.finish();
 }
 

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::decision::Decision;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+use crate::decision::{Decision, Reason};
 
 pub const CHECK_TOTAL: &str = "valet_check_total";
 pub const CHECK_DURATION: &str = "valet_check_duration_seconds";
@@ -133,7 +136,7 @@ pub fn check(decision: &Decision, elapsed: Duration) {
                 "allow"
             );
         }
-        Decision::Deny(d) => {
+        Decision::Deny(d) if deny_log_allowed() => {
             tracing::info!(
                 route.name = route,
                 deny.reason = reason,
@@ -143,17 +146,75 @@ pub fn check(decision: &Decision, elapsed: Duration) {
                 "deny"
             );
         }
+        Decision::Deny(_) => {}
     }
-    let decision_label = if decision.is_allow() { "allow" } else { "deny" };
-    if matches!(decision, Decision::Allow(a) if a.dry_run) {
-        // Allowed, so not part of the rejection rate; the reason says what would have been.
-        metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason, "route" => route.to_owned(), "dry_run" => "true")
-            .increment(1);
+    check_counter(decision, route).increment(1);
+    CHECK_HISTOGRAM.record(elapsed.as_secs_f64());
+}
+
+static CHECK_HISTOGRAM: LazyLock<metrics::Histogram> =
+    LazyLock::new(|| metrics::histogram!(CHECK_DURATION));
+
+/// Slots per route: every reason, allow or deny, dry-run or not.
+const SLOTS: usize = Reason::ALL.len() * 4;
+
+/// Counter handles by route name, registered on first use and kept: building the
+/// labelled key and looking it up in the registry on every Check cost more than
+/// the Check's policy logic. Bounded by the route names policies ever had.
+static CHECK_COUNTERS: LazyLock<Mutex<HashMap<String, Vec<Option<metrics::Counter>>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn check_counter(decision: &Decision, route: &str) -> metrics::Counter {
+    let reason = decision.reason();
+    let allow = decision.is_allow();
+    let dry_run = matches!(decision, Decision::Allow(a) if a.dry_run);
+    let slot = reason as usize * 4 + usize::from(allow) * 2 + usize::from(dry_run);
+    let mut map = CHECK_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    if !map.contains_key(route) {
+        map.insert(route.to_owned(), vec![None; SLOTS]);
+    }
+    let slots = map.get_mut(route).expect("inserted above");
+    slots[slot]
+        .get_or_insert_with(|| {
+            let decision_label = if allow { "allow" } else { "deny" };
+            let route = route.to_owned();
+            if dry_run {
+                // Allowed, so not part of the rejection rate; the reason says what would have been.
+                metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason.label(), "route" => route, "dry_run" => "true")
+            } else {
+                metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason.label(), "route" => route)
+            }
+        })
+        .clone()
+}
+
+/// Deny lines per second before the rest are only counted: the traffic Valet
+/// rejects (a scanner, a broken client) must not be the most expensive to serve.
+const DENY_LOGS_PER_SEC: u32 = 100;
+
+static DENY_LOG: Mutex<(u64, u32, u64)> = Mutex::new((0, 0, 0));
+
+fn deny_log_allowed() -> bool {
+    let now = crate::service::unix_now();
+    let mut state = DENY_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let (second, _, suppressed) = &mut *state;
+    if *second != now {
+        if *suppressed > 0 {
+            tracing::info!(
+                suppressed = *suppressed,
+                "deny log lines suppressed (over {DENY_LOGS_PER_SEC}/s); valet_check_total counts them all"
+            );
+        }
+        *state = (now, 0, 0);
+    }
+    let (_, count, suppressed) = &mut *state;
+    if *count < DENY_LOGS_PER_SEC {
+        *count += 1;
+        true
     } else {
-        metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason, "route" => route.to_owned())
-            .increment(1);
+        *suppressed += 1;
+        false
     }
-    metrics::histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
 }
 
 /// A `kid` comes from the (unverified) token: log it only if it looks like one.

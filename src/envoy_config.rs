@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use serde_json::{Value, json};
 
-use crate::policy::route::{HostMatch, PathMatch, TemplateSegment};
+use crate::policy::route::{HostMatch, PathMatch, template_text};
 use crate::policy::{Access, DefaultAction, Policy, index::ROUTE_CONTEXT_KEY};
 use crate::provider::TokenSource;
 
@@ -186,19 +186,12 @@ fn path_match(p: &PathMatch) -> Value {
         PathMatch::Prefix(p) => json!({ "path_separated_prefix": p }),
         PathMatch::Regex(r) => json!({ "safe_regex": { "regex": r.as_str() } }),
         PathMatch::Template(segs) => {
-            let t: Vec<String> = segs
-                .iter()
-                .map(|s| match s {
-                    TemplateSegment::Literal(l) => l.clone(),
-                    TemplateSegment::Variable(v) => format!("{{{v}}}"),
-                })
-                .collect();
             json!({
                 "path_match_policy": {
                     "name": "envoy.path.match.uri_template.uri_template_matcher",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
-                        "path_template": format!("/{}", t.join("/"))
+                        "path_template": template_text(segs)
                     }
                 }
             })

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::check::{self, Identity};
 use crate::decision::{Decision, DenyKind};
-use crate::policy::route::{HostMatch, PathMatch, TemplateSegment};
+use crate::policy::route::{HostMatch, PathMatch, template_text};
 use crate::policy::{Access, Mismatch, Policy, Route};
 use crate::request::Request;
 use crate::response;
@@ -228,16 +228,7 @@ fn path(p: &PathMatch) -> String {
         PathMatch::Exact(e) => format!("path {e}"),
         PathMatch::Prefix(p) => format!("path {p} and below"),
         PathMatch::Regex(r) => format!("path ~ {}", r.as_str()),
-        PathMatch::Template(segs) => {
-            let t: Vec<String> = segs
-                .iter()
-                .map(|s| match s {
-                    TemplateSegment::Literal(l) => l.clone(),
-                    TemplateSegment::Variable(v) => format!("{{{v}}}"),
-                })
-                .collect();
-            format!("path /{}", t.join("/"))
-        }
+        PathMatch::Template(segs) => format!("path {}", template_text(segs)),
     }
 }
 

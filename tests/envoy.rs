@@ -129,6 +129,32 @@ fn validate(envoy: &Path, config: &Path) {
     );
 }
 
+/// Starts Envoy and waits until its listener answers through to the upstream.
+async fn start_ready(envoy_bin: &Path, config: &Path, dir: &Path, listen_port: u16) -> Envoy {
+    let mut envoy = start_envoy(envoy_bin, config, dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = envoy.child.try_wait().unwrap() {
+            panic!("envoy exited early ({status}):\n{}", envoy.log());
+        }
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            request(listen_port, "/healthz", &[]),
+        )
+        .await
+            && r.status == 200
+        {
+            return envoy;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "envoy did not answer on {listen_port} within 30s:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
     let log = dir.join("envoy.log");
     let file = std::fs::File::create(&log).unwrap();
@@ -359,30 +385,7 @@ async fn envoy_asks_valet_before_the_upstream() {
     std::fs::write(&config_path, &config).unwrap();
 
     validate(&envoy_bin, &config_path);
-    let mut envoy = start_envoy(&envoy_bin, &config_path, dir.path());
-
-    // Ready when the listener answers through to the upstream.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = envoy.child.try_wait().unwrap() {
-            panic!("envoy exited early ({status}):\n{}", envoy.log());
-        }
-        if let Ok(Ok(r)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            request(listen_port, "/healthz", &[]),
-        )
-        .await
-            && r.status == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "envoy did not answer on {listen_port} within 30s:\n{}",
-            envoy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let envoy = start_ready(&envoy_bin, &config_path, dir.path(), listen_port).await;
     let ready = started.elapsed();
 
     let through = Through {
@@ -534,28 +537,7 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
     let config_path = dir.path().join("generated.yaml");
     std::fs::write(&config_path, &out.stdout).unwrap();
     validate(&envoy_bin, &config_path);
-    let mut envoy = start_envoy(&envoy_bin, &config_path, dir.path());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = envoy.child.try_wait().unwrap() {
-            panic!("envoy exited early ({status}):\n{}", envoy.log());
-        }
-        if let Ok(Ok(r)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            request(listen_port, "/healthz", &[]),
-        )
-        .await
-            && r.status == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "envoy did not start:\n{}",
-            envoy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _envoy = start_ready(&envoy_bin, &config_path, dir.path(), listen_port).await;
     let through = Through {
         port: listen_port,
         seen,

@@ -56,6 +56,26 @@ pub enum TemplateSegment {
     Variable(String),
 }
 
+/// The template as written: `/orders/{id}`.
+pub fn template_text(segments: &[TemplateSegment]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        out.push('/');
+        match s {
+            TemplateSegment::Literal(l) => out.push_str(l),
+            TemplateSegment::Variable(v) => {
+                out.push('{');
+                out.push_str(v);
+                out.push('}');
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 impl PathMatch {
     fn matches(&self, path: &str) -> bool {
         match self {

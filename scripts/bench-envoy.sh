@@ -562,10 +562,11 @@ load() {
     ok=$(sed -nE 's/^requests: .* ([0-9]+) succeeded.*/\1/p' "$out")
     [[ -n $rps && -n $ok ]] || die "cannot read h2load output: $(cat "$out")"
     ((ok > 0)) || die "$s: no request succeeded: $(grep -E '^(finished|requests|status codes):' "$out")"
-    # The log also holds warm-up requests: every logged 200 went through the
-    # filter, so the server-side counters must cover all of them. A request that
-    # failed (non-200, or no response) is counted, shown, and fails the run at the
-    # end if there are more than MAX_FAILED_PPM of them.
+    # The log holds the measured requests (not the warm-up's): every logged 200
+    # went through the filter, so the server-side counters, which also saw the
+    # warm-up, must cover all of them. A request that failed (non-200, or no
+    # response) is counted, shown, and fails the run at the end if there are more
+    # than MAX_FAILED_PPM of them.
     local good failed
     good=$(awk -F'\t' '$2 == 200' "$lg" | wc -l)
     failed=$(($(wc -l <"$lg") - good + $(sed -nE 's/^requests: .* ([0-9]+) errored, ([0-9]+) timeout.*/\1+\2/p' "$out")))

@@ -140,9 +140,21 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<&'static str>) -> Option<notify::Reco
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    // Only the policy file itself (written in place or renamed over) and Kubernetes'
+    // `..data` swap entries: other files in the directory (logs, editors' swap
+    // files) must not make Valet re-read its policy on every write.
+    let relevant = move |p: &Path| {
+        p.file_name()
+            .is_some_and(|f| f == name.as_os_str() || f.to_string_lossy().starts_with(".."))
+    };
     let handler = move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
             && !event.kind.is_access()
+            && event.paths.iter().any(|p| relevant(p))
         {
             let _ = tx.try_send("watch");
         }

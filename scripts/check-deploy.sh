@@ -37,43 +37,15 @@ TOOLS="$REPO/.tools"
 VENV="$TOOLS/deploy-venv"
 # Pinned: a new release must not change the verdict silently.
 REQUIREMENTS=(kubernetes-validate==1.37.0 PyYAML==6.0.4 dockerfile==3.4.0)
-STAMP="$VENV/.valet-deploy-requirements"
 # Oldest supported (the preStop `sleep` action is on by default from 1.30) and newest.
 K8S_VERSIONS="1.30.0 1.37.0"
 
 log() { echo "check-deploy: $*" >&2; }
 
 # ------------------------------------------------------------------ tools
-have_tools() {
-    [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "${REQUIREMENTS[*]}" ]
-}
-
-if ! have_tools; then
-    PY="${PYTHON:-}"
-    if [ -z "$PY" ]; then
-        for cand in python3 python; do
-            if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
-        done
-    fi
-    if [ -z "$PY" ]; then
-        log "no python3 found (needed to create $VENV)"
-        exit 1
-    fi
-    mkdir -p "$TOOLS"
-    rm -rf "$VENV"
-    PIP_ARGS=(install --quiet --disable-pip-version-check --no-input "${REQUIREMENTS[@]}")
-    log "creating venv $VENV; pip install ${REQUIREMENTS[*]}"
-    # The host's pip can install into a bare venv (pip >= 22.3: --python), which is
-    # much faster than seeding the venv with its own pip.
-    if ! { "$PY" -m venv --without-pip "$VENV" >&2 &&
-           "$PY" -m pip --python "$VENV/bin/python" "${PIP_ARGS[@]}" >&2; }; then
-        log "no usable host pip; seeding the venv with its own"
-        rm -rf "$VENV"
-        "$PY" -m venv "$VENV" >&2
-        "$VENV/bin/python" -m pip "${PIP_ARGS[@]}" >&2
-    fi
-    printf '%s' "${REQUIREMENTS[*]}" >"$STAMP"
-fi
+# shellcheck source=lib/venv.sh
+. "$REPO/scripts/lib/venv.sh"
+ensure_venv "$VENV" check-deploy "${REQUIREMENTS[@]}"
 
 # Envoy: installed (or found) by the test-deps script; its last stdout line is the path.
 ENVOY="${VALET_ENVOY:-}"

@@ -29,40 +29,12 @@ TOOLS="$REPO/.tools"
 VENV="$TOOLS/obs-venv"
 # Pinned: a new parser release must not change the verdict silently.
 REQUIREMENTS=(promql-parser==0.12.0 PyYAML==6.0.4)
-STAMP="$VENV/.valet-obs-requirements"
 
 log() { echo "check-observability: $*" >&2; }
 
-have_tools() {
-    [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "${REQUIREMENTS[*]}" ]
-}
-
-if ! have_tools; then
-    PY="${PYTHON:-}"
-    if [ -z "$PY" ]; then
-        for cand in python3 python; do
-            if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
-        done
-    fi
-    if [ -z "$PY" ]; then
-        log "no python3 found (needed to create $VENV)"
-        exit 1
-    fi
-    mkdir -p "$TOOLS"
-    rm -rf "$VENV"
-    PIP_ARGS=(install --quiet --disable-pip-version-check --no-input "${REQUIREMENTS[@]}")
-    log "creating venv $VENV; pip install ${REQUIREMENTS[*]}"
-    # Seeding a venv with its own pip (ensurepip) takes several seconds; the host's
-    # pip can install into a bare venv instead (pip >= 22.3: --python).
-    if ! { "$PY" -m venv --without-pip "$VENV" >&2 &&
-           "$PY" -m pip --python "$VENV/bin/python" "${PIP_ARGS[@]}" >&2; }; then
-        log "no usable host pip; seeding the venv with its own"
-        rm -rf "$VENV"
-        "$PY" -m venv "$VENV" >&2
-        "$VENV/bin/python" -m pip "${PIP_ARGS[@]}" >&2
-    fi
-    printf '%s' "${REQUIREMENTS[*]}" >"$STAMP"
-fi
+# shellcheck source=lib/venv.sh
+. "$REPO/scripts/lib/venv.sh"
+ensure_venv "$VENV" check-observability "${REQUIREMENTS[@]}"
 
 exec "$VENV/bin/python" - "$REPO" <<'PYTHON'
 import json

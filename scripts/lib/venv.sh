@@ -1,0 +1,36 @@
+# Sourced by the check scripts: a private Python venv holding pinned PyPI packages.
+#   ensure_venv VENV LOG_PREFIX REQUIREMENT...
+# Fast and offline when the venv already holds exactly these requirements (a stamp
+# file records them); otherwise recreates it.
+ensure_venv() {
+    local venv=$1 prefix=$2
+    shift 2
+    local stamp="$venv/.valet-requirements"
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$*" ]; then
+        return 0
+    fi
+    local py="${PYTHON:-}" cand
+    if [ -z "$py" ]; then
+        for cand in python3 python; do
+            if command -v "$cand" >/dev/null 2>&1; then py="$cand"; break; fi
+        done
+    fi
+    if [ -z "$py" ]; then
+        echo "$prefix: no python3 found (needed to create $venv)" >&2
+        return 1
+    fi
+    mkdir -p "$(dirname "$venv")"
+    rm -rf "$venv"
+    local pip_args=(install --quiet --disable-pip-version-check --no-input "$@")
+    echo "$prefix: creating venv $venv; pip install $*" >&2
+    # Seeding a venv with its own pip (ensurepip) takes several seconds; the host's
+    # pip can install into a bare venv instead (pip >= 22.3: --python).
+    if ! { "$py" -m venv --without-pip "$venv" >&2 &&
+           "$py" -m pip --python "$venv/bin/python" "${pip_args[@]}" >&2; }; then
+        echo "$prefix: no usable host pip; seeding the venv with its own" >&2
+        rm -rf "$venv"
+        "$py" -m venv "$venv" >&2
+        "$venv/bin/python" -m pip "${pip_args[@]}" >&2
+    fi
+    printf '%s' "$*" >"$stamp"
+}

@@ -277,9 +277,19 @@ pub const VERIFY_CACHE_TOTAL: &str = "valet_verify_cache_total";
 pub const VERIFY_CACHE_EVICTIONS: &str = "valet_verify_cache_evictions_total";
 pub const VERIFY_CACHE_ENTRIES: &str = "valet_verify_cache_entries";
 
+/// On every Check with a token: handles registered once, like the Check counters.
+static VERIFY_CACHE_HIT: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "hit"));
+static VERIFY_CACHE_MISS: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "miss"));
+
 pub fn verify_cache(hit: bool) {
-    metrics::counter!(VERIFY_CACHE_TOTAL, "result" => if hit { "hit" } else { "miss" })
-        .increment(1);
+    let counter = if hit {
+        &VERIFY_CACHE_HIT
+    } else {
+        &VERIFY_CACHE_MISS
+    };
+    counter.increment(1);
 }
 
 pub fn verify_cache_evicted() {

@@ -99,29 +99,19 @@ fn check_shape(raw: &str, max_bytes: usize) -> Result<&str, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-        HttpRequest, Request as AttrRequest,
-    };
-    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 
     fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
-        CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(AttrRequest {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        path: path.into(),
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .collect(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+        crate::explain::RequestSpec {
+            method: "GET".into(),
+            path: path.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
         }
+        .to_check()
     }
 
     fn found(c: &CheckRequest, sources: &[TokenSource]) -> Result<String, TokenError> {

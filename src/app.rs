@@ -45,6 +45,9 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
         default = ?policy.default,
         "policy loaded"
     );
+    if let Some(r) = &policy.revocation {
+        telemetry::revocation_loaded(&r.path, r.current().entries);
+    }
     let status = reload::initial_status(&config.path);
     telemetry::policy_loaded(status.generation, status.loaded_at);
     let state = Arc::new(State::new(policy, status).with_max_in_flight(shutdown.max_in_flight));
@@ -55,6 +58,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
         keys,
     );
     tokio::spawn(reloader.run());
+    tokio::spawn(crate::revocation::watch(state.clone()));
 
     if let Some(addr) = config.listen.admin {
         let listener = TcpListener::bind(addr).await?;

@@ -24,10 +24,11 @@ pub enum Reason {
     ClaimMismatch,
     KeysUnavailable,
     Overloaded,
+    Revoked,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -45,6 +46,7 @@ impl Reason {
         Reason::ClaimMismatch,
         Reason::KeysUnavailable,
         Reason::Overloaded,
+        Reason::Revoked,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,6 +68,7 @@ impl Reason {
             Reason::ClaimMismatch => "claim_mismatch",
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::Overloaded => "overloaded",
+            Reason::Revoked => "revoked",
         }
     }
 }
@@ -132,6 +135,9 @@ pub struct Deny {
     pub scope: Option<String>,
     pub provider: Option<String>,
     pub kid: Option<String>,
+    /// A fixed word for logs that narrows the reason (which denylist rule, which
+    /// DPoP check): never a value from the request.
+    pub detail: Option<&'static str>,
 }
 
 impl Decision {
@@ -164,6 +170,7 @@ impl Deny {
             scope: None,
             provider: None,
             kid: None,
+            detail: None,
         }
     }
 }

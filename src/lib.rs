@@ -14,6 +14,7 @@ pub mod jwks;
 pub mod policy;
 pub mod policy_test;
 pub mod provider;
+pub mod revocation;
 pub mod reload;
 pub mod request;
 pub mod response;

@@ -101,6 +101,17 @@ impl Reloader {
                     tracing::warn!("{w}");
                 }
                 self.keys.adopt(&mut cfg.policy);
+                cfg.policy.inherit(&self.state.policy());
+                if let Some(r) = &cfg.policy.revocation
+                    && self
+                        .state
+                        .policy()
+                        .revocation
+                        .as_ref()
+                        .is_none_or(|old| !Arc::ptr_eq(old, r))
+                {
+                    telemetry::revocation_loaded(&r.path, r.current().entries);
+                }
                 let summary = (cfg.policy.routes.len(), cfg.policy.providers.len());
                 self.state.store_policy(cfg.policy);
                 status.generation += 1;

@@ -21,6 +21,9 @@ pub const JWKS_KEYSET_CHANGES: &str = "valet_jwks_keyset_changes_total";
 pub const POLICY_RELOAD_TOTAL: &str = "valet_policy_reload_total";
 pub const POLICY_LAST_SUCCESS: &str = "valet_policy_last_reload_success_timestamp_seconds";
 pub const POLICY_GENERATION: &str = "valet_policy_generation";
+pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
+pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
+pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
 
 /// From 10 µs (a cached Check) to 1 s (far past Envoy's budget).
 const CHECK_BUCKETS: &[f64] = &[
@@ -42,6 +45,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     // Counters exist from zero, so that the first failure is an increase alerts can see.
     for result in ["success", "error"] {
         metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
+        metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => result).increment(0);
     }
     Ok(handle)
 }
@@ -103,6 +107,18 @@ fn describe() {
         "Verified tokens evicted from the cache for room (not expiry)"
     );
     metrics::describe_gauge!(VERIFY_CACHE_ENTRIES, "Verified tokens in the cache");
+    metrics::describe_gauge!(
+        REVOCATION_ENTRIES,
+        "Entries of the revocation denylist in force"
+    );
+    metrics::describe_counter!(
+        REVOCATION_RELOAD_TOTAL,
+        "Revocation denylist reads after a change, by result (success/error)"
+    );
+    metrics::describe_gauge!(
+        REVOCATION_LAST_SUCCESSFUL,
+        "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file"
+    );
     metrics::describe_counter!(
         CHECK_TOTAL,
         "Checks answered, by decision (allow/deny), reason and configured route name"
@@ -143,6 +159,7 @@ pub fn check(decision: &Decision, elapsed: Duration) {
                 http.status = d.kind.http_status(),
                 provider = d.provider.as_deref().unwrap_or(""),
                 kid = d.kid.as_deref().map(loggable_kid).unwrap_or(""),
+                detail = d.detail.unwrap_or(""),
                 "deny"
             );
         }
@@ -323,4 +340,20 @@ pub fn policy_reloaded(
 pub fn policy_reload_failed() {
     metrics::counter!(POLICY_RELOAD_TOTAL, "result" => "error").increment(1);
     metrics::gauge!(POLICY_LAST_SUCCESSFUL).set(0.0);
+}
+
+/// The denylist at start (from the policy load) or after a change of its file.
+pub fn revocation_loaded(path: &std::path::Path, entries: usize) {
+    tracing::info!(file = %path.display(), entries, "revocation denylist loaded");
+    metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "success").increment(1);
+    metrics::gauge!(REVOCATION_ENTRIES).set(entries as f64);
+    metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(1.0);
+}
+
+pub fn revocation_failed(path: &std::path::Path, error: &dyn std::fmt::Display) {
+    for line in error.to_string().lines() {
+        tracing::error!(file = %path.display(), "revocation denylist not reloaded, keeping the list in force: {line}");
+    }
+    metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "error").increment(1);
+    metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(0.0);
 }

@@ -97,6 +97,21 @@ fn decide_route(
             Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
         };
 
+    // After verification, so a forged token cannot probe the list; before the
+    // route's requirements, so a revoked token is 401 whatever the route wants.
+    if let Some(revocation) = &policy.revocation
+        && let Some(rule) = revocation.current().revoked(&verified.claims)
+    {
+        let mut d = Deny::new(
+            Reason::Revoked,
+            DenyKind::InvalidToken,
+            "the token has been revoked",
+        );
+        d.provider = Some(policy.providers[verified.provider].name.clone());
+        d.kid = verified.kid;
+        d.detail = Some(rule.label());
+        return Err(d);
+    }
     if let Err(e) = requirement.check(&verified.claims) {
         let (reason, kind, description, scope) = match e {
             RequireError::InsufficientScope { required } => (

@@ -21,6 +21,13 @@ pub struct FileConfig {
     pub dry_run: bool,
     pub cache: Option<CacheFile>,
     pub limits: Option<LimitsFile>,
+    pub revocation: Option<RevocationFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationFile {
+    pub file: String,
 }
 
 #[derive(Debug, Deserialize)]

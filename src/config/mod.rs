@@ -119,7 +119,7 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
     })
 }
 
-fn serde_error(e: &serde_yaml::Error, path: &Path) -> ConfigError {
+pub fn serde_error(e: &serde_yaml::Error, path: &Path) -> ConfigError {
     let position = e
         .location()
         .map_or(Position { line: 1, column: 1 }, |l| Position {
@@ -149,7 +149,16 @@ pub struct Problems<'a> {
     pub warnings: Vec<ConfigError>,
 }
 
-impl Problems<'_> {
+impl<'a> Problems<'a> {
+    pub fn new(file: &'a Path, positions: &'a Positions) -> Self {
+        Problems {
+            file,
+            positions,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     fn make(&self, field: String, message: String) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),

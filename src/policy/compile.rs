@@ -159,7 +159,21 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
     if !(256..=1024 * 1024).contains(&max_token_bytes) {
         p.error("limits.max_token_bytes", "must be between 256 and 1048576");
     }
+    let revocation = file.revocation.and_then(|r| {
+        match crate::revocation::Revocation::load(base.join(&r.file)) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(crate::config::LoadError::Invalid(errors)) => {
+                p.errors.extend(errors);
+                None
+            }
+            Err(e) => {
+                p.error("revocation.file", e.to_string());
+                None
+            }
+        }
+    });
     let policy = Policy {
+        revocation,
         index: super::index::RouteIndex::build(&routes),
         max_token_bytes,
         cache,

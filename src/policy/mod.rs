@@ -40,6 +40,8 @@ pub struct Policy {
     /// Longer tokens are refused unread (`malformed_token`).
     pub max_token_bytes: usize,
     pub index: index::RouteIndex,
+    /// The emergency denylist, checked after verification.
+    pub revocation: Option<Arc<crate::revocation::Revocation>>,
 }
 
 /// Process settings read once at start; a reload cannot change them.
@@ -77,6 +79,16 @@ impl Policy {
             .filter(|p| p.keys.load().is_none_or(|k| k.is_empty()))
             .map(|p| p.name.as_str())
             .collect()
+    }
+
+    /// Takes over what must outlive a reload: the denylist of the same file keeps
+    /// its watch state (and its last good list if the file is broken now).
+    pub fn inherit(&mut self, old: &Policy) {
+        if let (Some(new), Some(old)) = (&self.revocation, &old.revocation)
+            && new.path == old.path
+        {
+            self.revocation = Some(old.clone());
+        }
     }
 
     pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {

@@ -13,7 +13,7 @@
 // `<issuer>/.well-known/openid-configuration`.
 //
 // What it serves:
-//   * one confidential client: client_id `valet-test`, secret `valet-test-secret`,
+//   * the JWT client: client_id `valet-test`, secret `valet-test-secret`,
 //     grant_types [client_credentials], registered with token_endpoint_auth_method
 //     client_secret_basic (HTTP Basic). oidc-provider 8.x also accepts
 //     client_secret_post (client_id/client_secret form fields) for such a client.
@@ -24,7 +24,40 @@
 //       https://other.example/    scopes: orders:read orders:write other:read
 //     (other.example deliberately accepts the orders:* scopes, so a token that differs
 //     from a valid orders token only in `aud` can be minted.) Unknown resource =>
-//     400 invalid_target. No resource => an opaque (non-JWT) token; always pass one.
+//     400 invalid_target. No resource => an opaque (non-JWT) aud-less token.
+//   * opaque access tokens (for RFC 7662 introspection): a second client, `valet-opaque`
+//     / `valet-opaque-secret` (client_credentials, client_secret_basic), gets OPAQUE
+//     tokens for every resource above (same `aud`, same scope rules), so an opaque
+//     token and a JWT can differ only in format. The IdP stores opaque tokens; they
+//     are not JWTs (43 random base64url chars).
+//   * introspection (RFC 7662) at <issuer>/token/introspection, form `token=...`,
+//     authenticated as the resource server's client `valet-introspector` /
+//     `valet-introspector-secret` (client_secret_basic; client_secret_post works too).
+//     A live opaque token => {active: true, scope, aud, iss, exp, iat, client_id, sub,
+//     token_type ("Bearer" | "DPoP"), cnf ({jkt} / {"x5t#S256"} when bound)}. `sub` is
+//     the client_id (added via extraTokenClaims, matching the `sub` oidc-provider puts
+//     in its client_credentials JWTs). Expired / revoked / unknown tokens and JWT
+//     access tokens (not stored) => {active: false}. Only the introspector and the
+//     token's own client may introspect (allowedPolicy); others get {active: false}.
+//   * revocation (RFC 7009) at <issuer>/token/revocation, form `token=...`,
+//     authenticated as the client the token was issued to (oidc-provider refuses
+//     revocation by any other client: 400 invalid_request "this token does not
+//     belong to you"). Answers 200 with an empty body, also for unknown tokens.
+//   * DPoP (RFC 9449): a token request carrying a `DPoP: <proof>` header (typ
+//     dpop+jwt, ES256 or EdDSA, htm POST, htu <issuer>/token, iat within 300 s, unique
+//     jti) gets a sender-constrained token: token_type "DPoP", and `cnf.jkt` (the RFC
+//     7638 thumbprint of the proof's jwk) in the JWT payload, or in the introspection
+//     response for `valet-opaque` tokens. No nonces. Without the header: Bearer tokens
+//     as before. A bad proof (signature, htu, htm, stale iat) => 400
+//     invalid_dpop_proof; a replayed one (same jti) => 400 invalid_grant.
+//   * mTLS-bound tokens (RFC 8705) without a TLS listener: a third client,
+//     `valet-mtls` / `valet-mtls-secret` (client_secret_basic, JWT tokens, registered
+//     with tls_client_certificate_bound_access_tokens), must send its "client
+//     certificate" in the `x-client-cert` request header as a (URL-encoded or plain)
+//     PEM, like a TLS-terminating proxy would; its tokens carry
+//     `cnf["x5t#S256"]` = base64url(SHA-256(certificate DER)). No header => 400
+//     invalid_grant. (Client authentication stays client_secret_basic: the header is
+//     only a binding source, not a credential.)
 //   * key rotation via admin endpoints on the same port (loopback only):
 //       POST /__rotate  generate key k<N+1>, put it FIRST in the key set (new tokens
 //                       are signed with it) and keep all older keys published.
@@ -38,8 +71,9 @@
 // and the one node:http server (same port, same issuer) simply switches which
 // provider's `callback()` it dispatches to. The provider signs with the first RSA
 // key matching RS256 in its key set, hence the newest key is kept first. The
-// in-memory store is shared by all instances (see SharedMemoryAdapter), though
-// nothing in it matters for client_credentials + JWT access tokens.
+// in-memory store is shared by all instances (see SharedMemoryAdapter), so opaque
+// tokens (and DPoP proof jtis seen) survive a rotation; JWT access tokens are not
+// stored at all.
 //
 // Env knobs: IDP_PORT (see above), IDP_ACCESS_TOKEN_TTL (seconds, default 300).
 // SIGTERM / SIGINT close the server and exit 0.
@@ -63,6 +97,15 @@ class SharedMemoryAdapter extends MemoryAdapter {}
 const HOST = '127.0.0.1';
 const CLIENT_ID = 'valet-test';
 const CLIENT_SECRET = 'valet-test-secret';
+const OPAQUE_CLIENT_ID = 'valet-opaque';
+const OPAQUE_CLIENT_SECRET = 'valet-opaque-secret';
+const MTLS_CLIENT_ID = 'valet-mtls';
+const MTLS_CLIENT_SECRET = 'valet-mtls-secret';
+const INTROSPECTOR_ID = 'valet-introspector';
+const INTROSPECTOR_SECRET = 'valet-introspector-secret';
+/** Request header carrying the "TLS client certificate" (PEM, URL-encoded or not). */
+const CLIENT_CERT_HEADER = 'x-client-cert';
+const ALL_SCOPES = 'orders:read orders:write other:read';
 const ACCESS_TOKEN_TTL = Number.parseInt(process.env.IDP_ACCESS_TOKEN_TTL ?? '300', 10);
 if (!Number.isSafeInteger(ACCESS_TOKEN_TTL) || ACCESS_TOKEN_TTL <= 0) {
   throw new Error(`IDP_ACCESS_TOKEN_TTL must be a positive integer, got ${process.env.IDP_ACCESS_TOKEN_TTL}`);
@@ -98,38 +141,97 @@ function newKey() {
 
 // ---- provider -----------------------------------------------------------------
 
+function clientCertificate(ctx) {
+  const raw = ctx.get(CLIENT_CERT_HEADER);
+  if (!raw) return undefined;
+  let pem = raw;
+  try {
+    pem = decodeURIComponent(raw);
+  } catch {
+    // not URL-encoded: use as is
+  }
+  return pem;
+}
+
 function buildProvider(issuer, jwks) {
+  const confidential = (client_id, client_secret, extra = {}) => ({
+    client_id,
+    client_secret,
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+    scope: ALL_SCOPES,
+    ...extra,
+  });
   const provider = new Provider(issuer, {
     clients: [
-      {
-        client_id: CLIENT_ID,
-        client_secret: CLIENT_SECRET,
-        grant_types: ['client_credentials'],
-        response_types: [],
-        redirect_uris: [],
-        token_endpoint_auth_method: 'client_secret_basic',
-        scope: 'orders:read orders:write other:read',
-      },
+      confidential(CLIENT_ID, CLIENT_SECRET),
+      confidential(OPAQUE_CLIENT_ID, OPAQUE_CLIENT_SECRET),
+      confidential(MTLS_CLIENT_ID, MTLS_CLIENT_SECRET, {
+        tls_client_certificate_bound_access_tokens: true,
+      }),
+      // The resource server's credentials for the introspection endpoint only: no
+      // grant types, so it cannot get tokens itself (400 invalid_request).
+      confidential(INTROSPECTOR_ID, INTROSPECTOR_SECRET, { grant_types: [], scope: undefined }),
     ],
     jwks: { keys: jwks },
     adapter: SharedMemoryAdapter,
     // Fixed, non-secret test value; silences the "cookies.keys" notice.
     cookies: { keys: ['valet-test-idp-cookie-key'] },
     scopes: ['openid', 'orders:read', 'orders:write', 'other:read'],
+    // Opaque tokens carry no `sub` of their own for client_credentials (there is no
+    // account); give them the client_id, as oidc-provider's JWT access tokens do, so
+    // introspection and JWT validation yield the same claims. JWTs are unchanged
+    // (their payload sets `sub` to the client_id after spreading these extras).
+    extraTokenClaims: async (_ctx, token) => (
+      token.resourceServer?.accessTokenFormat === 'jwt' ? undefined : { sub: token.clientId }
+    ),
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
+      introspection: {
+        enabled: true,
+        // The library default lets any confidential client introspect any token.
+        // Be explicit: the resource server's client, or the token's own client.
+        allowedPolicy: async (_ctx, client, token) => (
+          client.clientId === INTROSPECTOR_ID || client.clientId === token.clientId
+        ),
+      },
+      revocation: { enabled: true },
+      dPoP: {
+        enabled: true,
+        // No nonceSecret: no server nonces, so a fresh proof (iat within 300 s) with
+        // a unique jti is enough (replay detection stays on: allowReplay false).
+        requireNonce: () => false,
+        allowReplay: false,
+      },
+      mTLS: {
+        enabled: true,
+        certificateBoundAccessTokens: true,
+        // No TLS listener: the certificate comes from a header, as behind a
+        // TLS-terminating proxy. Only used for binding (tls_client_auth is off).
+        getCertificate: clientCertificate,
+      },
       resourceIndicators: {
         enabled: true,
         // No default resource: a token request without `resource` gets an opaque
-        // token (aud-less, useless to Valet). Tests must send `resource=`.
+        // aud-less token.
         defaultResource: async () => undefined,
         // Only consulted for code/refresh/device grants (not used here); keep the
         // library default of requiring an explicit `resource` at the token endpoint.
         useGrantedResource: async () => false,
-        getResourceServerInfo: async (_ctx, resourceIndicator) => {
+        getResourceServerInfo: async (_ctx, resourceIndicator, client) => {
           const rs = RESOURCE_SERVERS[resourceIndicator];
           if (!rs) throw new errors.InvalidTarget();
+          if (client?.clientId === OPAQUE_CLIENT_ID) {
+            return {
+              scope: rs.scope,
+              audience: resourceIndicator,
+              accessTokenTTL: ACCESS_TOKEN_TTL,
+              accessTokenFormat: 'opaque',
+            };
+          }
           return {
             scope: rs.scope,
             audience: resourceIndicator,

@@ -25,10 +25,13 @@ pub enum Reason {
     KeysUnavailable,
     Overloaded,
     Revoked,
+    BindingMismatch,
+    UnboundToken,
+    InvalidDpopProof,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -47,6 +50,9 @@ impl Reason {
         Reason::KeysUnavailable,
         Reason::Overloaded,
         Reason::Revoked,
+        Reason::BindingMismatch,
+        Reason::UnboundToken,
+        Reason::InvalidDpopProof,
     ];
 
     pub fn label(self) -> &'static str {
@@ -69,6 +75,9 @@ impl Reason {
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::Overloaded => "overloaded",
             Reason::Revoked => "revoked",
+            Reason::BindingMismatch => "binding_mismatch",
+            Reason::UnboundToken => "unbound_token",
+            Reason::InvalidDpopProof => "invalid_dpop_proof",
         }
     }
 }
@@ -80,6 +89,8 @@ pub enum DenyKind {
     NoToken,
     /// 401, `error="invalid_token"`.
     InvalidToken,
+    /// 401, `DPoP error="invalid_dpop_proof"` (RFC 9449 §7.1).
+    InvalidDpopProof,
     /// 403, `error="insufficient_scope"` with the required scopes.
     InsufficientScope,
     /// 403 without a challenge: the token is fine, the route says no.
@@ -93,7 +104,7 @@ pub enum DenyKind {
 impl DenyKind {
     pub fn http_status(self) -> u16 {
         match self {
-            DenyKind::NoToken | DenyKind::InvalidToken => 401,
+            DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof => 401,
             DenyKind::InsufficientScope | DenyKind::Forbidden => 403,
             DenyKind::BadRequest => 400,
             DenyKind::Unavailable => 503,
@@ -138,6 +149,9 @@ pub struct Deny {
     /// A fixed word for logs that narrows the reason (which denylist rule, which
     /// DPoP check): never a value from the request.
     pub detail: Option<&'static str>,
+    /// When set, challenges use the DPoP scheme with these `algs` (the token came
+    /// with DPoP, or the route needs DPoP-bound tokens).
+    pub dpop_algs: Option<String>,
 }
 
 impl Decision {
@@ -171,6 +185,7 @@ impl Deny {
             provider: None,
             kid: None,
             detail: None,
+            dpop_algs: None,
         }
     }
 }

@@ -76,7 +76,7 @@ fn allow(a: Allow) -> CheckResponse {
 fn deny(d: Deny, realm: &str) -> CheckResponse {
     let status = d.kind.http_status();
     let code = match d.kind {
-        DenyKind::NoToken | DenyKind::InvalidToken => UNAUTHENTICATED,
+        DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof => UNAUTHENTICATED,
         DenyKind::InsufficientScope | DenyKind::Forbidden => PERMISSION_DENIED,
         DenyKind::BadRequest => INVALID_ARGUMENT,
         DenyKind::Unavailable => UNAVAILABLE,
@@ -121,9 +121,17 @@ fn deny(d: Deny, realm: &str) -> CheckResponse {
 /// RFC 6750 §3: no `error` when there was no token; `invalid_token` when it is bad;
 /// `insufficient_scope` with the scopes the route needs.
 pub fn challenge(d: &Deny, realm: &str) -> Option<String> {
-    let base = format!("Bearer realm=\"{realm}\"");
+    let base = match &d.dpop_algs {
+        // RFC 9449 §7.1: the DPoP scheme, with the algorithms proofs may use.
+        Some(algs) => format!("DPoP realm=\"{realm}\", algs=\"{algs}\""),
+        None => format!("Bearer realm=\"{realm}\""),
+    };
     match d.kind {
         DenyKind::NoToken => Some(base),
+        DenyKind::InvalidDpopProof => Some(format!(
+            "{base}, error=\"invalid_dpop_proof\", error_description=\"{}\"",
+            quoted(&d.description)
+        )),
         DenyKind::InvalidToken => Some(format!(
             "{base}, error=\"invalid_token\", error_description=\"{}\"",
             quoted(&d.description)
@@ -225,6 +233,7 @@ mod tests {
         for kind in [
             DenyKind::NoToken,
             DenyKind::InvalidToken,
+            DenyKind::InvalidDpopProof,
             DenyKind::InsufficientScope,
             DenyKind::Forbidden,
             DenyKind::BadRequest,

@@ -1,6 +1,7 @@
 //! The data path of one Check, top to bottom: request view, route, token,
 //! verification, requirement, decision. No protobuf out, no metrics, no I/O.
 
+pub mod binding;
 pub mod cache;
 pub mod token;
 pub mod verify;
@@ -13,6 +14,7 @@ use crate::policy::require::audience_contains;
 use crate::policy::{Access, DefaultAction, Policy, RequireError, Route};
 use crate::provider::TokenSource;
 use crate::request::Request;
+use binding::{Binding, BindingError, Scheme};
 use token::{Token, TokenError};
 use verify::{Verified, VerifyError};
 
@@ -50,6 +52,9 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
             Ok(allow) => Decision::Allow(allow),
             Err(mut deny) => {
                 deny.route = Some(route.name.clone());
+                if wants_dpop_challenge(&req, route, &deny) {
+                    deny.dpop_algs = Some(policy.dpop.algs());
+                }
                 Decision::Deny(deny)
             }
         },
@@ -68,6 +73,11 @@ fn decide_route(
     let requirement = match &route.access {
         Access::Anonymous => return Ok(anonymous(policy, route)),
         Access::Require(r) => r,
+    };
+    // Bindings are checked for tokens (claims taken as given have no proof to check).
+    let token_now = match &identity {
+        Identity::Token { now } => Some(*now),
+        Identity::Claims(_) => None,
     };
     let (token, verified) =
         match identity {
@@ -112,6 +122,27 @@ fn decide_route(
         d.detail = Some(rule.label());
         return Err(d);
     }
+    if let Some(token) = &token
+        && let Some(now) = token_now
+        && let Err(e) = binding::check(
+            req,
+            token.value,
+            token.scheme,
+            &verified.claims,
+            requirement.binding,
+            &policy.dpop,
+            now,
+        )
+    {
+        let kind = match e {
+            BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
+            _ => DenyKind::InvalidToken,
+        };
+        let mut d = Deny::new(e.reason(), kind, e.description());
+        d.provider = Some(policy.providers[verified.provider].name.clone());
+        d.kid = verified.kid;
+        return Err(d);
+    }
     if let Err(e) = requirement.check(&verified.claims) {
         let (reason, kind, description, scope) = match e {
             RequireError::InsufficientScope { required } => (
@@ -140,6 +171,23 @@ fn decide_route(
         return Err(d);
     }
     Ok(allow(policy, route, req, token, verified))
+}
+
+/// A 401 answers with the DPoP scheme when the client used it, or when the
+/// route only takes DPoP-bound tokens (RFC 9449 §7.1).
+fn wants_dpop_challenge(req: &Request, route: &Route, deny: &Deny) -> bool {
+    let unauthenticated = matches!(
+        deny.kind,
+        DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof
+    );
+    let used_dpop = req.header("authorization").is_some_and(|a| {
+        a.as_bytes()
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"dpop "))
+    });
+    let route_wants =
+        matches!(&route.access, Access::Require(r) if r.binding == Some(Binding::Dpop));
+    unauthenticated && (used_dpop || route_wants || deny.kind == DenyKind::InvalidDpopProof)
 }
 
 /// Claims taken as verified: the provider is the allowed one whose issuer is `iss`
@@ -263,6 +311,9 @@ fn allow(
         .collect();
     let mut remove_query = Vec::new();
     if let Some(token) = token.filter(|_| !provider.forward_token) {
+        if token.scheme == Scheme::Dpop {
+            remove_headers.push("dpop".into());
+        }
         match token.source {
             TokenSource::Header { name, .. } => remove_headers.push(name.clone()),
             TokenSource::Query(name) => remove_query.push(name.clone()),

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::binding::Scheme;
 use crate::provider::TokenSource;
 use crate::request::Request;
 
@@ -13,6 +14,8 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub struct Token<'a> {
     pub value: &'a str,
     pub source: &'a TokenSource,
+    /// `DPoP` when it came as `Authorization: DPoP …` (a proof must go with it).
+    pub scheme: Scheme,
 }
 
 impl fmt::Debug for Token<'_> {
@@ -20,6 +23,7 @@ impl fmt::Debug for Token<'_> {
         f.debug_struct("Token")
             .field("value", &"<redacted>")
             .field("source", self.source)
+            .field("scheme", &self.scheme)
             .finish()
     }
 }
@@ -39,10 +43,18 @@ pub fn extract<'a>(
     max_bytes: usize,
 ) -> Result<Token<'a>, TokenError> {
     for source in sources {
+        let mut scheme = Scheme::Bearer;
         let raw = match source {
             TokenSource::Header { name, prefix } => match req.header(name) {
                 Some(value) => match strip_prefix(value, prefix) {
                     Some(rest) => rest.trim(),
+                    // Where a bearer token may come, so may a DPoP-bound one (RFC 9449 §7.1).
+                    None if prefix.eq_ignore_ascii_case("bearer ")
+                        && strip_prefix(value, "DPoP ").is_some() =>
+                    {
+                        scheme = Scheme::Dpop;
+                        strip_prefix(value, "DPoP ").unwrap_or("").trim()
+                    }
                     // "Bearer" alone: the scheme is ours but the token is missing.
                     None if value.trim().eq_ignore_ascii_case(prefix.trim())
                         && !prefix.trim().is_empty() =>
@@ -63,7 +75,11 @@ pub fn extract<'a>(
                 None => continue,
             },
         };
-        return check_shape(raw, max_bytes).map(|value| Token { value, source });
+        return check_shape(raw, max_bytes).map(|value| Token {
+            value,
+            source,
+            scheme,
+        });
     }
     Err(TokenError::Missing)
 }
@@ -195,6 +211,7 @@ mod tests {
         let t = Token {
             value: "secret.token.value",
             source: &source,
+            scheme: Scheme::Bearer,
         };
         assert!(!format!("{t:?}").contains("secret"));
     }

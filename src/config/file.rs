@@ -22,6 +22,16 @@ pub struct FileConfig {
     pub cache: Option<CacheFile>,
     pub limits: Option<LimitsFile>,
     pub revocation: Option<RevocationFile>,
+    pub dpop: Option<DpopFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpopFile {
+    pub max_age: Option<String>,
+    pub clock_skew: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub replay_cache_entries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,4 +142,6 @@ pub struct RequireFile {
     pub audiences: Vec<String>,
     #[serde(default)]
     pub claims: BTreeMap<String, serde_yaml::Value>,
+    /// `mtls`, `dpop` or `any`: the token must be sender-constrained.
+    pub binding: Option<String>,
 }

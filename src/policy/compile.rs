@@ -13,6 +13,7 @@ use serde_yaml::Value as Yaml;
 use super::require::{ClaimRequirement, Requirement};
 use super::route::{Access, HostMatch, PathMatch, Route, TemplateSegment};
 use super::{DefaultAction, Listen, Policy};
+use crate::check::binding::{self, Binding, Dpop};
 use crate::check::cache::{self, VerifiedCache};
 use crate::config::file::{FileConfig, MatchFile, ProviderFile, RequireFile, RouteFile};
 use crate::config::{Problems, parse_duration};
@@ -172,7 +173,9 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
             }
         }
     });
+    let dpop = dpop_settings(file.dpop, p);
     let policy = Policy {
+        dpop,
         revocation,
         index: super::index::RouteIndex::build(&routes),
         max_token_bytes,
@@ -186,6 +189,54 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         identity_headers,
     };
     (listen, policy)
+}
+
+fn dpop_settings(file: Option<crate::config::file::DpopFile>, p: &mut Problems) -> Dpop {
+    let Some(f) = file else {
+        return Dpop::default();
+    };
+    let mut duration = |text: Option<String>, at: &str, default: Duration| match text {
+        None => default,
+        Some(t) => parse_duration(&t).unwrap_or_else(|e| {
+            p.error(at, e);
+            default
+        }),
+    };
+    let max_age = duration(f.max_age, "dpop.max_age", binding::DEFAULT_MAX_AGE);
+    let skew = duration(f.clock_skew, "dpop.clock_skew", binding::DEFAULT_SKEW);
+    let algorithms = match f.algorithms {
+        None => Dpop::default().algorithms,
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match algorithm_by_name(n) {
+                Some(a) if !crate::provider::is_hmac(a) => Some(a),
+                _ => {
+                    p.error(
+                        format!("dpop.algorithms[{i}]"),
+                        format!("{n:?} is not an asymmetric algorithm Valet verifies"),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    if algorithms.is_empty() {
+        p.error("dpop.algorithms", "at least one algorithm");
+    }
+    let entries = f
+        .replay_cache_entries
+        .unwrap_or(binding::DEFAULT_REPLAY_ENTRIES);
+    if entries == 0 {
+        p.error(
+            "dpop.replay_cache_entries",
+            "0 would let every proof be replayed",
+        );
+    }
+    if max_age > Duration::from_secs(3600) {
+        p.error("dpop.max_age", "at most 1h: proofs are meant to be fresh");
+    }
+    Dpop::new(max_age, skew, algorithms, entries)
 }
 
 /// True when every request `b` matches is matched by `a` (conservatively: only
@@ -766,7 +817,20 @@ fn requirement(
             }
         }
     }
+    let binding = rf.binding.as_deref().and_then(|b| match b {
+        "mtls" => Some(Binding::Mtls),
+        "dpop" => Some(Binding::Dpop),
+        "any" => Some(Binding::Any),
+        other => {
+            p.error(
+                format!("{at}.binding"),
+                format!("must be mtls, dpop or any, not {other:?}"),
+            );
+            None
+        }
+    });
     Requirement {
+        binding,
         providers: provider_idx,
         sources,
         scopes: rf.scopes,

@@ -42,6 +42,8 @@ pub struct Policy {
     pub index: index::RouteIndex,
     /// The emergency denylist, checked after verification.
     pub revocation: Option<Arc<crate::revocation::Revocation>>,
+    /// DPoP proof settings and the replay cache of accepted proofs.
+    pub dpop: crate::check::binding::Dpop,
 }
 
 /// Process settings read once at start; a reload cannot change them.
@@ -88,6 +90,14 @@ impl Policy {
             && new.path == old.path
         {
             self.revocation = Some(old.clone());
+        }
+        // Proofs accepted under the old policy must stay spent.
+        if self.dpop.max_age == old.dpop.max_age && self.dpop.skew == old.dpop.skew {
+            self.dpop.replay = old.dpop.replay.clone();
+        } else {
+            for (k, v) in old.dpop.replay.iter() {
+                self.dpop.replay.insert(*k, v);
+            }
         }
     }
 

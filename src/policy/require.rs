@@ -18,6 +18,8 @@ pub struct Requirement {
     /// Where to look for the token: the sources of the allowed providers, in
     /// order, without repeats.
     pub sources: Vec<TokenSource>,
+    /// The token must be bound to a certificate or DPoP key (`require.binding`).
+    pub binding: Option<crate::check::binding::Binding>,
 }
 
 #[derive(Debug)]

@@ -41,6 +41,8 @@ pub struct Request<'a> {
     pub context: &'a HashMap<String, String>,
     /// URL-encoded PEM of the client certificate, when Envoy sends it.
     pub peer_certificate: &'a str,
+    /// `http` or `https` as the client used it (`:scheme`), for DPoP's `htu`.
+    pub scheme: &'a str,
 }
 
 /// Envoy sends headers as a map (keys lower-case, repeated headers joined by `,`),
@@ -72,6 +74,7 @@ impl<'a> Request<'a> {
             peer_certificate: attributes
                 .and_then(|a| a.source.as_ref())
                 .map_or("", |s| s.certificate.as_str()),
+            scheme: &http.scheme,
         };
         let raw_path = if http.path.is_empty() {
             request.header(":path").unwrap_or("")
@@ -81,6 +84,9 @@ impl<'a> Request<'a> {
         let (path, query) = split_query(raw_path);
         request.path = normalize(path).map_err(RequestError::Path)?;
         request.query = query;
+        if request.scheme.is_empty() {
+            request.scheme = request.header(":scheme").unwrap_or("");
+        }
         if request.method.is_empty() {
             request.method = request.header(":method").unwrap_or("");
         }
@@ -107,6 +113,26 @@ impl<'a> Request<'a> {
                         std::str::from_utf8(&h.raw_value).ok()
                     }
                 }),
+        }
+    }
+
+    /// How many times a header was sent: a map joins repeats with `,`, a raw
+    /// list has one entry each. For headers whose values never contain commas.
+    pub fn header_count(&self, name: &str) -> usize {
+        match self.headers {
+            Headers::Map(map) => map.get(name).map_or(0, |v| v.split(',').count()),
+            Headers::Raw(list) => list
+                .iter()
+                .filter(|h| h.key.eq_ignore_ascii_case(name))
+                .map(|h| {
+                    let v = if h.raw_value.is_empty() {
+                        h.value.as_bytes()
+                    } else {
+                        &h.raw_value
+                    };
+                    v.split(|b| *b == b',').count()
+                })
+                .sum(),
         }
     }
 

@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::google::protobuf::Struct;
 use jsonwebtoken::jwk::Jwk;
@@ -347,6 +347,8 @@ pub struct Req {
     host: String,
     headers: HashMap<String, String>,
     context: HashMap<String, String>,
+    scheme: String,
+    certificate: String,
 }
 
 pub fn get(path: &str) -> Req {
@@ -356,6 +358,8 @@ pub fn get(path: &str) -> Req {
         host: "api.example.com".into(),
         headers: HashMap::new(),
         context: HashMap::new(),
+        scheme: "https".into(),
+        certificate: String::new(),
     }
 }
 
@@ -379,6 +383,16 @@ impl Req {
         self.context.insert(k.into(), v.into());
         self
     }
+    /// The client certificate, as Envoy sends it: URL-encoded PEM.
+    pub fn certificate(mut self, url_encoded_pem: &str) -> Self {
+        self.certificate = url_encoded_pem.into();
+        self
+    }
+    /// `Authorization: DPoP <token>` and the `DPoP` proof header.
+    pub fn dpop(self, token: &str, proof: &str) -> Self {
+        self.header("authorization", &format!("DPoP {token}"))
+            .header("dpop", proof)
+    }
     pub fn build(self) -> CheckRequest {
         CheckRequest {
             attributes: Some(AttributeContext {
@@ -389,8 +403,13 @@ impl Req {
                         host: self.host,
                         headers: self.headers,
                         protocol: "HTTP/1.1".into(),
+                        scheme: self.scheme,
                         ..Default::default()
                     }),
+                    ..Default::default()
+                }),
+                source: (!self.certificate.is_empty()).then(|| Peer {
+                    certificate: self.certificate,
                     ..Default::default()
                 }),
                 context_extensions: self.context,

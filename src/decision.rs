@@ -28,10 +28,12 @@ pub enum Reason {
     BindingMismatch,
     UnboundToken,
     InvalidDpopProof,
+    InactiveToken,
+    IntrospectionUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -53,6 +55,8 @@ impl Reason {
         Reason::BindingMismatch,
         Reason::UnboundToken,
         Reason::InvalidDpopProof,
+        Reason::InactiveToken,
+        Reason::IntrospectionUnavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -78,6 +82,8 @@ impl Reason {
             Reason::BindingMismatch => "binding_mismatch",
             Reason::UnboundToken => "unbound_token",
             Reason::InvalidDpopProof => "invalid_dpop_proof",
+            Reason::InactiveToken => "inactive_token",
+            Reason::IntrospectionUnavailable => "introspection_unavailable",
         }
     }
 }

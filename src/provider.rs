@@ -24,6 +24,8 @@ pub struct Provider {
     pub jwks: JwksSource,
     /// The current key set, swapped whole by whoever loads keys.
     pub keys: Arc<KeyCell>,
+    /// RFC 7662 introspection, for opaque tokens (and JWTs if it says so).
+    pub introspection: Option<Arc<crate::introspection::Introspector>>,
 }
 
 impl fmt::Debug for Provider {
@@ -42,6 +44,8 @@ pub enum JwksSource {
     File(PathBuf),
     /// An HTTP(S) JWKS URL, or OIDC discovery from the issuer.
     Remote(RemoteJwks),
+    /// No keys: every token of this provider is introspected.
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

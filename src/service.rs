@@ -64,8 +64,39 @@ pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>
         }
         decision = again;
     }
+    // An opaque token not in the introspection cache: ask the IdP (one request
+    // for all Checks of that token, bounded by its timeout and circuit), then
+    // decide again from the cache.
+    if decision.reason() == Reason::IntrospectionUnavailable
+        && let Some((introspector, route)) = introspection_for(&decision, &policy)
+        && let Some(token) = check::token_of(&policy, req, route)
+    {
+        decision = match introspector.introspect(&token, unix_now()).await {
+            Ok(_) => check::check(&policy, req, unix_now()),
+            Err(e) => match decision {
+                Decision::Deny(mut d) => {
+                    d.description = e.to_string().into();
+                    d.detail = Some(e.label());
+                    Decision::Deny(d)
+                }
+                other => other,
+            },
+        };
+    }
     telemetry::check(&decision, started.elapsed());
     (decision, policy)
+}
+
+fn introspection_for<'a>(
+    decision: &'a Decision,
+    policy: &'a Policy,
+) -> Option<(&'a crate::introspection::Introspector, &'a str)> {
+    let provider = match decision {
+        Decision::Deny(d) => d.provider.as_deref(),
+        Decision::Allow(a) => a.provider.as_deref(),
+    }?;
+    let introspector = policy.provider(provider)?.introspection.as_deref()?;
+    Some((introspector, decision.route()?))
 }
 
 fn unknown_kid<'a>(decision: &'a Decision, policy: &'a Policy) -> Option<(&'a Provider, &'a str)> {

@@ -21,6 +21,10 @@ pub const JWKS_KEYSET_CHANGES: &str = "valet_jwks_keyset_changes_total";
 pub const POLICY_RELOAD_TOTAL: &str = "valet_policy_reload_total";
 pub const POLICY_LAST_SUCCESS: &str = "valet_policy_last_reload_success_timestamp_seconds";
 pub const POLICY_GENERATION: &str = "valet_policy_generation";
+pub const INTROSPECTION_REQUESTS: &str = "valet_introspection_requests_total";
+pub const INTROSPECTION_DURATION: &str = "valet_introspection_duration_seconds";
+pub const INTROSPECTION_CACHE: &str = "valet_introspection_cache_total";
+pub const INTROSPECTION_CIRCUIT_OPEN: &str = "valet_introspection_circuit_open";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
@@ -31,12 +35,22 @@ const CHECK_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0,
 ];
 
+/// From 250 µs (a local IdP) to 10 s (past any sane timeout).
+const INTROSPECTION_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Installs the Prometheus recorder for this process and describes every metric.
 /// Histograms buffer samples until rendered, so upkeep must run even when nobody
 /// scrapes: the caller spawns [`upkeep`].
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.into()), CHECK_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full(INTROSPECTION_DURATION.into()),
+            INTROSPECTION_BUCKETS,
+        )
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
@@ -107,6 +121,23 @@ fn describe() {
         "Verified tokens evicted from the cache for room (not expiry)"
     );
     metrics::describe_gauge!(VERIFY_CACHE_ENTRIES, "Verified tokens in the cache");
+    metrics::describe_counter!(
+        INTROSPECTION_REQUESTS,
+        "Introspection requests, by provider and result (active/inactive/timeout/unreachable/status/bad_response/circuit_open)"
+    );
+    metrics::describe_histogram!(
+        INTROSPECTION_DURATION,
+        metrics::Unit::Seconds,
+        "Time of one introspection request to the provider's endpoint"
+    );
+    metrics::describe_counter!(
+        INTROSPECTION_CACHE,
+        "Introspection cache lookups by Checks, by provider and result (hit/miss)"
+    );
+    metrics::describe_gauge!(
+        INTROSPECTION_CIRCUIT_OPEN,
+        "1 while introspection for the provider is paused after repeated failures"
+    );
     metrics::describe_gauge!(
         REVOCATION_ENTRIES,
         "Entries of the revocation denylist in force"
@@ -356,4 +387,28 @@ pub fn revocation_failed(path: &std::path::Path, error: &dyn std::fmt::Display) 
     }
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "error").increment(1);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(0.0);
+}
+
+pub fn introspection_cache_counters(provider: &str) -> [metrics::Counter; 2] {
+    [
+        metrics::counter!(INTROSPECTION_CACHE, "provider" => provider.to_owned(), "result" => "hit"),
+        metrics::counter!(INTROSPECTION_CACHE, "provider" => provider.to_owned(), "result" => "miss"),
+    ]
+}
+
+pub fn introspection_request(provider: &str, result: &'static str, took: Option<Duration>) {
+    metrics::counter!(INTROSPECTION_REQUESTS, "provider" => provider.to_owned(), "result" => result)
+        .increment(1);
+    if let Some(t) = took {
+        metrics::histogram!(INTROSPECTION_DURATION, "provider" => provider.to_owned())
+            .record(t.as_secs_f64());
+    }
+}
+
+pub fn introspection_circuit(provider: &str, open: bool) {
+    metrics::gauge!(INTROSPECTION_CIRCUIT_OPEN, "provider" => provider.to_owned()).set(if open {
+        1.0
+    } else {
+        0.0
+    });
 }

@@ -94,7 +94,9 @@ fn decide_route(
                 let verified = verify::verify(token.value, policy, &requirement.providers, now)
                     .map_err(|failed| {
                         let kind = match failed.error {
-                            VerifyError::KeysUnavailable => DenyKind::Unavailable,
+                            VerifyError::KeysUnavailable | VerifyError::IntrospectionPending => {
+                                DenyKind::Unavailable
+                            }
                             _ => DenyKind::InvalidToken,
                         };
                         let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
@@ -171,6 +173,19 @@ fn decide_route(
         return Err(d);
     }
     Ok(allow(policy, route, req, token, verified))
+}
+
+/// The token a route reads from this request, for the service to introspect
+/// after a Check came back `introspection_unavailable`.
+pub fn token_of(policy: &Policy, check: &CheckRequest, route: &str) -> Option<String> {
+    let req = Request::from_check(check).ok()?;
+    let route = &policy.routes[policy.index.by_name(route)?];
+    let Access::Require(r) = &route.access else {
+        return None;
+    };
+    token::extract(&req, &r.sources, policy.max_token_bytes)
+        .ok()
+        .map(|t| t.value.to_string())
 }
 
 /// A 401 answers with the DPoP scheme when the client used it, or when the
@@ -261,6 +276,8 @@ fn describe(e: VerifyError) -> &'static str {
         VerifyError::NotYetValid => "the token is not valid yet",
         VerifyError::AudienceNotAllowed => "the token is not meant for this service",
         VerifyError::KeysUnavailable => "signing keys are not available yet",
+        VerifyError::Inactive => "the token is not active",
+        VerifyError::IntrospectionPending => "the token could not be introspected",
     }
 }
 

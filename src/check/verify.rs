@@ -39,6 +39,12 @@ pub enum VerifyError {
     AudienceNotAllowed,
     #[error("keys unavailable")]
     KeysUnavailable,
+    #[error("token not active")]
+    Inactive,
+    /// Not an answer: the token must be introspected first (the service does it
+    /// and decides again).
+    #[error("introspection pending")]
+    IntrospectionPending,
 }
 
 impl VerifyError {
@@ -53,6 +59,8 @@ impl VerifyError {
             VerifyError::NotYetValid => Reason::NotYetValid,
             VerifyError::AudienceNotAllowed => Reason::AudienceNotAllowed,
             VerifyError::KeysUnavailable => Reason::KeysUnavailable,
+            VerifyError::Inactive => Reason::InactiveToken,
+            VerifyError::IntrospectionPending => Reason::IntrospectionUnavailable,
         }
     }
 }
@@ -71,6 +79,57 @@ pub struct Verified {
     pub provider: usize,
     pub kid: Option<String>,
     pub claims: Arc<Map<String, Value>>,
+}
+
+/// The first allowed provider that introspects, for tokens that are not JWTs.
+fn introspecting(policy: &Policy, allowed: &[usize]) -> Option<usize> {
+    policy
+        .providers
+        .iter()
+        .enumerate()
+        .find(|(i, p)| p.introspection.is_some() && (allowed.is_empty() || allowed.contains(i)))
+        .map(|(i, _)| i)
+}
+
+/// The cached introspection answer, checked like a JWT's claims: time, issuer,
+/// audience. A miss is `IntrospectionPending`: the service introspects and asks again.
+fn introspected(
+    token: &str,
+    policy: &Policy,
+    index: usize,
+    now: u64,
+) -> Result<Verified, VerifyError> {
+    use crate::introspection::Answer;
+    let provider = &policy.providers[index];
+    let Some(introspector) = &provider.introspection else {
+        return Err(VerifyError::Malformed(
+            "not a JWT (three dot-separated parts)",
+        ));
+    };
+    let claims = match introspector.cached(token) {
+        None => return Err(VerifyError::IntrospectionPending),
+        Some(Answer::Inactive) => return Err(VerifyError::Inactive),
+        Some(Answer::Active(claims)) => claims,
+    };
+    let time = |name: &str| claims.get(name).and_then(Value::as_f64);
+    let skew = provider.clock_skew_secs as f64;
+    if time("exp").is_some_and(|exp| exp <= now as f64) {
+        return Err(VerifyError::Expired);
+    }
+    if time("nbf").is_some_and(|nbf| nbf > now as f64 + skew) {
+        return Err(VerifyError::NotYetValid);
+    }
+    if claims.get("iss").and_then(Value::as_str) != Some(provider.issuer.as_str()) {
+        return Err(VerifyError::IssuerNotAllowed);
+    }
+    if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
+        return Err(VerifyError::AudienceNotAllowed);
+    }
+    Ok(Verified {
+        provider: index,
+        kid: None,
+        claims,
+    })
 }
 
 /// The JOSE header, as far as Valet reads it. Fields that ask the verifier to
@@ -136,6 +195,11 @@ fn verify_inner(
     let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
+        // Not a JWT: an opaque token, if some allowed provider can introspect it.
+        if let Some(index) = introspecting(policy, allowed) {
+            *seen_provider = Some(index);
+            return introspected(token, policy, index, now);
+        }
         let why = if token.split('.').count() == 5 {
             "encrypted tokens (JWE) are not accepted"
         } else {
@@ -146,7 +210,13 @@ fn verify_inner(
 
     let header: Header = match decode_json(header_b64) {
         Some(h) => h,
-        None => return Err(VerifyError::Malformed("unreadable header")),
+        None => {
+            if let Some(index) = introspecting(policy, allowed) {
+                *seen_provider = Some(index);
+                return introspected(token, policy, index, now);
+            }
+            return Err(VerifyError::Malformed("unreadable header"));
+        }
     };
     seen_kid.clone_from(&header.kid);
     if header.alg.eq_ignore_ascii_case("none") {
@@ -191,6 +261,14 @@ fn verify_inner(
         return Err(VerifyError::IssuerNotAllowed);
     };
     *seen_provider = Some(index);
+    // The issuer asked for its JWTs to be introspected too (e.g. to see revocations).
+    if provider
+        .introspection
+        .as_ref()
+        .is_some_and(|i| i.settings.jwts)
+    {
+        return introspected(token, policy, index, now);
+    }
 
     if !provider.algorithms.contains(&alg) {
         return Err(VerifyError::UnsupportedAlgorithm(

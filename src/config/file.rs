@@ -68,7 +68,9 @@ pub struct ProviderFile {
     pub issuer: String,
     #[serde(default)]
     pub audiences: Vec<String>,
-    pub jwks: JwksFile,
+    /// Absent only for a provider whose tokens are all introspected.
+    pub jwks: Option<JwksFile>,
+    pub introspection: Option<IntrospectionFile>,
     pub algorithms: Option<Vec<String>>,
     pub clock_skew: Option<String>,
     pub tokens_from: Option<Vec<TokenSourceFile>>,
@@ -76,6 +78,22 @@ pub struct ProviderFile {
     pub claims_to_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub forward_token: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionFile {
+    pub endpoint: String,
+    pub client_id: String,
+    pub client_secret_file: String,
+    pub timeout: Option<String>,
+    pub cache_ttl: Option<String>,
+    pub negative_cache_ttl: Option<String>,
+    pub cache_entries: Option<u64>,
+    #[serde(default)]
+    pub jwts: bool,
+    pub failure_threshold: Option<u32>,
+    pub open_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -92,6 +92,11 @@ impl Supervisor {
                     handle: Some(handle),
                 }
             }
+            JwksSource::None => Task {
+                identity,
+                cell: Arc::new(KeyCell::default()),
+                handle: None,
+            },
             JwksSource::Remote(cfg) => {
                 let cell = Arc::new(KeyCell::remote(cfg.min_refresh, cfg.unknown_kid_wait));
                 if let Some(dir) = &cfg.cache_dir {
@@ -140,6 +145,7 @@ pub async fn load_once(policy: &Policy) -> Vec<String> {
     let mut problems = Vec::new();
     for p in &policy.providers {
         let result: Result<KeySet, String> = match &p.jwks {
+            JwksSource::None => continue,
             JwksSource::File(path) => read_file(path).map_err(|e| e.to_string()),
             JwksSource::Remote(cfg) => {
                 let uri = match &cfg.location {

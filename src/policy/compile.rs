@@ -15,8 +15,11 @@ use super::route::{Access, HostMatch, PathMatch, Route, TemplateSegment};
 use super::{DefaultAction, Listen, Policy};
 use crate::check::binding::{self, Binding, Dpop};
 use crate::check::cache::{self, VerifiedCache};
-use crate::config::file::{FileConfig, MatchFile, ProviderFile, RequireFile, RouteFile};
+use crate::config::file::{
+    FileConfig, IntrospectionFile, JwksFile, MatchFile, ProviderFile, RequireFile, RouteFile,
+};
 use crate::config::{Problems, parse_duration};
+use crate::introspection::{Introspector, Settings as IntrospectionSettings};
 use crate::jwks::KeyCell;
 use crate::provider::{
     ClaimPath, JwksSource, Provider, RemoteJwks, RemoteLocation, TokenSource, algorithm_by_name,
@@ -336,7 +339,28 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         );
     }
 
-    let jwks = jwks_source(&pf, at, base, p);
+    let jwks = match &pf.jwks {
+        Some(j) => jwks_source(j, &pf.issuer, at, base, p),
+        None => {
+            if pf.introspection.is_none() {
+                p.error(
+                    at,
+                    "set jwks (to verify JWTs) or introspection (to ask the issuer), or both",
+                );
+            } else if pf.introspection.as_ref().is_some_and(|i| !i.jwts) {
+                p.warn(
+                    format!("{at}.introspection.jwts"),
+                    "no jwks: this provider's JWTs are introspected too (jwts: true is implied)",
+                );
+            }
+            JwksSource::None
+        }
+    };
+    let introspection = pf.introspection.as_ref().map(|i| {
+        let mut settings = introspection_settings(i, &format!("{at}.introspection"), base, p);
+        settings.jwts |= matches!(jwks, JwksSource::None);
+        Arc::new(Introspector::new(&pf.name, &pf.issuer, settings))
+    });
 
     let algorithms = match &pf.algorithms {
         None => default_algorithms(),
@@ -449,11 +473,76 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         forward_token: pf.forward_token,
         jwks,
         keys: Arc::new(KeyCell::default()),
+        introspection,
     }
 }
 
-fn jwks_source(pf: &ProviderFile, at: &str, base: &Path, p: &mut Problems) -> JwksSource {
-    let j = &pf.jwks;
+fn introspection_settings(
+    f: &IntrospectionFile,
+    at: &str,
+    base: &Path,
+    p: &mut Problems,
+) -> IntrospectionSettings {
+    let mut duration = |value: &Option<String>, name: &str, default: Duration| match value {
+        None => default,
+        Some(text) => parse_duration(text).unwrap_or_else(|e| {
+            p.error(format!("{at}.{name}"), e);
+            default
+        }),
+    };
+    let timeout = duration(&f.timeout, "timeout", Duration::from_millis(500));
+    let cache_ttl = duration(&f.cache_ttl, "cache_ttl", Duration::from_secs(60));
+    let negative_cache_ttl = duration(
+        &f.negative_cache_ttl,
+        "negative_cache_ttl",
+        Duration::from_secs(10),
+    );
+    let open_for = duration(&f.open_for, "open_for", Duration::from_secs(10));
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        p.error(
+            format!("{at}.timeout"),
+            "between 1ms and 10s (Envoy's ext_authz budget is 200ms by default)",
+        );
+    }
+    check_url(&f.endpoint, &format!("{at}.endpoint"), p);
+    if f.client_id.is_empty() {
+        p.error(format!("{at}.client_id"), "must not be empty");
+    }
+    let path = base.join(&f.client_secret_file);
+    let client_secret = match std::fs::read_to_string(&path) {
+        // Secret files usually end with a newline the secret does not have.
+        Ok(s) if !s.trim().is_empty() => s.trim_end_matches(['\n', '\r']).to_string(),
+        Ok(_) => {
+            p.error(format!("{at}.client_secret_file"), "the file is empty");
+            String::new()
+        }
+        Err(e) => {
+            p.error(
+                format!("{at}.client_secret_file"),
+                format!("cannot read {}: {e}", path.display()),
+            );
+            String::new()
+        }
+    };
+    let failure_threshold = f.failure_threshold.unwrap_or(5);
+    if failure_threshold == 0 {
+        p.error(format!("{at}.failure_threshold"), "at least 1");
+    }
+    IntrospectionSettings {
+        endpoint: f.endpoint.clone(),
+        client_id: f.client_id.clone(),
+        client_secret,
+        timeout,
+        cache_ttl,
+        negative_cache_ttl,
+        cache_entries: f.cache_entries.unwrap_or(100_000),
+        jwts: f.jwts,
+        failure_threshold,
+        open_for,
+    }
+}
+
+fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Problems) -> JwksSource {
     let at = format!("{at}.jwks");
     let mut duration = |value: &Option<String>, name: &str, default: Duration| match value {
         None => default,
@@ -502,7 +591,7 @@ fn jwks_source(pf: &ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Jw
             RemoteLocation::Uri(uri.clone())
         }
         (None, None, true) => {
-            check_url(&pf.issuer, &format!("{at}.discovery"), p);
+            check_url(issuer, &format!("{at}.discovery"), p);
             RemoteLocation::Discovery
         }
         _ => {

@@ -78,6 +78,7 @@ impl Policy {
         self.required_providers
             .iter()
             .map(|i| &self.providers[*i])
+            .filter(|p| p.jwks != crate::provider::JwksSource::None)
             .filter(|p| p.keys.load().is_none_or(|k| k.is_empty()))
             .map(|p| p.name.as_str())
             .collect()
@@ -90,6 +91,20 @@ impl Policy {
             && new.path == old.path
         {
             self.revocation = Some(old.clone());
+        }
+        // An unchanged introspection endpoint keeps its cache and circuit state.
+        for provider in &mut self.providers {
+            let old_one = old
+                .provider(&provider.name)
+                .and_then(|o| o.introspection.clone())
+                .filter(|o| o.issuer == provider.issuer);
+            if let (Some(p), Some(old_one)) = (Arc::get_mut(provider), old_one)
+                && p.introspection
+                    .as_ref()
+                    .is_some_and(|n| n.settings == old_one.settings)
+            {
+                p.introspection = Some(old_one);
+            }
         }
         // Proofs accepted under the old policy must stay spent.
         if self.dpop.max_age == old.dpop.max_age && self.dpop.skew == old.dpop.skew {

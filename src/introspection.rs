@@ -1,0 +1,409 @@
+//! RFC 7662 token introspection for tokens Valet cannot verify itself (opaque
+//! tokens, or every token of a provider that asks for it). The Check path only
+//! reads the cache; on a miss the service awaits [`Introspector::introspect`]
+//! (one request per token however many Checks wait for it, bounded by a timeout
+//! and a circuit breaker) and decides again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::digest::{SHA256, digest};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Map, Value};
+use tokio::sync::OnceCell;
+
+use crate::telemetry;
+
+/// Introspection answers are small; anything larger is refused.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// What the policy says about one provider's introspection endpoint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub endpoint: String,
+    pub client_id: String,
+    /// Read from `client_secret_file` when the policy loads; never logged.
+    pub client_secret: String,
+    pub timeout: Duration,
+    /// Longest an active answer is trusted (it is also never trusted past `exp`).
+    pub cache_ttl: Duration,
+    /// How long an inactive answer is remembered.
+    pub negative_cache_ttl: Duration,
+    pub cache_entries: u64,
+    /// Introspect this issuer's JWTs too, instead of verifying them locally.
+    pub jwts: bool,
+    /// Consecutive failures that open the circuit, and how long it stays open.
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub enum Answer {
+    /// The token's claims as the IdP describes them, and until when to trust them.
+    Active(Arc<Map<String, Value>>),
+    Inactive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IntrospectError {
+    #[error("the introspection endpoint did not answer in time")]
+    Timeout,
+    #[error("the introspection endpoint could not be reached")]
+    Unreachable,
+    #[error("the introspection endpoint answered with an error status")]
+    Status,
+    #[error("the introspection endpoint's answer is not an introspection response")]
+    BadResponse,
+    #[error("introspection is paused after repeated failures (circuit open)")]
+    CircuitOpen,
+}
+
+impl IntrospectError {
+    pub fn label(self) -> &'static str {
+        match self {
+            IntrospectError::Timeout => "timeout",
+            IntrospectError::Unreachable => "unreachable",
+            IntrospectError::Status => "status",
+            IntrospectError::BadResponse => "bad_response",
+            IntrospectError::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+type Key = [u8; 32];
+type Flight = Arc<OnceCell<Result<Answer, IntrospectError>>>;
+
+pub struct Introspector {
+    pub provider: String,
+    pub issuer: String,
+    pub settings: Settings,
+    cache: moka::sync::Cache<Key, (Answer, Instant)>,
+    in_flight: Mutex<HashMap<Key, Flight>>,
+    breaker: Mutex<Breaker>,
+    client: reqwest::Client,
+    /// Cache hit and miss counters, registered on first use (after the recorder is).
+    counters: std::sync::OnceLock<[metrics::Counter; 2]>,
+}
+
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    /// After the open period, one request tries; the others still fail fast.
+    trial: bool,
+}
+
+/// Entries live as long as their answer says: a moka per-entry expiry.
+struct Expire;
+
+impl moka::Expiry<Key, (Answer, Instant)> for Expire {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        value: &(Answer, Instant),
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.1.saturating_duration_since(created_at))
+    }
+}
+
+pub fn key(token: &str) -> Key {
+    digest(&SHA256, token.as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+impl Introspector {
+    pub fn new(provider: &str, issuer: &str, settings: Settings) -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("valet/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(settings.timeout.min(Duration::from_secs(2)))
+            .timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        Introspector {
+            provider: provider.to_string(),
+            issuer: issuer.to_string(),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(settings.cache_entries)
+                .expire_after(Expire)
+                .build(),
+            settings,
+            in_flight: Mutex::new(HashMap::new()),
+            breaker: Mutex::new(Breaker::default()),
+            client,
+            counters: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The cached answer for this token, if any: all a Check does without awaiting.
+    pub fn cached(&self, token: &str) -> Option<Answer> {
+        let hit = self.cache.get(&key(token)).map(|(a, _)| a);
+        let [hits, misses] = self
+            .counters
+            .get_or_init(|| telemetry::introspection_cache_counters(&self.provider));
+        if hit.is_some() { hits } else { misses }.increment(1);
+        hit
+    }
+
+    /// Asks the IdP about `token` (once for all concurrent callers) and caches the
+    /// answer. `now` is Unix seconds.
+    pub async fn introspect(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+        let k = key(token);
+        if let Some((a, _)) = self.cache.get(&k) {
+            return Ok(a);
+        }
+        let flight = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(k).or_default().clone()
+        };
+        let result = flight
+            .get_or_init(|| async {
+                let r = self.request(token, now).await;
+                if let Ok(answer) = &r {
+                    let ttl = self.ttl(answer, now);
+                    self.cache.insert(k, (answer.clone(), Instant::now() + ttl));
+                }
+                r
+            })
+            .await
+            .clone();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&k);
+        result
+    }
+
+    fn ttl(&self, answer: &Answer, now: u64) -> Duration {
+        match answer {
+            Answer::Inactive => self.settings.negative_cache_ttl,
+            Answer::Active(claims) => {
+                let until_exp = claims
+                    .get("exp")
+                    .and_then(Value::as_u64)
+                    .map_or(self.settings.cache_ttl, |exp| {
+                        Duration::from_secs(exp.saturating_sub(now))
+                    });
+                until_exp.min(self.settings.cache_ttl)
+            }
+        }
+    }
+
+    async fn request(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+        if !self.admit() {
+            telemetry::introspection_request(&self.provider, "circuit_open", None);
+            return Err(IntrospectError::CircuitOpen);
+        }
+        let started = Instant::now();
+        let result = self.call(token, now).await;
+        let label = match &result {
+            Ok(Answer::Active(_)) => "active",
+            Ok(Answer::Inactive) => "inactive",
+            Err(e) => e.label(),
+        };
+        telemetry::introspection_request(&self.provider, label, Some(started.elapsed()));
+        self.record(result.is_ok());
+        result
+    }
+
+    async fn call(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+        // RFC 6749 §2.3.1: client_secret_basic, each part form-urlencoded first.
+        let credentials = format!(
+            "{}:{}",
+            form_encode(&self.settings.client_id),
+            form_encode(&self.settings.client_secret)
+        );
+        let body = format!("token={}&token_type_hint=access_token", form_encode(token));
+        let response = self
+            .client
+            .post(&self.settings.endpoint)
+            .header(
+                "authorization",
+                format!("Basic {}", STANDARD.encode(credentials)),
+            )
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    IntrospectError::Timeout
+                } else {
+                    IntrospectError::Unreachable
+                }
+            })?;
+        if !response.status().is_success() {
+            tracing::warn!(provider = %self.provider, status = response.status().as_u16(), "introspection endpoint answered an error");
+            return Err(IntrospectError::Status);
+        }
+        if response
+            .content_length()
+            .is_some_and(|l| l > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(IntrospectError::BadResponse);
+        }
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            if e.is_timeout() {
+                IntrospectError::Timeout
+            } else {
+                IntrospectError::Unreachable
+            }
+        })? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(IntrospectError::BadResponse);
+            }
+        }
+        let Ok(Value::Object(mut claims)) = serde_json::from_slice::<Value>(&bytes) else {
+            return Err(IntrospectError::BadResponse);
+        };
+        match claims.get("active") {
+            Some(Value::Bool(true)) => {}
+            Some(Value::Bool(false)) => return Ok(Answer::Inactive),
+            _ => return Err(IntrospectError::BadResponse),
+        }
+        // An active token past its exp is inactive whatever the IdP's clock says.
+        if claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .is_some_and(|exp| exp <= now)
+        {
+            return Ok(Answer::Inactive);
+        }
+        // Identity and revocation by issuer need `iss`; the endpoint speaks for ours.
+        claims
+            .entry("iss")
+            .or_insert_with(|| Value::String(self.issuer.clone()));
+        Ok(Answer::Active(Arc::new(claims)))
+    }
+
+    fn admit(&self) -> bool {
+        let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        match b.open_until {
+            None => true,
+            Some(until) if Instant::now() < until => false,
+            Some(_) if b.trial => false,
+            Some(_) => {
+                b.trial = true;
+                true
+            }
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            if b.open_until.is_some() {
+                tracing::info!(provider = %self.provider, "introspection endpoint answers again: circuit closed");
+                telemetry::introspection_circuit(&self.provider, false);
+            }
+            *b = Breaker::default();
+            return;
+        }
+        b.failures += 1;
+        if b.trial || b.failures >= self.settings.failure_threshold {
+            if b.open_until.is_none() {
+                tracing::warn!(provider = %self.provider, failures = b.failures, open_for = ?self.settings.open_for, "introspection endpoint failing: circuit open");
+                telemetry::introspection_circuit(&self.provider, true);
+            }
+            b.open_until = Some(Instant::now() + self.settings.open_for);
+            b.trial = false;
+        }
+    }
+}
+
+/// application/x-www-form-urlencoded for one value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*') {
+            out.push(b as char);
+        } else if b == b' ' {
+            out.push('+');
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b:c/d+é"), "a+b%3Ac%2Fd%2B%C3%A9");
+    }
+
+    #[test]
+    fn settings_never_show_the_secret() {
+        let s = Settings {
+            endpoint: "http://x".into(),
+            client_id: "valet".into(),
+            client_secret: "hunter2".into(),
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(10),
+            cache_entries: 10,
+            jwts: false,
+            failure_threshold: 5,
+            open_for: Duration::from_secs(10),
+        };
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn breaker_opens_after_the_threshold_and_lets_one_trial_through() {
+        let mut s = Settings {
+            endpoint: "http://x".into(),
+            client_id: "v".into(),
+            client_secret: "s".into(),
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(10),
+            cache_entries: 10,
+            jwts: false,
+            failure_threshold: 3,
+            open_for: Duration::from_millis(50),
+        };
+        s.failure_threshold = 3;
+        let i = Introspector::new("p", "https://i", s);
+        for _ in 0..2 {
+            assert!(i.admit());
+            i.record(false);
+        }
+        assert!(i.admit());
+        i.record(false);
+        assert!(!i.admit(), "open after 3 failures");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(i.admit(), "one trial after the open period");
+        assert!(!i.admit(), "only one");
+        i.record(false);
+        assert!(!i.admit(), "a failed trial opens again");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(i.admit());
+        i.record(true);
+        assert!(i.admit() && i.admit(), "closed after a success");
+    }
+}

@@ -1,0 +1,253 @@
+//! RFC 7662 introspection against the real oidc-provider: opaque tokens decide
+//! like JWTs (scopes, audience, identity headers, DPoP binding), answers are
+//! cached (a hit never reaches the IdP; measured against a miss), concurrent
+//! Checks of one token share one request, inactive answers are cached briefly,
+//! and a failing endpoint times out and opens the circuit.
+
+mod common;
+#[path = "common/idp.rs"]
+mod idp;
+
+use std::time::{Duration, Instant};
+
+use common::jwks_server::{JwksServer, Mode};
+use common::*;
+use idp::{DpopKey, Idp, ORDERS};
+
+fn config(idp: &Idp, dir: &std::path::Path, extra: &str) -> String {
+    let (endpoint, id, secret) = idp.introspection();
+    std::fs::write(dir.join("introspection-secret"), format!("{secret}\n")).unwrap();
+    format!(
+        "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"{ORDERS}\"]\n    jwks: {{ discovery: true }}\n    claims_to_headers: {{ client_id: x-client-id }}\n    introspection:\n      endpoint: {endpoint}\n      client_id: {id}\n      client_secret_file: introspection-secret\n{extra}routes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
+        idp.issuer
+    )
+}
+
+fn start(config: &str, dir: tempfile::TempDir) -> Valet {
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(&path, with_free_ports(config)).unwrap();
+    Valet::spawn(dir, &path, &[("VALET_LOG", "info")])
+}
+
+async fn requests(v: &Valet, result: &str) -> f64 {
+    v.metric(&format!(
+        "valet_introspection_requests_total{{provider=\"idp\",result=\"{result}\"}}"
+    ))
+    .await
+    .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tokens_are_introspected_and_cached() {
+    let idp = Idp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let v = start(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir);
+    assert!(
+        v.wait_ready(200, Duration::from_secs(15)).await,
+        "{}",
+        v.logs()
+    );
+    let mut c = v.client().await;
+
+    let t = idp.opaque_token("orders:read").await;
+    assert!(!t.contains('.'), "an opaque token");
+    let a = check(&mut c, get("/orders/1").bearer(&t)).await;
+    assert_eq!(a.reason(), "verified", "{a:?}");
+    assert_eq!(
+        a.headers.get("x-client-id").map(String::as_str),
+        Some("valet-opaque")
+    );
+    assert_eq!(meta_str(&a.metadata, "provider"), "idp");
+    assert_eq!(requests(&v, "active").await, 1.0);
+    assert!(check(&mut c, get("/orders/2").bearer(&t)).await.allowed());
+    assert_eq!(
+        requests(&v, "active").await,
+        1.0,
+        "the second Check is a cache hit"
+    );
+
+    // Route requirements apply to introspected claims.
+    let w = idp.opaque_token("orders:write").await;
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&w)).await.reason(),
+        "insufficient_scope"
+    );
+
+    // Unknown tokens are inactive, and the negative answer is cached.
+    let before = requests(&v, "inactive").await;
+    for _ in 0..5 {
+        let a = check(
+            &mut c,
+            get("/orders/1").bearer("not-a-token-the-idp-issued"),
+        )
+        .await;
+        assert_eq!(
+            (a.http_status, a.reason().as_str()),
+            (401, "inactive_token")
+        );
+        assert!(a.challenge().contains("error=\"invalid_token\""));
+    }
+    assert_eq!(requests(&v, "inactive").await, before + 1.0);
+
+    // Revoked at the IdP: still served from the cache until cache_ttl (2s here), then inactive.
+    idp.revoke(&t).await;
+    assert!(check(&mut c, get("/orders/1").bearer(&t)).await.allowed());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&t)).await.reason(),
+        "inactive_token"
+    );
+
+    // 20 concurrent Checks of a fresh token: one request to the IdP.
+    let fresh = idp.opaque_token("orders:read").await;
+    let before = requests(&v, "active").await;
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        let mut c = v.client().await;
+        let t = fresh.clone();
+        all.push(tokio::spawn(async move {
+            check(&mut c, get("/orders/1").bearer(&t)).await
+        }));
+    }
+    for a in all {
+        assert!(a.await.unwrap().allowed());
+    }
+    assert_eq!(requests(&v, "active").await, before + 1.0, "singleflight");
+
+    // Miss versus hit, end to end over gRPC (debug build).
+    let (mut misses, mut hits) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        let t = idp.opaque_token("orders:read").await;
+        let started = Instant::now();
+        assert!(check(&mut c, get("/orders/1").bearer(&t)).await.allowed());
+        misses.push(started.elapsed());
+        for _ in 0..10 {
+            let started = Instant::now();
+            assert!(check(&mut c, get("/orders/1").bearer(&t)).await.allowed());
+            hits.push(started.elapsed());
+        }
+    }
+    let (miss, hit) = (median(misses), median(hits));
+    println!(
+        "introspection: Check with a cache miss (oidc-provider on 127.0.0.1) median {:.2} ms, with a hit median {:.3} ms ({:.0}x)",
+        miss.as_secs_f64() * 1e3,
+        hit.as_secs_f64() * 1e3,
+        miss.as_secs_f64() / hit.as_secs_f64()
+    );
+    let metrics = v.admin_get("/metrics").await.1;
+    assert!(metrics.contains("valet_introspection_duration_seconds_bucket{provider=\"idp\""));
+    assert!(metrics.contains("valet_introspection_cache_total{provider=\"idp\",result=\"hit\"}"));
+    // The secret never shows.
+    assert!(!v.logs().contains("valet-introspector-secret") && !metrics.contains("secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_bound_opaque_tokens_need_their_proof() {
+    let idp = Idp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let v = start(&config(&idp, dir.path(), ""), dir);
+    assert!(
+        v.wait_ready(200, Duration::from_secs(15)).await,
+        "{}",
+        v.logs()
+    );
+    let mut c = v.client().await;
+    let key = DpopKey::generate();
+    let t = idp
+        .opaque_dpop_token(
+            ORDERS,
+            "orders:read",
+            &key.proof("POST", &idp.token_endpoint(), None),
+        )
+        .await;
+    let htu = "https://api.example.com/orders/1";
+    let a = check(
+        &mut c,
+        get("/orders/1").dpop(&t, &key.proof("GET", htu, Some(&t))),
+    )
+    .await;
+    assert_eq!(a.reason(), "verified", "{a:?}");
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&t)).await.reason(),
+        "binding_mismatch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
+    let idp = Idp::start();
+    let bad = JwksServer::start(serde_json::json!({})).await;
+    bad.set_mode(Mode::Slow(Duration::from_secs(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &idp,
+        dir.path(),
+        "      timeout: 200ms\n      failure_threshold: 3\n      open_for: 1s\n",
+    )
+    .replace(&idp.introspection().0, &format!("{}/jwks", bad.url()));
+    let v = start(&cfg, dir);
+    assert!(
+        v.wait_ready(200, Duration::from_secs(15)).await,
+        "{}",
+        v.logs()
+    );
+    let mut c = v.client().await;
+
+    for i in 0..3 {
+        let started = Instant::now();
+        let a = check(&mut c, get("/orders/1").bearer(&format!("opaque-{i}"))).await;
+        assert_eq!(
+            (a.http_status, a.reason().as_str()),
+            (503, "introspection_unavailable")
+        );
+        assert!(
+            a.body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("in time"),
+            "{a:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "bounded by the timeout"
+        );
+    }
+    // Open: answered at once, without asking the endpoint.
+    let asked = bad.requests();
+    let a = check(&mut c, get("/orders/1").bearer("opaque-x")).await;
+    assert_eq!(a.reason(), "introspection_unavailable");
+    assert!(
+        a.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("circuit open")
+    );
+    assert_eq!(bad.requests(), asked);
+    assert_eq!(requests(&v, "circuit_open").await, 1.0);
+    assert_eq!(
+        v.metric("valet_introspection_circuit_open{provider=\"idp\"}")
+            .await,
+        Some(1.0)
+    );
+    // JWTs of the same provider do not depend on introspection.
+    let jwt = idp.token(ORDERS, "orders:read").await;
+    assert!(check(&mut c, get("/orders/1").bearer(&jwt)).await.allowed());
+
+    // The endpoint answers garbage (not an introspection response): still unavailable.
+    bad.set_mode(Mode::Ok);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let a = check(&mut c, get("/orders/1").bearer("opaque-y")).await;
+    assert!(
+        a.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not an introspection response"),
+        "{a:?}"
+    );
+    assert!(v.logs().contains("circuit open"));
+}

@@ -158,6 +158,8 @@ pub struct Deny {
     /// When set, challenges use the DPoP scheme with these `algs` (the token came
     /// with DPoP, or the route needs DPoP-bound tokens).
     pub dpop_algs: Option<String>,
+    /// RFC 9728: where the route's protected resource metadata is, for challenges.
+    pub resource_metadata: Option<String>,
 }
 
 impl Decision {
@@ -192,6 +194,7 @@ impl Deny {
             kid: None,
             detail: None,
             dpop_algs: None,
+            resource_metadata: None,
         }
     }
 }

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::decision::Decision;
+use crate::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
 use crate::state::State;
@@ -51,6 +52,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 
 async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let check = to_check(&req);
+    if let Some(doc) = metadata_document(state, &check) {
+        return doc;
+    }
     let (decision, policy) = decide(state, &check).await;
     match decision {
         Decision::Allow(a) => {
@@ -139,4 +143,30 @@ fn to_check(req: &Request<Incoming>) -> CheckRequest {
             ..Default::default()
         }),
     }
+}
+
+/// RFC 9728: a GET for a protected resource's metadata is answered with the
+/// document itself (public by definition), not with a decision.
+fn metadata_document(state: &State, check: &CheckRequest) -> Option<Response<Full<Bytes>>> {
+    let http = check.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+    let path = http.path.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with(WELL_KNOWN) || !matches!(http.method.as_str(), "GET" | "HEAD") {
+        return None;
+    }
+    let policy = state.policy();
+    let resource = policy
+        .protected_resources
+        .iter()
+        .find(|r| r.well_known_path == path.trim_end_matches('/'))?;
+    let mut r = Response::new(Full::new(Bytes::from(resource.document.clone())));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "cache-control",
+        hyper::header::HeaderValue::from_static("max-age=300"),
+    );
+    Some(r)
 }

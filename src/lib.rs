@@ -16,6 +16,7 @@ pub mod policy;
 pub mod policy_test;
 pub mod provider;
 pub mod reload;
+pub mod resource_metadata;
 pub mod request;
 pub mod response;
 pub mod revocation;

@@ -121,11 +121,15 @@ fn deny(d: Deny, realm: &str) -> CheckResponse {
 /// RFC 6750 §3: no `error` when there was no token; `invalid_token` when it is bad;
 /// `insufficient_scope` with the scopes the route needs.
 pub fn challenge(d: &Deny, realm: &str) -> Option<String> {
-    let base = match &d.dpop_algs {
+    let mut base = match &d.dpop_algs {
         // RFC 9449 §7.1: the DPoP scheme, with the algorithms proofs may use.
         Some(algs) => format!("DPoP realm=\"{realm}\", algs=\"{algs}\""),
         None => format!("Bearer realm=\"{realm}\""),
     };
+    // RFC 9728 §5.1: where the client learns how to get a token for this resource.
+    if let Some(url) = &d.resource_metadata {
+        base.push_str(&format!(", resource_metadata=\"{}\"", quoted(url)));
+    }
     match d.kind {
         DenyKind::NoToken => Some(base),
         DenyKind::InvalidDpopProof => Some(format!(

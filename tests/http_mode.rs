@@ -98,3 +98,79 @@ async fn proxies_get_the_same_decisions_over_http() {
             >= 2.0
     );
 }
+
+/// RFC 9728: the metadata document from HTTP mode, and `resource_metadata=` in the
+/// challenges of the routes it covers (over HTTP and gRPC alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_resource_metadata_is_served_and_named_in_challenges() {
+    let policy = format!(
+        "{POLICY}protected_resources:\n  - resource: https://api.example.com/orders\n    routes: [read, write]\n    resource_documentation: https://docs.example.com/orders\n"
+    );
+    let v = Valet::start(&policy);
+    let r = ask(
+        &v,
+        "GET",
+        "/.well-known/oauth-protected-resource/orders",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(doc["resource"], "https://api.example.com/orders");
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!(["https://idp.test/"])
+    );
+    assert_eq!(
+        doc["scopes_supported"],
+        serde_json::json!(["orders:read", "orders:write"])
+    );
+    assert_eq!(
+        doc["bearer_methods_supported"],
+        serde_json::json!(["header"])
+    );
+    assert_eq!(
+        doc["resource_documentation"],
+        "https://docs.example.com/orders"
+    );
+    assert!(
+        doc["dpop_signing_alg_values_supported"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "ES256")
+    );
+    // Another well-known path is not a document: decided like any request (no route: 403).
+    let r = ask(
+        &v,
+        "GET",
+        "/.well-known/oauth-protected-resource/other",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+
+    let url = "https://api.example.com/.well-known/oauth-protected-resource/orders";
+    let r = ask(&v, "GET", "/orders/1", &[]).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        format!("Bearer realm=\"valet\", resource_metadata=\"{url}\"").as_str()
+    );
+    let mut c = v.client().await;
+    let a = check(&mut c, get("/orders/1").bearer("x.y.z")).await;
+    assert!(
+        a.challenge()
+            .contains(&format!("resource_metadata=\"{url}\"")),
+        "{}",
+        a.challenge()
+    );
+    let a = check(&mut c, get("/orders/1").bearer(&rs256("other"))).await;
+    assert!(
+        a.challenge().contains("error=\"insufficient_scope\"")
+            && a.challenge().contains("resource_metadata=")
+    );
+    // The anonymous route is not part of the resource.
+    assert!(check(&mut c, get("/healthz")).await.allowed());
+}

@@ -55,6 +55,8 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
                 if wants_dpop_challenge(&req, route, &deny) {
                     deny.dpop_algs = Some(policy.dpop.algs());
                 }
+                deny.resource_metadata =
+                    policy.resource_metadata_url(&route.name).map(str::to_owned);
                 Decision::Deny(deny)
             }
         },

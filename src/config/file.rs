@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub limits: Option<LimitsFile>,
     pub revocation: Option<RevocationFile>,
     pub dpop: Option<DpopFile>,
+    #[serde(default)]
+    pub protected_resources: Vec<crate::resource_metadata::ResourceFile>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -177,7 +177,16 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         }
     });
     let dpop = dpop_settings(file.dpop, p);
+    let (protected_resources, route_resource) = crate::resource_metadata::compile(
+        file.protected_resources,
+        &routes,
+        &providers,
+        &dpop.algorithms,
+        p,
+    );
     let policy = Policy {
+        protected_resources,
+        route_resource,
         dpop,
         revocation,
         index: super::index::RouteIndex::build(&routes),

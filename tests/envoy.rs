@@ -510,6 +510,9 @@ routes:
   - name: tenant
     match: { hosts: [api.example.com], path_prefix: /tenant }
     require: { claims: { tenant: acme } }
+protected_resources:
+  - resource: https://api.example.com/orders
+    routes: [read, write]
 default: deny
 "#;
 
@@ -632,6 +635,24 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
     assert_eq!(r.status, 401, "without its proof: {r:?}");
     assert!(s.is_none());
 
+    // RFC 9728: Envoy answers the metadata itself; challenges point to it.
+    let (r, s) = through
+        .get("/.well-known/oauth-protected-resource/orders", &[])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(s.is_none(), "the metadata request reached the upstream");
+    assert_eq!(r.json()["resource"], "https://api.example.com/orders");
+    assert_eq!(
+        r.json()["scopes_supported"],
+        json!(["orders:read", "orders:write"])
+    );
+    let (r, _) = through.get("/orders/1", &[]).await;
+    let challenge = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.contains("resource_metadata=\"https://api.example.com/.well-known/oauth-protected-resource/orders\""),
+        "{challenge}"
+    );
+
     // Anonymous routes never reached Valet: only the others were counted.
     let anon = valet
         .metric("valet_check_total{decision=\"allow\",reason=\"anonymous\",route=\"health\"}")
@@ -670,7 +691,7 @@ fn anonymous_routes_switch_the_ext_authz_filter_off_per_route() {
     for r in routes {
         let per = &r["typed_per_filter_config"]["envoy.filters.http.ext_authz"];
         match r["name"].as_str().unwrap() {
-            "health" | "docs" => assert_eq!(
+            "health" | "docs" | "valet-resource-metadata-0" => assert_eq!(
                 *per,
                 json!({ "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true }),
                 "{r}"

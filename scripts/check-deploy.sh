@@ -311,9 +311,13 @@ for rel, cm in by_kind("ConfigMap"):
         continue
     d = os.path.join(tmp.name, "valet-" + cm["metadata"]["name"])
     os.makedirs(d)
+    # Every key, as the volume mounts them: the policy may name its siblings
+    # (a denylist, a JWKS file) by relative path.
+    for key, value in data.items():
+        if "/" not in key and not key.startswith("."):
+            with open(os.path.join(d, key), "w", encoding="utf-8") as fh:
+                fh.write(value)
     path = os.path.join(d, "valet.yaml")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(data["valet.yaml"])
     policy_files[cm["metadata"]["name"]] = path
     code, out = run([VALET, "check-config", "--config", path])
     out = relocate(out or "", path, rel, cm["metadata"]["name"], "valet.yaml")

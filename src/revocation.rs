@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::position::Positions;
-use crate::config::{ConfigError, LoadError, Problems};
+use crate::config::{self, LoadError, Problems};
 use crate::state::State;
 use crate::telemetry;
 
@@ -181,45 +181,21 @@ pub async fn watch(state: Arc<State>) {
 }
 
 fn read(path: &Path) -> Result<Denylist, LoadError> {
-    let read_err = |source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
-    if len > MAX_FILE_BYTES {
-        return Err(read_err(std::io::Error::other(format!(
-            "larger than {MAX_FILE_BYTES} bytes"
-        ))));
-    }
-    let bytes = std::fs::read(path).map_err(read_err)?;
-    let source = String::from_utf8(bytes).map_err(|_| invalid(path, "not UTF-8 text"))?;
-    parse(&source, path)
-}
-
-fn invalid(path: &Path, message: &str) -> LoadError {
-    LoadError::Invalid(vec![ConfigError {
-        file: path.to_path_buf(),
-        position: crate::config::position::Position { line: 1, column: 1 },
-        field: String::new(),
-        message: message.into(),
-    }])
+    parse(&config::read_text(path, MAX_FILE_BYTES)?, path)
 }
 
 /// Parses a denylist; every problem is reported with its line and column.
 pub fn parse(source: &str, path: &Path) -> Result<Denylist, LoadError> {
     // An empty file is a truncated write, not "revoke nothing": say so and keep
     // the list in force. (An empty list is written `revoked: []`.)
-    if matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(source),
-        Ok(serde_yaml::Value::Null)
-    ) {
-        return Err(invalid(
+    if config::is_empty_yaml(source) {
+        return Err(config::whole_file(
             path,
             "the file is empty (write `revoked: []` for none)",
         ));
     }
     let file: FileList = serde_yaml::from_str(source)
-        .map_err(|e| LoadError::Invalid(vec![crate::config::serde_error(&e, path)]))?;
+        .map_err(|e| LoadError::Invalid(vec![config::serde_error(&e, path)]))?;
     let positions = Positions::index(source);
     let mut p = Problems::new(path, &positions);
     let mut list = Denylist::default();

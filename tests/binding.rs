@@ -6,8 +6,6 @@ mod common;
 #[path = "common/idp.rs"]
 mod idp;
 
-use std::time::Duration;
-
 use common::*;
 use idp::{CLIENT_CERT_PEM, CLIENT_CERT_X5T_S256, DpopKey, Idp, ORDERS, urlencode};
 use serde_json::{Value, json};
@@ -238,12 +236,7 @@ async fn tokens_bound_by_a_real_openid_provider() {
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"{ORDERS}\"]\n    jwks: {{ discovery: true }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read], binding: any }}\n",
         idp.issuer
     );
-    let v = Valet::start(&config);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
+    let v = Valet::start_ready(&config).await;
     let mut c = v.client().await;
 
     let key = DpopKey::generate();

@@ -23,10 +23,17 @@ fn config(idp: &Idp, dir: &std::path::Path, extra: &str) -> String {
     )
 }
 
-fn start(config: &str, dir: tempfile::TempDir) -> Valet {
+/// Valet on `config` in `dir` (where the secret file is), ready.
+async fn start(config: &str, dir: tempfile::TempDir) -> Valet {
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, with_free_ports(config)).unwrap();
-    Valet::spawn(dir, &path, &[("VALET_LOG", "info")])
+    let v = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    assert!(
+        v.wait_ready(200, Duration::from_secs(15)).await,
+        "{}",
+        v.logs()
+    );
+    v
 }
 
 async fn requests(v: &Valet, result: &str) -> f64 {
@@ -46,12 +53,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn opaque_tokens_are_introspected_and_cached() {
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
-    let v = start(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
+    let v = start(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir).await;
     let mut c = v.client().await;
 
     let t = idp.opaque_token("orders:read").await;
@@ -160,12 +162,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
 async fn dpop_bound_opaque_tokens_need_their_proof() {
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
-    let v = start(&config(&idp, dir.path(), ""), dir);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
+    let v = start(&config(&idp, dir.path(), ""), dir).await;
     let mut c = v.client().await;
     let key = DpopKey::generate();
     let t = idp
@@ -200,12 +197,7 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
         "      timeout: 200ms\n      failure_threshold: 3\n      open_for: 1s\n",
     )
     .replace(&idp.introspection().0, &format!("{}/jwks", bad.url()));
-    let v = start(&cfg, dir);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
+    let v = start(&cfg, dir).await;
     let mut c = v.client().await;
 
     for i in 0..3 {

@@ -7,7 +7,7 @@ mod common;
 #[path = "common/idp.rs"]
 mod idp;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use idp::{Idp, ORDERS, OTHER, jwt_header};
@@ -23,12 +23,7 @@ async fn tokens_from_a_real_openid_provider() {
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"https://orders.example/\"]\n    jwks: {{ discovery: true }}\n    claims_to_headers: {{ client_id: x-client-id }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
         idp.issuer
     );
-    let v = Valet::start(&config);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
+    let v = Valet::start_ready(&config).await;
     let mut c = v.client().await;
 
     let t1 = idp.token(ORDERS, "orders:read").await;

@@ -59,41 +59,49 @@ pub enum LoadError {
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
 pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let source = read_text(path, MAX_CONFIG_BYTES)?;
+    parse(&source, path)
+}
+
+/// A whole file as UTF-8 text, refused unread when larger than `max` bytes.
+pub fn read_text(path: &Path, max: u64) -> Result<String, LoadError> {
     let read_err = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,
     };
     let len = std::fs::metadata(path).map_err(read_err)?.len();
-    if len > MAX_CONFIG_BYTES {
+    if len > max {
         return Err(read_err(std::io::Error::other(format!(
-            "larger than {MAX_CONFIG_BYTES} bytes"
+            "larger than {max} bytes"
         ))));
     }
     let bytes = std::fs::read(path).map_err(read_err)?;
-    let source = String::from_utf8(bytes).map_err(|_| {
-        LoadError::Invalid(vec![ConfigError {
-            file: path.to_path_buf(),
-            position: Position { line: 1, column: 1 },
-            field: String::new(),
-            message: "not UTF-8 text".into(),
-        }])
-    })?;
-    parse(&source, path)
+    String::from_utf8(bytes).map_err(|_| whole_file(path, "not UTF-8 text"))
+}
+
+/// A problem with the file as a whole, placed at its start.
+pub fn whole_file(path: &Path, message: &str) -> LoadError {
+    LoadError::Invalid(vec![ConfigError {
+        file: path.to_path_buf(),
+        position: Position { line: 1, column: 1 },
+        field: String::new(),
+        message: message.into(),
+    }])
+}
+
+/// An empty (or comments-only) YAML document: a truncated write, never "nothing".
+pub fn is_empty_yaml(source: &str) -> bool {
+    matches!(
+        serde_yaml::from_str::<serde_yaml::Value>(source),
+        Ok(serde_yaml::Value::Null)
+    )
 }
 
 /// Parses and compiles `source`; `path` names it in errors and anchors relative paths.
 pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
     // An empty file is a truncated write, not a policy that denies everything.
-    if matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(source),
-        Ok(serde_yaml::Value::Null)
-    ) {
-        return Err(LoadError::Invalid(vec![ConfigError {
-            file: path.to_path_buf(),
-            position: Position { line: 1, column: 1 },
-            field: String::new(),
-            message: "the file is empty".into(),
-        }]));
+    if is_empty_yaml(source) {
+        return Err(whole_file(path, "the file is empty"));
     }
     let file: FileConfig = match serde_yaml::from_str(source) {
         Ok(f) => f,

@@ -184,6 +184,18 @@ impl Valet {
         Self::start_with(config, &[("VALET_LOG", "info")])
     }
 
+    /// Starts Valet and waits (15 s at most) until it is ready: every provider a
+    /// route uses has keys (remote JWKS and discovery take a moment).
+    pub async fn start_ready(config: &str) -> Valet {
+        let v = Self::start(config);
+        assert!(
+            v.wait_ready(200, Duration::from_secs(15)).await,
+            "valet not ready:\n{}",
+            v.logs()
+        );
+        v
+    }
+
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Valet {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();

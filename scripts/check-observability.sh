@@ -88,6 +88,7 @@ CONTRACT = {
     "valet_introspection_duration_seconds_count": {"provider"},
     "valet_introspection_cache_total": {"provider", "result"},
     "valet_introspection_circuit_open": {"provider"},
+    "valet_dpop_replay_evictions_total": set(),
     "valet_revocation_entries": set(),
     "valet_revocation_reload_total": {"result"},
     "valet_revocation_last_reload_successful": set(),
@@ -118,6 +119,7 @@ RESULT_VALUES = {
     "valet_introspection_cache_total": {"hit", "miss"},
     "valet_introspection_requests_total": {
         "active", "inactive", "timeout", "unreachable", "status", "bad_response", "circuit_open",
+        "busy",
     },
 }
 

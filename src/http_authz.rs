@@ -55,7 +55,7 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     if let Some(doc) = metadata_document(state, &check) {
         return doc;
     }
-    let (decision, policy) = decide(state, &check).await;
+    let (decision, policy) = decide(state, &check, None).await;
     match decision {
         Decision::Allow(a) => {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -157,7 +157,7 @@ fn metadata_document(state: &State, check: &CheckRequest) -> Option<Response<Ful
     let resource = policy
         .protected_resources
         .iter()
-        .find(|r| r.well_known_path == path.trim_end_matches('/'))?;
+        .find(|r| r.well_known_path == path)?;
     let mut r = Response::new(Full::new(Bytes::from(resource.document.clone())));
     let h = r.headers_mut();
     h.insert(

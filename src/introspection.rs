@@ -13,7 +13,7 @@ use aws_lc_rs::digest::{SHA256, digest};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
-use tokio::sync::OnceCell;
+use tokio::sync::{Semaphore, watch};
 
 use crate::telemetry;
 
@@ -38,6 +38,8 @@ pub struct Settings {
     /// Consecutive failures that open the circuit, and how long it stays open.
     pub failure_threshold: u32,
     pub open_for: Duration,
+    /// Introspection requests in flight at once; past it a miss is answered at once.
+    pub max_in_flight: usize,
 }
 
 impl fmt::Debug for Settings {
@@ -69,6 +71,10 @@ pub enum IntrospectError {
     BadResponse,
     #[error("introspection is paused after repeated failures (circuit open)")]
     CircuitOpen,
+    #[error("too many introspection requests in flight")]
+    Busy,
+    #[error("the token could not be introspected before the Check's deadline")]
+    Deadline,
 }
 
 impl IntrospectError {
@@ -79,12 +85,15 @@ impl IntrospectError {
             IntrospectError::Status => "status",
             IntrospectError::BadResponse => "bad_response",
             IntrospectError::CircuitOpen => "circuit_open",
+            IntrospectError::Busy => "busy",
+            IntrospectError::Deadline => "deadline",
         }
     }
 }
 
 type Key = [u8; 32];
-type Flight = Arc<OnceCell<Result<Answer, IntrospectError>>>;
+/// One request's outcome, awaited by every Check of the same token.
+type Flight = watch::Receiver<Option<Result<Answer, IntrospectError>>>;
 
 pub struct Introspector {
     pub provider: String,
@@ -92,6 +101,8 @@ pub struct Introspector {
     pub settings: Settings,
     cache: moka::sync::Cache<Key, (Answer, Instant)>,
     in_flight: Mutex<HashMap<Key, Flight>>,
+    /// Bounds concurrent requests: random tokens must not become an IdP flood.
+    slots: Arc<Semaphore>,
     breaker: Mutex<Breaker>,
     client: reqwest::Client,
     /// Cache hit and miss counters, registered on first use (after the recorder is).
@@ -128,7 +139,7 @@ pub fn key(token: &str) -> Key {
 }
 
 impl Introspector {
-    pub fn new(provider: &str, issuer: &str, settings: Settings) -> Self {
+    pub fn new(provider: &str, issuer: &str, settings: Settings) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("valet/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(settings.timeout.min(Duration::from_secs(2)))
@@ -136,20 +147,24 @@ impl Introspector {
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
-            .unwrap_or_default();
-        Introspector {
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Introspector {
             provider: provider.to_string(),
             issuer: issuer.to_string(),
+            // LRU: a fresh answer is always admitted (TinyLFU could drop it at once
+            // when the cache is full, and the Check would find nothing).
             cache: moka::sync::Cache::builder()
                 .max_capacity(settings.cache_entries)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .expire_after(Expire)
                 .build(),
+            slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             in_flight: Mutex::new(HashMap::new()),
             breaker: Mutex::new(Breaker::default()),
             client,
             counters: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     /// The cached answer for this token, if any: all a Check does without awaiting.
@@ -163,32 +178,54 @@ impl Introspector {
     }
 
     /// Asks the IdP about `token` (once for all concurrent callers) and caches the
-    /// answer. `now` is Unix seconds.
-    pub async fn introspect(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+    /// answer. The request runs in its own task: a Check that gives up (Envoy's
+    /// deadline) neither cancels it nor loses its answer for the next Check, and
+    /// the circuit breaker always hears how it ended. `now` is Unix seconds.
+    pub async fn introspect(
+        self: &Arc<Self>,
+        token: &str,
+        now: u64,
+    ) -> Result<Answer, IntrospectError> {
         let k = key(token);
         if let Some((a, _)) = self.cache.get(&k) {
             return Ok(a);
         }
-        let flight = {
+        let mut flight = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(k).or_default().clone()
-        };
-        let result = flight
-            .get_or_init(|| async {
-                let r = self.request(token, now).await;
-                if let Ok(answer) = &r {
-                    let ttl = self.ttl(answer, now);
-                    self.cache.insert(k, (answer.clone(), Instant::now() + ttl));
+            match map.get(&k) {
+                Some(f) => f.clone(),
+                None => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        telemetry::introspection_request(&self.provider, "busy", None);
+                        return Err(IntrospectError::Busy);
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(k, rx.clone());
+                    let this = self.clone();
+                    let token = token.to_string();
+                    tokio::spawn(async move {
+                        let r = this.request(&token, now).await;
+                        if let Ok(answer) = &r {
+                            let ttl = this.ttl(answer, now);
+                            this.cache.insert(k, (answer.clone(), Instant::now() + ttl));
+                        }
+                        // Cached first, then out of the flights: a later Check finds one or the other.
+                        this.in_flight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&k);
+                        drop(slot);
+                        let _ = tx.send(Some(r));
+                    });
+                    rx
                 }
-                r
-            })
-            .await
-            .clone();
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&k);
-        result
+            }
+        };
+        match flight.wait_for(Option::is_some).await {
+            Ok(done) => done.clone().unwrap_or(Err(IntrospectError::Unreachable)),
+            // The task ended without an answer (it panicked): nothing to wait for.
+            Err(_) => Err(IntrospectError::Unreachable),
+        }
     }
 
     fn ttl(&self, answer: &Answer, now: u64) -> Duration {
@@ -201,7 +238,9 @@ impl Introspector {
                     .map_or(self.settings.cache_ttl, |exp| {
                         Duration::from_secs(exp.saturating_sub(now))
                     });
-                until_exp.min(self.settings.cache_ttl)
+                until_exp
+                    .min(self.settings.cache_ttl)
+                    .max(Duration::from_secs(1))
             }
         }
     }
@@ -281,6 +320,26 @@ impl Introspector {
             Some(Value::Bool(true)) => {}
             Some(Value::Bool(false)) => return Ok(Answer::Inactive),
             _ => return Err(IntrospectError::BadResponse),
+        }
+        // Only access tokens: a refresh token introspects `active` too (RFC 7662
+        // §2.2 makes token_type optional; when present it must be an access token).
+        if let Some(t) = claims.get("token_type") {
+            let ok = t.as_str().is_some_and(|t| {
+                ["access_token", "bearer", "dpop"]
+                    .iter()
+                    .any(|a| t.eq_ignore_ascii_case(a))
+            });
+            if !ok {
+                return Ok(Answer::Inactive);
+            }
+        }
+        // Keycloak says what a token is in `typ`: refresh and ID tokens are not access tokens.
+        if claims.get("typ").and_then(Value::as_str).is_some_and(|t| {
+            ["refresh", "offline", "id"]
+                .iter()
+                .any(|n| t.eq_ignore_ascii_case(n))
+        }) {
+            return Ok(Answer::Inactive);
         }
         // An active token past its exp is inactive whatever the IdP's clock says.
         if claims
@@ -369,6 +428,7 @@ mod tests {
             jwts: false,
             failure_threshold: 5,
             open_for: Duration::from_secs(10),
+            max_in_flight: 8,
         };
         assert!(!format!("{s:?}").contains("hunter2"));
     }
@@ -386,9 +446,10 @@ mod tests {
             jwts: false,
             failure_threshold: 3,
             open_for: Duration::from_millis(50),
+            max_in_flight: 8,
         };
         s.failure_threshold = 3;
-        let i = Introspector::new("p", "https://i", s);
+        let i = Introspector::new("p", "https://i", s).unwrap();
         for _ in 0..2 {
             assert!(i.admit());
             i.record(false);

@@ -194,7 +194,9 @@ fn split_resource(text: &str, at: &str, p: &mut Problems) -> Option<(String, Str
         return None;
     }
     let origin = url.origin().ascii_serialization();
-    Some((origin, url.path().trim_end_matches('/').to_string()))
+    // The path as written (a trailing slash is part of the identifier), "" for the root.
+    let path = if url.path() == "/" { "" } else { url.path() };
+    Some((origin, path.to_string()))
 }
 
 #[cfg(test)]

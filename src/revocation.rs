@@ -279,7 +279,27 @@ fn rfc3339(s: &str) -> Option<u64> {
         return None;
     }
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days_in_month = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo)
+        || !(1..=days_in_month[(mo - 1) as usize]).contains(&d)
+        || h > 23
+        || mi > 59
+        || sec > 60
+    {
         return None;
     }
     let mut rest = &s[19..];
@@ -298,11 +318,19 @@ fn rfc3339(s: &str) -> Option<u64> {
                 b'-' => -1,
                 _ => return None,
             };
-            if rest.len() != 6 || rest.as_bytes()[3] != b':' {
+            let digits = |r: &str| r.len() == 2 && r.bytes().all(|c| c.is_ascii_digit());
+            if rest.len() != 6
+                || rest.as_bytes()[3] != b':'
+                || !digits(&rest[1..3])
+                || !digits(&rest[4..6])
+            {
                 return None;
             }
             let oh: i64 = rest[1..3].parse().ok()?;
             let om: i64 = rest[4..6].parse().ok()?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
             sign * (oh * 3600 + om * 60)
         }
     };
@@ -343,6 +371,10 @@ mod tests {
         assert_eq!(rfc3339("2026-11-27"), None);
         assert_eq!(rfc3339("2026-13-27T12:00:00Z"), None);
         assert_eq!(rfc3339("2026-11-27T12:00:00"), None);
+        assert_eq!(rfc3339("2026-02-29T00:00:00Z"), None);
+        assert_eq!(rfc3339("2026-04-31T00:00:00Z"), None);
+        assert_eq!(rfc3339("2026-11-27T12:00:00+99:00"), None);
+        assert_eq!(rfc3339("2026-11-27T12:00:00+-1:00"), None);
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! could meet `failure_mode_allow: true` and fail open.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
 use crate::decision::{Decision, Deny, DenyKind, Reason};
+use crate::introspection::IntrospectError;
 use crate::policy::Policy;
 use crate::provider::Provider;
 use crate::state::State;
@@ -29,7 +30,8 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let (decision, policy) = decide(&self.state, request.get_ref()).await;
+        let budget = grpc_timeout(request.metadata());
+        let (decision, policy) = decide(&self.state, request.get_ref(), budget).await;
         Ok(Response::new(response::to_check_response(
             decision,
             &policy.realm,
@@ -38,7 +40,13 @@ impl Authorization for CheckService {
 }
 
 /// One Check, for either listener: decide against one policy snapshot, record it.
-pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>) {
+/// `budget` is how long the caller waits (Envoy's `grpc-timeout`): an awaited
+/// introspection gives up in time for Valet, not Envoy, to answer.
+pub async fn decide(
+    state: &State,
+    req: &CheckRequest,
+    budget: Option<Duration>,
+) -> (Decision, Arc<Policy>) {
     let started = Instant::now();
     let policy = state.policy();
     // Shed load with a clear answer rather than queue past Envoy's timeout.
@@ -71,8 +79,17 @@ pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>
         && let Some((introspector, route)) = introspection_for(&decision, &policy)
         && let Some(token) = check::token_of(&policy, req, route)
     {
-        decision = match introspector.introspect(&token, unix_now()).await {
-            Ok(_) => check::check(&policy, req, unix_now()),
+        let asked = introspector.introspect(&token, unix_now());
+        // Keep a margin to encode the answer before the caller's deadline.
+        let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
+        let result = match left {
+            Some(left) => tokio::time::timeout(left, asked)
+                .await
+                .unwrap_or(Err(IntrospectError::Deadline)),
+            None => asked.await,
+        };
+        decision = match result {
+            Ok(answer) => check::check_introspected(&policy, req, unix_now(), answer),
             Err(e) => match decision {
                 Decision::Deny(mut d) => {
                     d.description = e.to_string().into();
@@ -90,12 +107,12 @@ pub async fn decide(state: &State, req: &CheckRequest) -> (Decision, Arc<Policy>
 fn introspection_for<'a>(
     decision: &'a Decision,
     policy: &'a Policy,
-) -> Option<(&'a crate::introspection::Introspector, &'a str)> {
+) -> Option<(&'a Arc<crate::introspection::Introspector>, &'a str)> {
     let provider = match decision {
         Decision::Deny(d) => d.provider.as_deref(),
         Decision::Allow(a) => a.provider.as_deref(),
     }?;
-    let introspector = policy.provider(provider)?.introspection.as_deref()?;
+    let introspector = policy.provider(provider)?.introspection.as_ref()?;
     Some((introspector, decision.route()?))
 }
 
@@ -114,4 +131,41 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (text, want) in [
+            ("250m", Duration::from_millis(250)),
+            ("2S", Duration::from_secs(2)),
+            ("100000u", Duration::from_millis(100)),
+        ] {
+            m.insert("grpc-timeout", text.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(want), "{text}");
+        }
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
 }

@@ -25,6 +25,7 @@ pub const INTROSPECTION_REQUESTS: &str = "valet_introspection_requests_total";
 pub const INTROSPECTION_DURATION: &str = "valet_introspection_duration_seconds";
 pub const INTROSPECTION_CACHE: &str = "valet_introspection_cache_total";
 pub const INTROSPECTION_CIRCUIT_OPEN: &str = "valet_introspection_circuit_open";
+pub const DPOP_REPLAY_EVICTIONS: &str = "valet_dpop_replay_evictions_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
@@ -137,6 +138,10 @@ fn describe() {
     metrics::describe_gauge!(
         INTROSPECTION_CIRCUIT_OPEN,
         "1 while introspection for the provider is paused after repeated failures"
+    );
+    metrics::describe_counter!(
+        DPOP_REPLAY_EVICTIONS,
+        "DPoP proof ids dropped from a full replay cache before their window ended (raise dpop.replay_cache_entries)"
     );
     metrics::describe_gauge!(
         REVOCATION_ENTRIES,
@@ -411,4 +416,8 @@ pub fn introspection_circuit(provider: &str, open: bool) {
     } else {
         0.0
     });
+}
+
+pub fn dpop_replay_evicted() {
+    metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(1);
 }

@@ -253,3 +253,93 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
     );
     assert!(v.logs().contains("circuit open"));
 }
+
+/// An endpoint the test scripts (introspection-only provider, no JWKS): what Valet
+/// makes of each kind of answer, and Envoy's deadline answered by Valet itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_checked_like_claims_and_deadlines_are_valets() {
+    use serde_json::json;
+    let endpoint = JwksServer::start(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    let cfg = format!(
+        "providers:\n  - name: opaque\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    claims_to_headers: {{ client_id: x-client-id }}\n    introspection:\n      endpoint: {}/jwks\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\n      negative_cache_ttl: 1s\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
+        endpoint.url()
+    );
+    let v = start(&cfg, dir).await; // ready: a provider without JWKS has no keys to wait for
+    let mut c = v.client().await;
+    let exp = now() + 600;
+    let cases = [
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "client_id": "app", "exp": exp}),
+            "verified",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "token_type": "Bearer", "iss": "https://idp.test/"}),
+            "verified",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "token_type": "refresh_token"}),
+            "inactive_token",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "typ": "Refresh"}),
+            "inactive_token",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "exp": now() - 5}),
+            "inactive_token",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "orders-api", "iss": "https://evil.test/"}),
+            "issuer_not_allowed",
+        ),
+        (
+            json!({"active": true, "scope": "orders:read", "aud": "other-api"}),
+            "audience_not_allowed",
+        ),
+        (
+            json!({"active": true, "scope": "orders:write", "aud": "orders-api"}),
+            "insufficient_scope",
+        ),
+        (json!({"active": false}), "inactive_token"),
+        (json!({"active": "yes"}), "introspection_unavailable"),
+    ];
+    for (i, (answer, want)) in cases.iter().enumerate() {
+        endpoint.set_jwks(answer.clone());
+        let a = check(
+            &mut c,
+            get("/orders/1").bearer(&format!("opaque-token-{i}")),
+        )
+        .await;
+        assert_eq!(a.reason(), *want, "{answer}: {a:?}");
+        if *want == "verified" && i == 0 {
+            assert_eq!(
+                a.headers.get("x-client-id").map(String::as_str),
+                Some("app")
+            );
+        }
+    }
+
+    // Envoy waits 200 ms (grpc-timeout); the endpoint takes 600 ms: Valet answers
+    // 503 itself, in time, and the late answer is cached for the next Check.
+    endpoint.set_jwks(json!({"active": true, "scope": "orders:read", "aud": "orders-api"}));
+    endpoint.set_mode(Mode::Slow(Duration::from_millis(600)));
+    let mut req = tonic::Request::new(get("/orders/1").bearer("slow-token").build());
+    req.set_timeout(Duration::from_millis(200));
+    let started = Instant::now();
+    let r = c
+        .check(req)
+        .await
+        .expect("an answer, not a gRPC deadline error")
+        .into_inner();
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.status.unwrap().code, 14, "UNAVAILABLE");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let a = check(&mut c, get("/orders/1").bearer("slow-token")).await;
+    assert_eq!(a.reason(), "verified", "the late answer was cached: {a:?}");
+}

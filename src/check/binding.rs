@@ -92,9 +92,19 @@ impl Dpop {
             max_age,
             skew,
             algorithms,
+            // LRU, so a new jti is always recorded (TinyLFU may refuse to admit a
+            // key seen once, which every jti is); when full, the oldest proofs go
+            // first, and those are the closest to being too old anyway. +1s: `now`
+            // is whole seconds.
             replay: moka::sync::Cache::builder()
                 .max_capacity(entries)
-                .time_to_live(max_age + skew + skew)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_live(max_age + skew + skew + Duration::from_secs(1))
+                .eviction_listener(|_, _, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        crate::telemetry::dpop_replay_evicted();
+                    }
+                })
                 .build(),
         }
     }
@@ -132,6 +142,7 @@ pub fn check(
     let cnf = claims.get("cnf").and_then(Value::as_object);
     let x5t = cnf.and_then(|c| c.get("x5t#S256")).and_then(Value::as_str);
     let jkt = cnf.and_then(|c| c.get("jkt")).and_then(Value::as_str);
+    let mut spend = None;
 
     match (scheme, jkt) {
         (Scheme::Dpop, None) => {
@@ -152,17 +163,7 @@ pub fn check(
                     "the DPoP proof is signed by another key than the token is bound to",
                 ));
             }
-            // Only a proof that passed every check uses up its jti.
-            let key = digest(
-                &SHA256,
-                format!("{}\0{}", proved.thumbprint, proved.jti).as_bytes(),
-            );
-            let key: [u8; 32] = key.as_ref().try_into().expect("SHA-256 is 32 bytes");
-            if !dpop.replay.entry(key).or_insert(()).is_fresh() {
-                return Err(BindingError::InvalidProof(
-                    "the DPoP proof was already used",
-                ));
-            }
+            spend = Some(proved);
         }
         (Scheme::Bearer, None) => {}
     }
@@ -190,6 +191,19 @@ pub fn check(
             Some(Binding::Dpop) => "this route needs a DPoP-bound token",
             _ => "this route needs a sender-constrained token",
         }));
+    }
+    // Last: only a proof whose request passed every binding check uses up its jti.
+    if let Some(proved) = spend {
+        let key = digest(
+            &SHA256,
+            format!("{}\0{}", proved.thumbprint, proved.jti).as_bytes(),
+        );
+        let key: [u8; 32] = key.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        if !dpop.replay.entry(key).or_insert(()).is_fresh() {
+            return Err(BindingError::InvalidProof(
+                "the DPoP proof was already used",
+            ));
+        }
     }
     Ok(())
 }
@@ -380,8 +394,10 @@ fn htu_matches(htu: &str, req: &Request) -> bool {
         return false;
     };
     let rest = rest.split('#').next().unwrap_or("");
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
+    // The authority ends at the first '/', '?' or '#' (RFC 3986 §3.2).
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], &rest[i..]),
+        Some(i) => (&rest[..i], "/"),
         None => (rest, "/"),
     };
     let (path, _) = split_query(path);

@@ -23,6 +23,12 @@ pub enum Identity {
     /// Find the token in the request and verify it: what every Envoy Check gets.
     /// `now` is Unix seconds.
     Token { now: u64 },
+    /// Like `Token`, with the introspection answer for the request's opaque token
+    /// already in hand (the service's second pass after asking the IdP).
+    Introspected {
+        now: u64,
+        answer: crate::introspection::Answer,
+    },
     /// Take these claims as verified, for policy tests and `explain --claims`:
     /// the route logic alone, no token, no keys, no clock.
     Claims(Map<String, Value>),
@@ -31,6 +37,17 @@ pub enum Identity {
 /// Decides one Check against one policy snapshot. `now` is Unix seconds.
 pub fn check(policy: &Policy, check: &CheckRequest, now: u64) -> Decision {
     decide(policy, check, Identity::Token { now })
+}
+
+/// Decides again with the introspection answer the service just got for this
+/// request's token (not read back from the cache, which may already have let it go).
+pub fn check_introspected(
+    policy: &Policy,
+    check: &CheckRequest,
+    now: u64,
+    answer: crate::introspection::Answer,
+) -> Decision {
+    decide(policy, check, Identity::Introspected { now, answer })
 }
 
 pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Decision {
@@ -76,14 +93,18 @@ fn decide_route(
         Access::Anonymous => return Ok(anonymous(policy, route)),
         Access::Require(r) => r,
     };
+    let given = match &identity {
+        Identity::Introspected { answer, .. } => Some(answer.clone()),
+        _ => None,
+    };
     // Bindings are checked for tokens (claims taken as given have no proof to check).
     let token_now = match &identity {
-        Identity::Token { now } => Some(*now),
+        Identity::Token { now } | Identity::Introspected { now, .. } => Some(*now),
         Identity::Claims(_) => None,
     };
     let (token, verified) =
         match identity {
-            Identity::Token { now } => {
+            Identity::Token { now } | Identity::Introspected { now, .. } => {
                 let token = token::extract(req, &requirement.sources, policy.max_token_bytes)
                     .map_err(|e| match e {
                         TokenError::Missing => {
@@ -93,19 +114,25 @@ fn decide_route(
                             Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
                         }
                     })?;
-                let verified = verify::verify(token.value, policy, &requirement.providers, now)
-                    .map_err(|failed| {
-                        let kind = match failed.error {
-                            VerifyError::KeysUnavailable | VerifyError::IntrospectionPending => {
-                                DenyKind::Unavailable
-                            }
-                            _ => DenyKind::InvalidToken,
-                        };
-                        let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
-                        d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
-                        d.kid = failed.kid;
-                        d
-                    })?;
+                let verified = verify::verify(
+                    token.value,
+                    policy,
+                    &requirement.providers,
+                    now,
+                    given.as_ref(),
+                )
+                .map_err(|failed| {
+                    let kind = match failed.error {
+                        VerifyError::KeysUnavailable | VerifyError::IntrospectionPending => {
+                            DenyKind::Unavailable
+                        }
+                        _ => DenyKind::InvalidToken,
+                    };
+                    let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
+                    d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
+                    d.kid = failed.kid;
+                    d
+                })?;
                 (Some(token), verified)
             }
             Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
@@ -193,9 +220,12 @@ pub fn token_of(policy: &Policy, check: &CheckRequest, route: &str) -> Option<St
 /// A 401 answers with the DPoP scheme when the client used it, or when the
 /// route only takes DPoP-bound tokens (RFC 9449 §7.1).
 fn wants_dpop_challenge(req: &Request, route: &Route, deny: &Deny) -> bool {
-    let unauthenticated = matches!(
+    let challenged = matches!(
         deny.kind,
-        DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof
+        DenyKind::NoToken
+            | DenyKind::InvalidToken
+            | DenyKind::InvalidDpopProof
+            | DenyKind::InsufficientScope
     );
     let used_dpop = req.header("authorization").is_some_and(|a| {
         a.as_bytes()
@@ -204,7 +234,7 @@ fn wants_dpop_challenge(req: &Request, route: &Route, deny: &Deny) -> bool {
     });
     let route_wants =
         matches!(&route.access, Access::Require(r) if r.binding == Some(Binding::Dpop));
-    unauthenticated && (used_dpop || route_wants || deny.kind == DenyKind::InvalidDpopProof)
+    challenged && (used_dpop || route_wants || deny.kind == DenyKind::InvalidDpopProof)
 }
 
 /// Claims taken as verified: the provider is the allowed one whose issuer is `iss`

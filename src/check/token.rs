@@ -101,9 +101,13 @@ fn check_shape(raw: &str, max_bytes: usize) -> Result<&str, TokenError> {
     if raw.len() > max_bytes {
         return Err(TokenError::Malformed("token too large"));
     }
-    if !raw
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    // RFC 6750 §2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+    // (opaque tokens may be standard base64; a JWT never has the extra characters).
+    let body = raw.trim_end_matches('=');
+    if body.is_empty()
+        || !body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/')
+        })
     {
         return Err(TokenError::Malformed(
             "token has characters outside base64url",
@@ -198,11 +202,21 @@ mod tests {
             found(&check("/", &[("authorization", two)]), &bearer),
             Err(TokenError::Malformed(_))
         ));
-        let padded = "Bearer a.b.c==";
-        assert!(matches!(
+        // RFC 6750 b64token: standard base64 with padding is a token (opaque tokens).
+        let padded = "Bearer ab+c/d~e==";
+        assert_eq!(
             found(&check("/", &[("authorization", padded)]), &bearer),
-            Err(TokenError::Malformed(_))
-        ));
+            Ok("ab+c/d~e==".into())
+        );
+        for bad in ["Bearer a=b", "Bearer ==", "Bearer a b", "Bearer a\"b"] {
+            assert!(
+                matches!(
+                    found(&check("/", &[("authorization", bad)]), &bearer),
+                    Err(TokenError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::cache::VerifiedCache;
 use crate::decision::Reason;
+use crate::introspection::Answer;
 use crate::policy::Policy;
 use crate::policy::require::audience_contains;
 use crate::provider::{Provider, algorithm_by_name};
@@ -98,15 +99,19 @@ fn introspected(
     policy: &Policy,
     index: usize,
     now: u64,
+    given: Option<&Answer>,
 ) -> Result<Verified, VerifyError> {
-    use crate::introspection::Answer;
     let provider = &policy.providers[index];
     let Some(introspector) = &provider.introspection else {
         return Err(VerifyError::Malformed(
             "not a JWT (three dot-separated parts)",
         ));
     };
-    let claims = match introspector.cached(token) {
+    let answer = match given {
+        Some(a) => Some(a.clone()),
+        None => introspector.cached(token),
+    };
+    let claims = match answer {
         None => return Err(VerifyError::IntrospectionPending),
         Some(Answer::Inactive) => return Err(VerifyError::Inactive),
         Some(Answer::Active(claims)) => claims,
@@ -154,10 +159,20 @@ pub fn verify(
     policy: &Policy,
     allowed: &[usize],
     now: u64,
+    introspected: Option<&Answer>,
 ) -> Result<Verified, Failed> {
     let mut provider = None;
     let mut kid = None;
-    verify_inner(token, policy, allowed, now, &mut provider, &mut kid).map_err(|error| Failed {
+    verify_inner(
+        token,
+        policy,
+        allowed,
+        now,
+        introspected,
+        &mut provider,
+        &mut kid,
+    )
+    .map_err(|error| Failed {
         error,
         provider,
         kid,
@@ -169,6 +184,7 @@ fn verify_inner(
     policy: &Policy,
     allowed: &[usize],
     now: u64,
+    given: Option<&Answer>,
     seen_provider: &mut Option<usize>,
     seen_kid: &mut Option<String>,
 ) -> Result<Verified, VerifyError> {
@@ -198,7 +214,7 @@ fn verify_inner(
         // Not a JWT: an opaque token, if some allowed provider can introspect it.
         if let Some(index) = introspecting(policy, allowed) {
             *seen_provider = Some(index);
-            return introspected(token, policy, index, now);
+            return introspected(token, policy, index, now, given);
         }
         let why = if token.split('.').count() == 5 {
             "encrypted tokens (JWE) are not accepted"
@@ -208,12 +224,25 @@ fn verify_inner(
         return Err(VerifyError::Malformed(why));
     };
 
+    // A JWS is base64url without padding (RFC 7515 §2); the wider RFC 6750 token
+    // alphabet is for opaque tokens.
+    let base64url = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !(base64url(header_b64) && base64url(payload_b64) && base64url(signature_b64))
+        && introspecting(policy, allowed).is_none()
+    {
+        return Err(VerifyError::Malformed(
+            "token has characters outside base64url",
+        ));
+    }
     let header: Header = match decode_json(header_b64) {
         Some(h) => h,
         None => {
             if let Some(index) = introspecting(policy, allowed) {
                 *seen_provider = Some(index);
-                return introspected(token, policy, index, now);
+                return introspected(token, policy, index, now, given);
             }
             return Err(VerifyError::Malformed("unreadable header"));
         }
@@ -267,7 +296,7 @@ fn verify_inner(
         .as_ref()
         .is_some_and(|i| i.settings.jwts)
     {
-        return introspected(token, policy, index, now);
+        return introspected(token, policy, index, now, given);
     }
 
     if !provider.algorithms.contains(&alg) {

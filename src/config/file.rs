@@ -96,6 +96,7 @@ pub struct IntrospectionFile {
     pub jwts: bool,
     pub failure_threshold: Option<u32>,
     pub open_for: Option<String>,
+    pub max_in_flight: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -365,10 +365,17 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
             JwksSource::None
         }
     };
-    let introspection = pf.introspection.as_ref().map(|i| {
-        let mut settings = introspection_settings(i, &format!("{at}.introspection"), base, p);
+    let introspection = pf.introspection.as_ref().and_then(|i| {
+        let at = format!("{at}.introspection");
+        let mut settings = introspection_settings(i, &at, base, p);
         settings.jwts |= matches!(jwks, JwksSource::None);
-        Arc::new(Introspector::new(&pf.name, &pf.issuer, settings))
+        match Introspector::new(&pf.name, &pf.issuer, settings) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                p.error(at, e);
+                None
+            }
+        }
     });
 
     let algorithms = match &pf.algorithms {
@@ -499,7 +506,9 @@ fn introspection_settings(
             default
         }),
     };
-    let timeout = duration(&f.timeout, "timeout", Duration::from_millis(500));
+    // Below Envoy's usual ext_authz timeout (250ms in `valet envoy-config`), so that
+    // a slow IdP is answered by Valet (503) rather than by Envoy's own timeout.
+    let timeout = duration(&f.timeout, "timeout", Duration::from_millis(150));
     let cache_ttl = duration(&f.cache_ttl, "cache_ttl", Duration::from_secs(60));
     let negative_cache_ttl = duration(
         &f.negative_cache_ttl,
@@ -537,6 +546,44 @@ fn introspection_settings(
     if failure_threshold == 0 {
         p.error(format!("{at}.failure_threshold"), "at least 1");
     }
+    for (name, d, min, max) in [
+        (
+            "cache_ttl",
+            cache_ttl,
+            Duration::ZERO,
+            Duration::from_secs(24 * 3600),
+        ),
+        (
+            "negative_cache_ttl",
+            negative_cache_ttl,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        ),
+        (
+            "open_for",
+            open_for,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ),
+    ] {
+        if d < min || d > max {
+            p.error(
+                format!("{at}.{name}"),
+                format!("between {min:?} and {max:?}"),
+            );
+        }
+    }
+    let cache_entries = f.cache_entries.unwrap_or(100_000);
+    if cache_entries == 0 {
+        p.error(
+            format!("{at}.cache_entries"),
+            "at least 1: every introspected token would be asked about twice",
+        );
+    }
+    let max_in_flight = f.max_in_flight.unwrap_or(64);
+    if !(1..=10_000).contains(&max_in_flight) {
+        p.error(format!("{at}.max_in_flight"), "between 1 and 10000");
+    }
     IntrospectionSettings {
         endpoint: f.endpoint.clone(),
         client_id: f.client_id.clone(),
@@ -544,10 +591,11 @@ fn introspection_settings(
         timeout,
         cache_ttl,
         negative_cache_ttl,
-        cache_entries: f.cache_entries.unwrap_or(100_000),
+        cache_entries,
         jwts: f.jwts,
         failure_threshold,
         open_for,
+        max_in_flight,
     }
 }
 

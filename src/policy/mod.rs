@@ -110,7 +110,11 @@ impl Policy {
             }
         }
         // Proofs accepted under the old policy must stay spent.
-        if self.dpop.max_age == old.dpop.max_age && self.dpop.skew == old.dpop.skew {
+        let capacity = |d: &crate::check::binding::Dpop| d.replay.policy().max_capacity();
+        if self.dpop.max_age == old.dpop.max_age
+            && self.dpop.skew == old.dpop.skew
+            && capacity(&self.dpop) == capacity(&old.dpop)
+        {
             self.dpop.replay = old.dpop.replay.clone();
         } else {
             for (k, v) in old.dpop.replay.iter() {

@@ -248,6 +248,9 @@ fn dpop_settings(file: Option<crate::config::file::DpopFile>, p: &mut Problems) 
     if max_age > Duration::from_secs(3600) {
         p.error("dpop.max_age", "at most 1h: proofs are meant to be fresh");
     }
+    if skew > Duration::from_secs(300) {
+        p.error("dpop.clock_skew", "at most 5m");
+    }
     Dpop::new(max_age, skew, algorithms, entries)
 }
 

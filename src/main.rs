@@ -366,8 +366,49 @@ fn explain(
             }
         }
     };
+    if let valet::explain::Mode::Token { now } = &mode {
+        introspect_once(&config.policy, &spec.to_check(), *now);
+    }
     print!("{}", valet::explain::explain(&config.policy, &spec, mode));
     ExitCode::SUCCESS
+}
+
+/// An opaque token: ask the provider's introspection endpoint once, as the server
+/// would, so that the explanation decides from its answer.
+fn introspect_once(
+    policy: &valet::policy::Policy,
+    check: &envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+    now: u64,
+) {
+    use valet::decision::{Decision, Reason};
+    let decision = valet::check::check(policy, check, now);
+    if decision.reason() != Reason::IntrospectionUnavailable {
+        return;
+    }
+    let provider = match &decision {
+        Decision::Deny(d) => d.provider.as_deref(),
+        Decision::Allow(a) => a.provider.as_deref(),
+    };
+    let Some(introspector) = provider
+        .and_then(|p| policy.provider(p))
+        .and_then(|p| p.introspection.clone())
+    else {
+        return;
+    };
+    let Some(token) = decision
+        .route()
+        .and_then(|r| valet::check::token_of(policy, check, r))
+    else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = runtime
+        && let Err(e) = rt.block_on(introspector.introspect(&token, now))
+    {
+        eprintln!("warning: introspection: {e}");
+    }
 }
 
 fn run_tests(config_flag: Option<&std::path::Path>, files: &[PathBuf]) -> ExitCode {

@@ -342,4 +342,23 @@ async fn answers_are_checked_like_claims_and_deadlines_are_valets() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let a = check(&mut c, get("/orders/1").bearer("slow-token")).await;
     assert_eq!(a.reason(), "verified", "the late answer was cached: {a:?}");
+
+    // `valet explain --token` introspects an opaque token once, as the server would.
+    endpoint.set_mode(Mode::Ok);
+    let explain = |token: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_valet"))
+            .args(["explain", "--config"])
+            .arg(v.dir.path().join("valet.yaml"))
+            .args(["--path", "/orders/1", "--token", token])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        explain("explain-me").contains("decision: ALLOW 200 (verified)"),
+        "{}",
+        explain("explain-me-2")
+    );
+    endpoint.set_jwks(json!({"active": false}));
+    assert!(explain("explain-me-3").contains("inactive_token"));
 }

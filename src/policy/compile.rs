@@ -203,19 +203,34 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
     (listen, policy)
 }
 
+/// An optional duration field: `default` when absent; an error at `at` (and the
+/// default, so compiling goes on) when it does not parse.
+fn duration_or(text: Option<&str>, at: &str, default: Duration, p: &mut Problems) -> Duration {
+    match text {
+        None => default,
+        Some(t) => parse_duration(t).unwrap_or_else(|e| {
+            p.error(at, e);
+            default
+        }),
+    }
+}
+
 fn dpop_settings(file: Option<crate::config::file::DpopFile>, p: &mut Problems) -> Dpop {
     let Some(f) = file else {
         return Dpop::default();
     };
-    let mut duration = |text: Option<String>, at: &str, default: Duration| match text {
-        None => default,
-        Some(t) => parse_duration(&t).unwrap_or_else(|e| {
-            p.error(at, e);
-            default
-        }),
-    };
-    let max_age = duration(f.max_age, "dpop.max_age", binding::DEFAULT_MAX_AGE);
-    let skew = duration(f.clock_skew, "dpop.clock_skew", binding::DEFAULT_SKEW);
+    let max_age = duration_or(
+        f.max_age.as_deref(),
+        "dpop.max_age",
+        binding::DEFAULT_MAX_AGE,
+        p,
+    );
+    let skew = duration_or(
+        f.clock_skew.as_deref(),
+        "dpop.clock_skew",
+        binding::DEFAULT_SKEW,
+        p,
+    );
     let algorithms = match f.algorithms {
         None => Dpop::default().algorithms,
         Some(names) => names
@@ -502,12 +517,8 @@ fn introspection_settings(
     base: &Path,
     p: &mut Problems,
 ) -> IntrospectionSettings {
-    let mut duration = |value: &Option<String>, name: &str, default: Duration| match value {
-        None => default,
-        Some(text) => parse_duration(text).unwrap_or_else(|e| {
-            p.error(format!("{at}.{name}"), e);
-            default
-        }),
+    let mut duration = |value: &Option<String>, name: &str, default: Duration| {
+        duration_or(value.as_deref(), &format!("{at}.{name}"), default, p)
     };
     // Below Envoy's usual ext_authz timeout (250ms in `valet envoy-config`), so that
     // a slow IdP is answered by Valet (503) rather than by Envoy's own timeout.
@@ -604,12 +615,8 @@ fn introspection_settings(
 
 fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Problems) -> JwksSource {
     let at = format!("{at}.jwks");
-    let mut duration = |value: &Option<String>, name: &str, default: Duration| match value {
-        None => default,
-        Some(text) => parse_duration(text).unwrap_or_else(|e| {
-            p.error(format!("{at}.{name}"), e);
-            default
-        }),
+    let mut duration = |value: &Option<String>, name: &str, default: Duration| {
+        duration_or(value.as_deref(), &format!("{at}.{name}"), default, p)
     };
     let refresh_interval = duration(
         &j.refresh_interval,

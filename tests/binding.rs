@@ -290,15 +290,16 @@ async fn spent_proofs_stay_spent_across_policy_reloads() {
     let tmp = v.dir.path().join("valet.yaml.tmp");
     std::fs::write(&tmp, with_free_ports(&format!("{CONFIG}default: deny\n"))).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while v.metric("valet_policy_generation").await != Some(2.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no reload:\n{}",
-            v.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert!(
+        v.wait_metric(
+            "valet_policy_generation",
+            2.0,
+            std::time::Duration::from_secs(10)
+        )
+        .await,
+        "no reload:\n{}",
+        v.logs()
+    );
     let a = check(&mut c, get("/dpop/1").dpop(&t, &proof)).await;
     assert_eq!(a.reason(), "invalid_dpop_proof");
     assert!(

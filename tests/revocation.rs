@@ -28,15 +28,24 @@ fn token_with(extra: serde_json::Value) -> String {
     token(jsonwebtoken::Algorithm::RS256, &c)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_propagates_in_about_a_second_under_load() {
+/// Valet on CONFIG with this denylist beside it; the paths of both files.
+fn start(denylist: &str) -> (Valet, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     let deny = dir.path().join("denylist.yaml");
-    std::fs::write(&deny, "revoked: []\n").unwrap();
+    std::fs::write(&deny, denylist).unwrap();
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, with_free_ports(CONFIG)).unwrap();
-    let valet = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    (
+        Valet::spawn(dir, &path, &[("VALET_LOG", "info")]),
+        deny,
+        path,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_propagates_in_about_a_second_under_load() {
+    let (valet, deny, _) = start("revoked: []\n");
 
     // Victims, one per round: each revoked by a different rule.
     let cut = now();
@@ -156,18 +165,16 @@ async fn revocation_propagates_in_about_a_second_under_load() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     write(&deny, &body);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while valet
-        .metric("valet_revocation_last_reload_successful")
-        .await
-        != Some(1.0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the repaired denylist was not read"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        valet
+            .wait_metric(
+                "valet_revocation_last_reload_successful",
+                1.0,
+                Duration::from_secs(10)
+            )
+            .await,
+        "the repaired denylist was not read"
+    );
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.await.unwrap();
@@ -247,13 +254,7 @@ fn a_policy_naming_a_broken_denylist_does_not_start() {
 /// and the list keeps following its file afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_denylist_survives_policy_reloads() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
-    let deny = dir.path().join("denylist.yaml");
-    std::fs::write(&deny, "revoked:\n  - jti: first\n").unwrap();
-    let path = dir.path().join("valet.yaml");
-    std::fs::write(&path, with_free_ports(CONFIG)).unwrap();
-    let valet = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    let (valet, deny, path) = start("revoked:\n  - jti: first\n");
     let mut c = valet.client().await;
     let first = token_with(json!({"jti": "first"}));
     let second = token_with(json!({"jti": "second"}));
@@ -278,11 +279,13 @@ async fn the_denylist_survives_policy_reloads() {
             "routes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n",
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while valet.metric("valet_policy_generation").await != Some(2.0) {
-        assert!(Instant::now() < deadline, "no reload:\n{}", valet.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        valet
+            .wait_metric("valet_policy_generation", 2.0, Duration::from_secs(10))
+            .await,
+        "no reload:\n{}",
+        valet.logs()
+    );
     assert!(
         check(&mut c, get("/healthz")).await.allowed(),
         "the new policy is in force"

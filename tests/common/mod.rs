@@ -302,6 +302,18 @@ impl Valet {
         false
     }
 
+    /// Waits until a metric series has this value; false if it did not within `within`.
+    pub async fn wait_metric(&self, series: &str, value: f64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.metric(series).await == Some(value) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let _ = Command::new("kill")

@@ -146,43 +146,13 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------
 # Authorizers (core AUTHZ_CPU), on free ports chosen by the kernel.
 
-# The shipped policy on free ports, its JWKS by absolute path. In a directory of
-# its own: Valet watches its config file's directory and wakes on every write
-# there (h2load's --log-file lines would cost Valet CPU in every scenario).
-mkdir "$work/policy"
+# The shipped policy, and the same with the verified-token cache off.
+# shellcheck source=scripts/lib/bench.sh
+. scripts/lib/bench.sh
+shipped_configs "$work/policy"
 cached_cfg="$work/policy/valet.yaml"
-sed -E \
-    -e 's#^(  grpc:[[:space:]]*)[^[:space:]]+#\1127.0.0.1:0#' \
-    -e 's#^(  admin:[[:space:]]*)[^[:space:]]+#\1127.0.0.1:0#' \
-    -e "s#^([[:space:]]+file:[[:space:]]*)([^/[:space:]][^[:space:]]*)#\\1$PWD/config/\\2#" \
-    config/valet.yaml >"$cached_cfg"
-grep -q '^  grpc: 127.0.0.1:0' "$cached_cfg" || die "could not rewrite listen.grpc"
-grep -q "file: $PWD/config/" "$cached_cfg" || die "could not rewrite jwks.file"
-grep -q '^cache:' "$cached_cfg" && die "config/valet.yaml already has a top-level cache: block"
 uncached_cfg="$work/policy/valet-nocache.yaml"
-{ cat "$cached_cfg"; printf '\ncache: { max_entries: 0 }\n'; } >"$uncached_cfg"
-"$bin/valet" check-config --config "$cached_cfg" >/dev/null
-"$bin/valet" check-config --config "$uncached_cfg" >/dev/null
-
-# start_authz NAME ARGS...: runs a gRPC server pinned to AUTHZ_CPU and waits for
-# its "grpc=ADDR" log line; sets PID, ADDR and ADMIN (if logged).
-start_authz() {
-    local name=$1 log="$work/$1.log"
-    shift
-    taskset -c "$AUTHZ_CPU" "$@" >/dev/null 2>"$log" &
-    PID=$!
-    pids+=("$PID")
-    ADDR='' ADMIN=''
-    for _ in $(seq 200); do
-        ADDR=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'grpc=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)
-        [[ -n $ADDR ]] && break
-        kill -0 "$PID" 2>/dev/null || die "$name exited: $(cat "$log")"
-        sleep 0.05
-    done
-    [[ -n $ADDR ]] || die "$name did not start: $(cat "$log")"
-    [[ $ADDR == 127.0.0.1:* ]] || die "$name listens on $ADDR, not 127.0.0.1"
-    ADMIN=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'admin=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)
-}
+start_authz() { local name=$1; shift; start_server "$name" "$AUTHZ_CPU" "$@"; }
 wait_ready() { # URL
     for _ in $(seq 200); do
         curl -fs "$1" >/dev/null 2>&1 && return 0

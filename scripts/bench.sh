@@ -58,40 +58,12 @@ bin=target/release
 "$bin/examples/check_body" --out "$work/allow.bin"
 "$bin/examples/check_body" --out "$work/missing.bin" --no-token
 
-# The shipped config on free ports, its key file by absolute path.
-config="$work/valet.yaml"
-sed -E \
-    -e 's#^(  grpc:[[:space:]]*)[^[:space:]]+#\1127.0.0.1:0#' \
-    -e 's#^(  admin:[[:space:]]*)[^[:space:]]+#\1127.0.0.1:0#' \
-    -e "s#^([[:space:]]+file:[[:space:]]*)([^/[:space:]][^[:space:]]*)#\\1$PWD/config/\\2#" \
-    config/valet.yaml >"$config"
-grep -q '^  grpc: 127.0.0.1:0' "$config" || die "could not rewrite listen.grpc in $config"
-grep -q "file: $PWD/config/" "$config" || die "could not rewrite jwks.file in $config"
-"$bin/valet" check-config --config "$config" >/dev/null
-nocache="$work/valet-nocache.yaml"
-{ sed '/^cache:/d' "$config"; echo 'cache: { max_entries: 0 }'; } >"$nocache"
-"$bin/valet" check-config --config "$nocache" >/dev/null
-
-# start NAME ARGS...: runs a server pinned to SERVER_CPU, waits for its
-# "listening grpc=ADDR" log line; sets PID and ADDR (and ADMIN if logged).
-start() {
-    local name=$1 log="$work/$1.log"
-    shift
-    taskset -c "$SERVER_CPU" "$@" >/dev/null 2>"$log" &
-    PID=$!
-    pids+=("$PID")
-    ADDR=
-    ADMIN=
-    for _ in $(seq 200); do
-        ADDR=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'grpc=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)
-        [[ -n $ADDR ]] && break
-        kill -0 "$PID" 2>/dev/null || die "$name exited: $(cat "$log")"
-        sleep 0.05
-    done
-    [[ -n $ADDR ]] || die "$name did not start: $(cat "$log")"
-    ADMIN=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'admin=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)
-    [[ $ADDR == 127.0.0.1:* ]] || die "$name listens on $ADDR, not 127.0.0.1"
-}
+# shellcheck source=scripts/lib/bench.sh
+. scripts/lib/bench.sh
+shipped_configs "$work/policy"
+config="$work/policy/valet.yaml"
+nocache="$work/policy/valet-nocache.yaml"
+start() { local name=$1; shift; start_server "$name" "$SERVER_CPU" "$@"; }
 
 start noop "$bin/examples/noop_authz" --addr 127.0.0.1:0
 NOOP_PID=$PID NOOP_ADDR=$ADDR

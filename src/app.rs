@@ -95,7 +95,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
     if let Some(addr) = config.listen.http {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(http = %listener.local_addr()?, "listening");
-        let http = http_authz::serve(listener, state.clone());
+        let http = http_authz::serve(listener, state.clone(), config.listen.http_proxy);
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {
             tokio::select! {

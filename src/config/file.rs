@@ -61,6 +61,9 @@ pub struct ListenFile {
     pub grpc: Option<String>,
     pub admin: Option<String>,
     pub http: Option<String>,
+    /// `nginx`, `traefik` or `envoy`: which proxy calls `http`, hence which one
+    /// header family describes the original request.
+    pub http_proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

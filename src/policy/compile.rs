@@ -48,6 +48,7 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
             p,
         ),
         http: optional_addr(file.listen.http.as_deref(), None, "listen.http", p),
+        http_proxy: crate::http_authz::compile_proxy(&file.listen, p),
     };
     if listen.grpc.is_none() && listen.http.is_none() {
         p.error("listen", "turn on at least one of grpc and http");

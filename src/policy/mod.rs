@@ -58,6 +58,8 @@ pub struct Listen {
     /// The same decisions over plain HTTP (Envoy http_service, nginx auth_request,
     /// Traefik forwardAuth); off unless set.
     pub http: Option<SocketAddr>,
+    /// Which proxy calls `http` (`listen.http_proxy`): the one header family trusted.
+    pub http_proxy: crate::http_authz::HttpProxy,
 }
 
 impl Policy {

@@ -92,10 +92,18 @@ pub fn bootstrap(policy: &Policy, o: &Options) -> Value {
                     HostMatch::Suffix(s) => format!("[^.:]+(\\.[^.:]+)*{}", regex::escape(s)),
                 })
                 .collect();
+            // Every spelling Valet reads as one of these hosts: any case, one
+            // trailing dot, a port (even an empty one).
             headers.push(json!({
                 "name": ":authority",
-                "string_match": { "safe_regex": { "regex": format!("(?i)^({})(:[0-9]+)?$", alts.join("|")) } }
+                "string_match": { "safe_regex": { "regex": format!("(?i)^({})\\.?(:[0-9]*)?$", alts.join("|")) } }
             }));
+        }
+        let skip = r.is_anonymous() && !policy.dry_run && !r.dry_run;
+        if skip {
+            // Skip the Check only on spellings where Envoy's matching provably
+            // equals Valet's; anything else falls through to a checked route.
+            headers.extend(plain_request_gate());
         }
         if !headers.is_empty() {
             m["headers"] = Value::Array(headers);
@@ -104,7 +112,7 @@ pub fn bootstrap(policy: &Policy, o: &Options) -> Value {
             // The generic per-route switch, not ExtAuthzPerRoute { disabled }: with it
             // Envoy does not create the ext_authz filter for the request at all
             // (ExtAuthzPerRoute only makes the created filter return at once).
-            Access::Anonymous if !policy.dry_run && !r.dry_run => json!({
+            Access::Anonymous if skip => json!({
                 "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                 "disabled": true
             }),
@@ -154,6 +162,12 @@ pub fn bootstrap(policy: &Policy, o: &Options) -> Value {
                         "normalize_path": true,
                         "merge_slashes": true,
                         "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                        // `x_user_id` would reach CGI, WSGI, PHP and Rack upstreams as
+                        // `x-user-id`, past the removal of identity headers. Rejected
+                        // (400) rather than dropped: Valet refuses such a twin of an
+                        // identity header too, and a dropped header silently changes
+                        // the request the app sees.
+                        "common_http_protocol_options": { "headers_with_underscores_action": "REJECT_REQUEST" },
                         "route_config": {
                             "name": "valet_routes",
                             "virtual_hosts": [{ "name": "app", "domains": ["*"], "routes": routes }]
@@ -200,6 +214,26 @@ pub fn bootstrap(policy: &Policy, o: &Options) -> Value {
             ]
         }
     })
+}
+
+/// Characters of a path after Envoy's normalisation (which decodes escaped
+/// unreserved characters and resolves dot segments) that Envoy's route matchers
+/// and Valet compare alike: unreserved, sub-delims but `*` (Envoy's
+/// `uri_template` does not take it in a variable), `:` and `@`. No `%`: Envoy
+/// keeps other escapes as sent (either hex case, `%3A` undecoded, control
+/// characters) where Valet decodes, re-encodes or refuses them.
+pub const PLAIN_PATH: &str = r"/[A-Za-z0-9._~!$&'()+,;=:@/-]*(\?[^#]*)?";
+/// A host Envoy and Valet read alike: lower-case labels, no trailing dot, an
+/// optional port. IPv6 literals, upper case and trailing dots go to Valet.
+pub const PLAIN_AUTHORITY: &str = r"([a-z0-9-]+\.)*[a-z0-9-]+(:[0-9]{1,5})?";
+
+/// Header matchers a request must pass before Envoy skips the Check: only where
+/// Envoy and Valet provably read the request alike (see [`PLAIN_PATH`]).
+fn plain_request_gate() -> [Value; 2] {
+    [
+        json!({ "name": ":path", "string_match": { "safe_regex": { "regex": PLAIN_PATH } } }),
+        json!({ "name": ":authority", "string_match": { "safe_regex": { "regex": PLAIN_AUTHORITY } } }),
+    ]
 }
 
 /// The request headers Valet reads a token from (query tokens ride in `:path`,
@@ -550,44 +584,43 @@ pub fn istio(policy: &Policy, o: &IstioOptions) -> Istio {
         "match": ext_authz_match,
         "patch": { "operation": "MERGE", "value": { "typed_config": merged } }
     })];
-    if !plan.skipped.is_empty() {
-        if !policy.identity_headers.is_empty() {
-            let removals: Vec<Value> = policy
-                .identity_headers
-                .iter()
-                .map(|h| json!({ "remove": h }))
-                .collect();
-            patches.push(json!({
-                "applyTo": "HTTP_FILTER",
-                "match": ext_authz_match,
-                "patch": {
-                    "operation": "INSERT_BEFORE",
-                    "value": {
-                        "name": "valet.strip_identity_headers",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                            "mutations": { "request_mutations": removals }
-                        }
-                    }
-                }
-            }));
-        }
+    if !plan.skipped.is_empty() && !policy.identity_headers.is_empty() {
+        let removals: Vec<Value> = policy
+            .identity_headers
+            .iter()
+            .map(|h| json!({ "remove": h }))
+            .collect();
         patches.push(json!({
-            "applyTo": "NETWORK_FILTER",
-            "match": inbound_hcm,
+            "applyTo": "HTTP_FILTER",
+            "match": ext_authz_match,
             "patch": {
-                "operation": "MERGE",
+                "operation": "INSERT_BEFORE",
                 "value": {
+                    "name": "valet.strip_identity_headers",
                     "typed_config": {
-                        "@type": HCM_TYPE,
-                        "normalize_path": true,
-                        "merge_slashes": true,
-                        "path_with_escaped_slashes_action": "REJECT_REQUEST"
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                        "mutations": { "request_mutations": removals }
                     }
                 }
             }
         }));
     }
+    // Underscore twins of identity headers are refused whether or not paths are
+    // skipped: Valet sees only allowed_headers, so it cannot refuse them itself.
+    let mut hcm = json!({
+        "@type": HCM_TYPE,
+        "common_http_protocol_options": { "headers_with_underscores_action": "REJECT_REQUEST" }
+    });
+    if !plan.skipped.is_empty() {
+        hcm["normalize_path"] = json!(true);
+        hcm["merge_slashes"] = json!(true);
+        hcm["path_with_escaped_slashes_action"] = json!("REJECT_REQUEST");
+    }
+    patches.push(json!({
+        "applyTo": "NETWORK_FILTER",
+        "match": inbound_hcm,
+        "patch": { "operation": "MERGE", "value": { "typed_config": hcm } }
+    }));
     let envoy_filter = json!({
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -674,6 +707,8 @@ pub fn istio_yaml(policy_path: &str, istio: &Istio, o: &IstioOptions) -> String 
         line("   (merge slashes, reject %2F and %5C) so that no dot segment or escaped slash");
         line("   reaches a protected route through a skipped path.");
     }
+    line("   The inbound connection manager rejects (400) headers with underscores: `x_user_id`");
+    line("   would reach CGI, WSGI, PHP and Rack apps as `x-user-id`.");
     for doc in [&istio.authorization_policy, &istio.envoy_filter] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(doc).unwrap_or_default());
@@ -858,7 +893,13 @@ mod tests {
             json!({ "app": "orders" })
         );
 
-        // Nothing skipped: one empty rule (everything checked), no extra patches.
+        assert_eq!(
+            patches[2]["patch"]["value"]["typed_config"]["common_http_protocol_options"],
+            json!({ "headers_with_underscores_action": "REJECT_REQUEST" })
+        );
+
+        // Nothing skipped: one empty rule (everything checked), no identity-header
+        // removal, no path normalisation; underscores still refused.
         let p = policy(
             "  - { name: orders, match: { path_prefix: /orders }, require: { scopes: [x] } }\n",
         );
@@ -869,10 +910,85 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .len(),
-            1
+            2
         );
         let yaml = istio_yaml("valet.yaml", &i, &o);
         assert!(yaml.contains("(no path can be skipped safely)"), "{yaml}");
+    }
+
+    fn opts() -> Options {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Options {
+            listen: a,
+            upstream: a,
+            valet: a,
+            admin: a,
+            timeout_ms: 250,
+        }
+    }
+
+    #[test]
+    fn anonymous_routes_skip_the_check_only_for_plain_spellings() {
+        let p = policy(
+            "  - { name: admin, match: { hosts: [admin.test], path_prefix: /men%C3%BC }, require: { scopes: [x] } }\n\
+             \x20 - { name: all, match: { path_prefix: / }, anonymous: true }\n",
+        );
+        let b = bootstrap(&p, &opts());
+        let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(
+            hcm["common_http_protocol_options"]["headers_with_underscores_action"],
+            "REJECT_REQUEST"
+        );
+        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        let host = routes[0]["match"]["headers"][0]["string_match"]["safe_regex"]["regex"]
+            .as_str()
+            .unwrap();
+        let host = regex::Regex::new(host).unwrap();
+        for h in [
+            "admin.test",
+            "ADMIN.test.",
+            "admin.test.:8443",
+            "admin.test:",
+        ] {
+            assert!(host.is_match(h), "{h}");
+        }
+        assert!(!host.is_match("admin.test.evil"));
+        let gate = routes[1]["match"]["headers"].as_array().unwrap();
+        let re = |i: usize| {
+            let r = gate[i]["string_match"]["safe_regex"]["regex"]
+                .as_str()
+                .unwrap();
+            regex::Regex::new(&format!("^(?:{r})$")).unwrap()
+        };
+        let (path, authority) = (re(0), re(1));
+        assert_eq!(gate[0]["name"], ":path");
+        for plain in ["/", "/a/b:c@d/", "/x?y=%41&z", "/a;b=c,d"] {
+            assert!(path.is_match(plain), "{plain}");
+        }
+        for other in [
+            "/men%c3%bc/x",
+            "/v2/users%3asearch",
+            "/admin%09",
+            "/a*b",
+            "/a[b]",
+            "/x#f",
+        ] {
+            assert!(!path.is_match(other), "{other}");
+        }
+        for plain in ["a.test", "a-b.c:8080", "localhost"] {
+            assert!(authority.is_match(plain), "{plain}");
+        }
+        for other in ["admin.test.", "Admin.test", "[::1]:80", "a..b", "a.test:"] {
+            assert!(!authority.is_match(other), "{other}");
+        }
+        assert_eq!(
+            routes[1]["typed_per_filter_config"][EXT_AUTHZ]["disabled"],
+            true
+        );
+        // A checked route has no gate: Valet decides every spelling itself.
+        assert_eq!(routes[0]["match"]["headers"].as_array().unwrap().len(), 1);
     }
 
     #[test]

@@ -62,6 +62,16 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
             return dry_run(policy, None, Decision::Deny(deny));
         }
     };
+    // `x_user_id` reaches CGI, WSGI, PHP and Rack upstreams as `x-user-id`: a
+    // request carrying another spelling of a header Valet sets is refused.
+    if let Some(twin) = identity_twin(policy, &req) {
+        let deny = Deny::new(
+            Reason::MalformedRequest,
+            DenyKind::BadRequest,
+            format!("header {twin:?} is another spelling of an identity header"),
+        );
+        return dry_run(policy, None, Decision::Deny(deny));
+    }
     let route = policy.route_for(&req);
     let decision = match route {
         None => no_route(policy),
@@ -79,6 +89,22 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
         },
     };
     dry_run(policy, route, decision)
+}
+
+/// A header whose name is an identity header's with `_` for some `-`.
+fn identity_twin<'a>(policy: &Policy, req: &Request<'a>) -> Option<&'a str> {
+    if policy.identity_headers.is_empty() {
+        return None;
+    }
+    req.find_header_name(|name| {
+        name.contains('_')
+            && policy.identity_headers.iter().any(|h| {
+                h.len() == name.len()
+                    && h.bytes()
+                        .zip(name.bytes())
+                        .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+            })
+    })
 }
 
 // A denial is an answer, not an exception: it moves by value rather than through a Box.
@@ -367,18 +393,13 @@ fn allow(
             TokenSource::Header { name, .. } => remove_headers.push(name.clone()),
             TokenSource::Query(name) => remove_query.push(name.clone()),
             TokenSource::Cookie(name) => {
-                // Keep the other cookies: rewrite the header without this one.
-                let rest: Vec<&str> = req
-                    .header("cookie")
-                    .unwrap_or("")
-                    .split([';', ','])
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(k, _)| k != name))
-                    .collect();
+                // Keep every other cookie byte for byte: drop only the pairs of
+                // this name, and the separator before each.
+                let rest = without_cookie(req.header("cookie").unwrap_or(""), name);
                 if rest.is_empty() {
                     remove_headers.push("cookie".into());
                 } else {
-                    set_headers.push(("cookie".into(), rest.join("; ")));
+                    set_headers.push(("cookie".into(), rest));
                 }
             }
         }
@@ -394,6 +415,30 @@ fn allow(
         claims: Some(verified.claims),
         dry_run: false,
     }
+}
+
+/// The `cookie` header without the pairs named `name`; every other byte kept.
+fn without_cookie(header: &str, name: &str) -> String {
+    let mut out = String::with_capacity(header.len());
+    let mut first = true;
+    for pair in header.split(';') {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+        if key == name {
+            continue;
+        }
+        if first {
+            // The first pair kept starts the header: no separator's space before it.
+            out.push_str(pair.trim_start());
+            first = false;
+        } else {
+            out.push(';');
+            out.push_str(pair);
+        }
+    }
+    if out.trim().is_empty() {
+        out.clear();
+    }
+    out
 }
 
 /// A claim as a header value: strings as they are, numbers and booleans printed,
@@ -417,4 +462,26 @@ fn header_value(v: &Value) -> Option<String> {
         _ => return None,
     };
     (!s.chars().any(char::is_control)).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_cookie;
+
+    #[test]
+    fn removing_the_token_cookie_keeps_every_other_byte() {
+        let cases = [
+            ("session=t.t.t; prefs=a,b", "prefs=a,b"),
+            ("a=1; session=t.t.t; b=2", "a=1; b=2"),
+            ("a=1;session=t;b=\"x, y\" ; c", "a=1;b=\"x, y\" ; c"),
+            ("a=1; b=2; session=t", "a=1; b=2"),
+            ("session=t", ""),
+            ("session=t; session=u", ""),
+            ("sessionx=1; session=t", "sessionx=1"),
+            ("a=1;;  b=2; session=t", "a=1;;  b=2"),
+        ];
+        for (header, want) in cases {
+            assert_eq!(without_cookie(header, "session"), want, "{header}");
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::provider::{
     ClaimPath, JwksSource, Provider, RemoteJwks, RemoteLocation, TokenSource, algorithm_by_name,
     default_algorithms,
 };
-use crate::request::normalize;
+use crate::request::{host, normalize};
 
 pub const DEFAULT_GRPC: &str = "127.0.0.1:9001";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
@@ -771,15 +771,16 @@ fn route_match(
         .enumerate()
         .map(|(j, h)| {
             let hat = format!("{at}.hosts[{j}]");
+            // Hosts are compared in lower case: an upper-case literal is no mistake.
             let h = h.to_ascii_lowercase();
             if h == "*" || h.is_empty() {
                 p.error(&hat, "leave hosts out to match any host");
-            } else if h.contains(':') && !h.starts_with('[') {
-                p.error(&hat, "hosts are matched without a port; remove it");
             } else if h.chars().skip(1).any(|c| c == '*')
                 || (h.starts_with('*') && !h.starts_with("*."))
             {
                 p.error(&hat, "only a leading \"*.\" wildcard is supported");
+            } else if let Some(why) = host::literal_problem(&h) {
+                p.error(&hat, format!("{h:?} can never match: {why}"));
             }
             match h.strip_prefix('*') {
                 Some(suffix) => HostMatch::Suffix(suffix.to_string()),
@@ -851,19 +852,23 @@ fn route_match(
     (hosts, methods, path)
 }
 
-/// Paths in policy must already be normal, or they could never match.
+/// Paths in policy must be in the canonical form requests are matched in
+/// (`request::normalize`), or they could never match, or match one spelling of a
+/// resource and not another.
 fn normalized(path: &str, at: &str, p: &mut Problems) -> String {
     match normalize(path) {
-        Ok(n) if n == path || n == format!("{path}/") => path.to_string(),
+        Ok(n) if n == path => n,
         Ok(n) => {
             p.error(
                 at,
-                format!("{path:?} is not normalised; requests are matched as {n:?}"),
+                format!(
+                    "{path:?} is not in canonical form, and requests are matched in it: write {n:?}"
+                ),
             );
             n
         }
         Err(e) => {
-            p.error(at, format!("{path:?}: {e}"));
+            p.error(at, format!("{path:?} can never match: {e}"));
             path.to_string()
         }
     }
@@ -901,6 +906,19 @@ fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
                     p.error(at, "empty segment (double or trailing slash)");
                 } else if matches!(seg, "." | "..") {
                     p.error(at, "dot segments never match a normalised path");
+                } else if !seg.is_empty() {
+                    let literal = format!("/{seg}");
+                    match normalize(&literal) {
+                        Ok(n) if n == literal => {}
+                        Ok(n) => p.error(
+                            at,
+                            format!(
+                                "segment {seg:?} is not in canonical form, and requests are matched in it: write {:?}",
+                                &n[1..]
+                            ),
+                        ),
+                        Err(e) => p.error(at, format!("segment {seg:?} can never match: {e}")),
+                    }
                 }
                 segments.push(TemplateSegment::Literal(seg.to_string()));
             }

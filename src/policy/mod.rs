@@ -63,15 +63,13 @@ pub struct Listen {
 }
 
 impl Policy {
-    /// The first route, in file order, that fits the request. When Envoy names
-    /// the route (`context_extensions: { valet_route: NAME }`, only ever sent by
-    /// Envoy on the ext_authz port), it is taken as is: Envoy already matched it.
+    /// The first route, in file order, that fits the request. A route Envoy
+    /// names (`context_extensions: { valet_route: NAME }`) is not taken on trust:
+    /// Envoy compares some spellings of a path or host differently, and its
+    /// choice could be a later, weaker route. Valet matches by itself; a route
+    /// that should only ever be chosen by name says so with
+    /// `match: { context: { valet_route: NAME } }`.
     pub fn route_for(&self, req: &Request) -> Option<&Route> {
-        if let Some(name) = req.context.get(index::ROUTE_CONTEXT_KEY)
-            && let Some(i) = self.index.by_name(name)
-        {
-            return Some(&self.routes[i]);
-        }
         self.index
             .candidates(&req.path)
             .map(|i| &self.routes[i])

@@ -1,6 +1,7 @@
 //! The small view of a `CheckRequest` that the rest of the Check reads: borrowed
 //! where it can be, normalised where it must be.
 
+pub mod host;
 mod path;
 
 use std::collections::HashMap;
@@ -8,7 +9,7 @@ use std::fmt;
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 
-pub use path::{PathError, normalize, split_query};
+pub use path::{PathError, is_pchar, normalize, split_query};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestError {
@@ -30,9 +31,9 @@ static EMPTY: std::sync::LazyLock<HashMap<String, String>> = std::sync::LazyLock
 
 pub struct Request<'a> {
     pub method: &'a str,
-    /// Lower-case, without port.
+    /// Canonical ([`host::canonical`]): lower-case, no port, no trailing dot.
     pub host: String,
-    /// Normalised, without the query.
+    /// Canonical ([`normalize`]), without the query.
     pub path: String,
     /// Raw query string, without `?`.
     pub query: &'a str,
@@ -95,7 +96,7 @@ impl<'a> Request<'a> {
         } else {
             &http.host
         };
-        request.host = strip_port(host).to_ascii_lowercase();
+        request.host = host::canonical(host);
         Ok(request)
     }
 
@@ -113,6 +114,15 @@ impl<'a> Request<'a> {
                         std::str::from_utf8(&h.raw_value).ok()
                     }
                 }),
+        }
+    }
+
+    /// The first header name (lower-case in a map, as sent in a raw list) for
+    /// which `f` holds.
+    pub fn find_header_name(&self, mut f: impl FnMut(&str) -> bool) -> Option<&'a str> {
+        match self.headers {
+            Headers::Map(map) => map.keys().map(String::as_str).find(|n| f(n)),
+            Headers::Raw(list) => list.iter().map(|h| h.key.as_str()).find(|n| f(n)),
         }
     }
 
@@ -136,10 +146,12 @@ impl<'a> Request<'a> {
         }
     }
 
-    /// A cookie by name, from the `cookie` header.
+    /// A cookie by name, from the `cookie` header. Pairs are separated by `;`
+    /// only (Envoy joins repeated cookie headers with `; `): a comma belongs to
+    /// a value.
     pub fn cookie(&self, name: &str) -> Option<&'a str> {
         self.header("cookie")?
-            .split([';', ','])
+            .split(';')
             .filter_map(|pair| pair.trim().split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v.trim_matches('"'))
@@ -152,19 +164,6 @@ impl<'a> Request<'a> {
             .filter_map(|pair| pair.split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest.split_once(']').map_or(host, |(addr, _)| addr);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.contains(':') => {
-            name
-        }
-        _ => host,
     }
 }
 
@@ -203,23 +202,15 @@ mod tests {
     }
 
     #[test]
-    fn hosts_lose_their_port_only() {
-        assert_eq!(strip_port("a.example:80"), "a.example");
-        assert_eq!(strip_port("a.example"), "a.example");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
-        assert_eq!(strip_port("::1"), "::1");
-    }
-
-    #[test]
     fn missing_attributes_and_bad_paths_are_errors() {
         assert_eq!(
             Request::from_check(&CheckRequest::default()).err(),
             Some(RequestError::NoHttpAttributes)
         );
-        let c = check("/a/../../b", "h", &[]);
+        let c = check("/a%2f..", "h", &[]);
         assert_eq!(
             Request::from_check(&c).err(),
-            Some(RequestError::Path(PathError::EscapesRoot))
+            Some(RequestError::Path(PathError::AmbiguousEncoding))
         );
     }
 }

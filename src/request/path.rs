@@ -1,5 +1,22 @@
-//! Path normalisation: the path a route is matched against must be the path the
-//! upstream will serve, so `/healthz/../admin` can never ride a public route.
+//! The canonical form of a request path: the one spelling that route matching,
+//! `check-config`, `explain`, `valet test` and the generated proxy configs agree
+//! on, whatever spelling the client sent.
+//!
+//! - Escapes of characters a path segment may carry as they are (RFC 3986
+//!   `pchar`: unreserved, sub-delims, `:` and `@`) are decoded: `/%61dmin` is
+//!   `/admin`, `/v1/users%3Asearch` is `/v1/users:search`. Upstreams that decode
+//!   before routing serve both spellings as one resource, so Valet matches them
+//!   as one.
+//! - Every other byte outside `pchar` (non-ASCII, space, `"`, `<`, `>`, `[`, `]`,
+//!   `^`, `` ` ``, `{`, `|`, `}`, `%` itself) is percent-encoded with upper-case
+//!   hex, whether it came raw or escaped in either case: `/café`, `/caf%c3%a9`
+//!   and `/caf%C3%A9` are all `/caf%C3%A9`.
+//! - Escaped `/` and `\`, a backslash, and control characters (raw or escaped,
+//!   `%00`-`%1F`, `%7F`) are refused: servers disagree on what they mean.
+//! - Repeated slashes merge; `.` and `..` segments (escaped or not) are removed
+//!   as RFC 3986 section 5.2.4 does (`..` at the root stays at the root).
+//!
+//! The result is ASCII, and a canonical path is its own canonical form.
 
 use std::fmt;
 
@@ -11,8 +28,6 @@ pub enum PathError {
     AmbiguousEncoding,
     Backslash,
     ControlCharacter,
-    /// `..` above the root.
-    EscapesRoot,
 }
 
 impl fmt::Display for PathError {
@@ -23,7 +38,6 @@ impl fmt::Display for PathError {
             PathError::AmbiguousEncoding => "encoded slash, backslash or control character in path",
             PathError::Backslash => "backslash in path",
             PathError::ControlCharacter => "control character in path",
-            PathError::EscapesRoot => "path climbs above the root",
         })
     }
 }
@@ -34,13 +48,17 @@ pub fn split_query(raw: &str) -> (&str, &str) {
     raw.split_once('?').unwrap_or((raw, ""))
 }
 
-/// RFC 3986 normalisation: decode percent-encoded unreserved characters, upper-case
-/// the remaining escapes, merge repeated slashes, resolve `.` and `..`.
+/// A byte a path segment carries as it is (RFC 3986 `pchar` without escapes).
+pub fn is_pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b)
+}
+
+/// The canonical form of `path` (see the module's documentation).
 pub fn normalize(path: &str) -> Result<String, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    let decoded = decode_unreserved(path)?;
+    let decoded = canonical_bytes(path)?;
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in decoded.split('/').skip(1) {
@@ -48,9 +66,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         match segment {
             "" | "." => {}
             ".." => {
-                if segments.pop().is_none() {
-                    return Err(PathError::EscapesRoot);
-                }
+                segments.pop();
             }
             s => {
                 segments.push(s);
@@ -69,9 +85,18 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-fn decode_unreserved(path: &str) -> Result<String, PathError> {
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_escaped(out: &mut String, b: u8) {
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 0xf)] as char);
+}
+
+/// Escapes decoded or encoded as the canonical form says; segments untouched.
+fn canonical_bytes(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out = String::with_capacity(path.len() + 8);
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -84,27 +109,33 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                     .zip(hex_value(hex[1]))
                     .map(|(h, l)| h << 4 | l)
                     .ok_or(PathError::BadPercentEncoding)?;
-                if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
-                    out.push(value as char);
-                } else if value == b'/' || value == b'\\' || value < 0x20 || value == 0x7f {
+                if value == b'/' || value == b'\\' || value < 0x20 || value == 0x7f {
                     return Err(PathError::AmbiguousEncoding);
+                } else if is_pchar(value) {
+                    out.push(value as char);
                 } else {
-                    out.push('%');
-                    out.push(hex[0].to_ascii_uppercase() as char);
-                    out.push(hex[1].to_ascii_uppercase() as char);
+                    push_escaped(&mut out, value);
                 }
                 i += 3;
             }
             b'\\' => return Err(PathError::Backslash),
             b if b < 0x20 || b == 0x7f => return Err(PathError::ControlCharacter),
-            _ => {
-                // Copy the whole run up to the next special byte (keeps UTF-8 intact).
+            b'/' => {
+                out.push('/');
+                i += 1;
+            }
+            b if is_pchar(b) => {
+                // Copy the whole run of plain bytes at once.
                 let end = bytes[i..]
                     .iter()
-                    .position(|c| *c == b'%' || *c == b'\\' || *c < 0x20 || *c == 0x7f)
+                    .position(|c| !(is_pchar(*c) || *c == b'/'))
                     .map_or(bytes.len(), |p| i + p);
                 out.push_str(&path[i..end]);
                 i = end;
+            }
+            _ => {
+                push_escaped(&mut out, b);
+                i += 1;
             }
         }
     }
@@ -125,7 +156,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalises_like_rfc_3986() {
+    fn normalises_to_one_spelling() {
         let cases = [
             ("/", "/"),
             ("/orders", "/orders"),
@@ -138,13 +169,46 @@ mod tests {
             ("/healthz/%2E%2e/admin", "/admin"),
             ("/%6Frders", "/orders"),
             ("/a%7e", "/a~"),
-            ("/a%3a%3A", "/a%3A%3A"),
-            ("/caf\u{e9}", "/caf\u{e9}"),
+            // Reserved characters a segment may carry: decoded.
+            ("/a%3a%3A", "/a::"),
+            ("/v1/users%3Asearch", "/v1/users:search"),
+            ("/%21%24%26%27%28%29%2A%2B%2C%3B%3D%40", "/!$&'()*+,;=@"),
+            // Everything else: encoded, upper-case hex, raw or not.
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/men%c3%bc/x", "/men%C3%BC/x"),
+            ("/a%25b", "/a%25b"),
+            ("/a%3fb%23c", "/a%3Fb%23c"),
+            ("/users/a[b]/secret", "/users/a%5Bb%5D/secret"),
+            ("/a b", "/a%20b"),
+            ("/a%20b", "/a%20b"),
+            ("/{x}", "/%7Bx%7D"),
             ("/a/.", "/a/"),
             ("/a/b/../../c", "/c"),
+            // RFC 3986 5.2.4: `..` at the root stays at the root.
+            ("/..", "/"),
+            ("/../healthz", "/healthz"),
+            ("/a/../../b", "/b"),
+            ("/%2e%2e/x", "/x"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn canonical_paths_are_fixed_points() {
+        for raw in [
+            "/caf\u{e9}/x",
+            "/a%3a/%7e",
+            "/men%c3%bc/%2e%2e/x",
+            "/a//b/./c/",
+            "/users/a[b]",
+            "/%25%2525",
+        ] {
+            let once = normalize(raw).unwrap();
+            assert_eq!(normalize(&once).as_deref(), Ok(once.as_str()), "{raw}");
+            assert!(once.is_ascii(), "{once}");
         }
     }
 
@@ -153,16 +217,19 @@ mod tests {
         let cases = [
             ("orders", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
-            ("/..", PathError::EscapesRoot),
-            ("/a/../../b", PathError::EscapesRoot),
-            ("/%2e%2e/x", PathError::EscapesRoot),
             ("/a%2Fb", PathError::AmbiguousEncoding),
+            ("/a%2fb", PathError::AmbiguousEncoding),
             ("/a%5cb", PathError::AmbiguousEncoding),
             ("/a%00", PathError::AmbiguousEncoding),
+            ("/admin%09", PathError::AmbiguousEncoding),
+            ("/admin%0a", PathError::AmbiguousEncoding),
+            ("/admin%01", PathError::AmbiguousEncoding),
+            ("/admin%7f", PathError::AmbiguousEncoding),
             ("/a%zz", PathError::BadPercentEncoding),
             ("/a%4", PathError::BadPercentEncoding),
             ("/a\\..\\admin", PathError::Backslash),
             ("/a\tb", PathError::ControlCharacter),
+            ("/a\u{7f}", PathError::ControlCharacter),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw), Err(want), "{raw}");

@@ -96,10 +96,31 @@ fn provider_mistakes() {
 #[test]
 fn match_mistakes() {
     let cases = [
-        ("{ path: /a/../b }", "not normalised"),
+        ("{ path: /a/../b }", "write \"/b\""),
+        // Literals no request can match, or that match one spelling of a
+        // resource and not another: each says the spelling to write.
+        ("{ path_prefix: /café }", "write \"/caf%C3%A9\""),
+        ("{ path_prefix: /men%c3%bc }", "write \"/men%C3%BC\""),
+        (
+            "{ path: '/v1/users%3Asearch' }",
+            "write \"/v1/users:search\"",
+        ),
+        ("{ path: '/admin%09' }", "can never match"),
+        ("{ path_template: '/%61dmin/{id}' }", "write \"admin\""),
+        (
+            "{ path_template: '/users/a[b]/{id}' }",
+            "write \"a%5Bb%5D\"",
+        ),
+        ("{ hosts: ['admin.test.'] }", "write \"admin.test\""),
+        ("{ hosts: ['::1'] }", "write \"[::1]\""),
+        ("{ hosts: ['[::1]:8080'] }", "in brackets, without a port"),
+        ("{ hosts: ['café.test'] }", "punycode"),
         ("{ path: relative }", "does not start with /"),
         ("{ hosts: ['*'] }", "leave hosts out"),
-        ("{ hosts: ['a.example:80'] }", "without a port"),
+        (
+            "{ hosts: ['a.example:80'] }",
+            "without a port: write \"a.example\"",
+        ),
         ("{ hosts: ['a.*.example'] }", "leading"),
         ("{ methods: ['GE T'] }", "not an HTTP method"),
         ("{ path_template: '/o/{id}/{id}' }", "appears twice"),
@@ -111,6 +132,21 @@ fn match_mistakes() {
         let e = one(&src);
         assert!(e.contains(want), "{m}: {e}");
         assert!(e.starts_with("/nonexistent/valet.yaml:4:"), "{m}: {e}");
+    }
+}
+
+#[test]
+fn canonical_literals_pass() {
+    for m in [
+        "{ path_prefix: /caf%C3%A9 }",
+        "{ path: '/v1/users:search' }",
+        "{ path_template: '/users/{id}/a:b' }",
+        "{ hosts: ['[::1]', '*.example.com', 'Admin.Test'] }",
+    ] {
+        let src = format!("routes:\n  - name: r\n    anonymous: true\n    match: {m}\n");
+        if let Err(e) = parse(&src, &Path::new(JWKS_DIR).join("valet.yaml")) {
+            panic!("{m}: {e}");
+        }
     }
 }
 

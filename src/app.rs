@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
@@ -15,7 +14,7 @@ use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::jwks::Supervisor;
 use crate::reload::{self, Reloader};
-use crate::service::CheckService;
+use crate::service::{CheckServer, CheckService};
 use crate::state::State;
 use crate::{http_authz, telemetry};
 
@@ -111,8 +110,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
                 let listener = TcpListener::bind(addr).await?;
                 tracing::info!(grpc = %listener.local_addr()?, "listening");
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                let service = AuthorizationServer::new(CheckService::new(state.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                let service = CheckServer::new(CheckService::new(state.clone()), MAX_MESSAGE_BYTES);
                 Server::builder()
                     .tcp_nodelay(true)
                     .max_concurrent_streams(MAX_CONCURRENT_STREAMS)

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
-use tonic::{Request, Response, Status};
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use tonic::{Request, Response};
 
 use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::introspection::IntrospectError;
@@ -13,6 +13,9 @@ use crate::policy::Policy;
 use crate::provider::Provider;
 use crate::state::State;
 use crate::{check, response, telemetry};
+
+mod server;
+pub use server::{CheckServer, Incoming};
 
 pub struct CheckService {
     state: Arc<State>,
@@ -22,20 +25,21 @@ impl CheckService {
     pub fn new(state: Arc<State>) -> Self {
         CheckService { state }
     }
-}
 
-#[tonic::async_trait]
-impl Authorization for CheckService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+    /// The answer to one Check, a denial included; a request that could not be
+    /// decoded is a 400 `malformed_request` like any unreadable request.
+    pub async fn answer(&self, request: Request<Incoming>) -> Response<CheckResponse> {
         let budget = grpc_timeout(request.metadata());
-        let (decision, policy) = decide(&self.state, request.get_ref(), budget).await;
-        Ok(Response::new(response::to_check_response(
-            decision,
-            &policy.realm,
-        )))
+        let (decision, policy) = match request.get_ref() {
+            Incoming::Check(check) => decide(&self.state, check, budget).await,
+            Incoming::Undecodable(e) => {
+                let policy = self.state.policy();
+                let decision = check::undecodable(&policy, e);
+                telemetry::check(&decision, Duration::ZERO);
+                (decision, policy)
+            }
+        };
+        Response::new(response::to_check_response(decision, &policy.realm))
     }
 }
 

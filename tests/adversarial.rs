@@ -236,3 +236,92 @@ async fn the_rfc_8725_corpus() {
         cases.len()
     );
 }
+
+/// Sends `bytes` as the CheckRequest message, whatever they hold.
+async fn check_raw(v: &Valet, bytes: Vec<u8>) -> envoy_types::ext_authz::v3::pb::CheckResponse {
+    use tonic::codec::{Codec, EncodeBuf, Encoder};
+
+    struct Raw;
+    struct RawEncoder;
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use prost::bytes::BufMut;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = envoy_types::ext_authz::v3::pb::CheckResponse;
+        type Encoder = RawEncoder;
+        type Decoder = tonic_prost::ProstDecoder<Self::Decode>;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> Self::Decoder {
+            Default::default()
+        }
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", v.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(bytes),
+        tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/envoy.service.auth.v3.Authorization/Check",
+        ),
+        Raw,
+    )
+    .await
+    .expect("Check must never fail as a gRPC error")
+    .into_inner()
+}
+
+#[tokio::test]
+async fn a_check_request_prost_cannot_decode_is_a_deny_not_an_error() {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    use prost::Message;
+
+    let v = Valet::start(POLICY);
+    // A header value that is not UTF-8: encode "\u{e9}\u{e9}" (C3 A9 C3 A9), then
+    // turn those bytes into FF FE FF FE, which no `string` field may hold.
+    let good = get("/")
+        .header("x-odd", "\u{e9}\u{e9}")
+        .build()
+        .encode_to_vec();
+    let at = good
+        .windows(4)
+        .position(|w| w == [0xc3, 0xa9, 0xc3, 0xa9])
+        .unwrap();
+    let mut bad = good.clone();
+    bad[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xff, 0xfe]);
+    // And a message cut short in the middle of a field.
+    let truncated = good[..good.len() - 3].to_vec();
+    for bytes in [bad, truncated] {
+        let r = check_raw(&v, bytes).await;
+        let status = r.status.unwrap_or_default();
+        assert_eq!(status.code, 3, "INVALID_ARGUMENT: {status:?}");
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("not a denial: {:?}", r.http_response);
+        };
+        assert_eq!(d.status.map(|s| s.code), Some(400));
+        let body: Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(body["error"], "malformed_request", "{body}");
+    }
+    // The server keeps answering, and the metric says why.
+    let mut c = v.client().await;
+    assert_eq!(check(&mut c, get("/")).await.reason(), "missing_token");
+    assert_eq!(
+        v.metric(
+            "valet_check_total{decision=\"deny\",reason=\"malformed_request\",route=\"_none\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+}

@@ -91,6 +91,17 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
     dry_run(policy, route, decision)
 }
 
+/// The answer to a CheckRequest that could not be decoded (a header value that
+/// is not UTF-8, a truncated field): a 400 like any unreadable request.
+pub fn undecodable(policy: &Policy, e: &prost::DecodeError) -> Decision {
+    let deny = Deny::new(
+        Reason::MalformedRequest,
+        DenyKind::BadRequest,
+        format!("CheckRequest could not be decoded: {e}"),
+    );
+    dry_run(policy, None, Decision::Deny(deny))
+}
+
 /// A header whose name is an identity header's with `_` for some `-`.
 fn identity_twin<'a>(policy: &Policy, req: &Request<'a>) -> Option<&'a str> {
     if policy.identity_headers.is_empty() {

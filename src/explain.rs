@@ -79,7 +79,10 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
         }
     };
     if req.path != spec.path.split('?').next().unwrap_or("") {
-        let _ = writeln!(out, "          matched as {} (normalised)", req.path);
+        let _ = writeln!(out, "          matched as {} (canonical form)", req.path);
+    }
+    if !spec.host.is_empty() && req.host != spec.host {
+        let _ = writeln!(out, "          host matched as {} (canonical form)", req.host);
     }
     let _ = writeln!(out, "routes:   first match wins");
     let width = policy

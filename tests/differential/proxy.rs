@@ -1,0 +1,175 @@
+//! The proxy under test, in front of Valet and the recording upstream. The
+//! generator, the oracle and the comparison do not know which proxy it is: a driver
+//! starts it and says where clients reach it.
+//!
+//! - `envoy`: real Envoy with the bootstrap `valet envoy-config` generates from the
+//!   policy (ext_authz over gRPC, off on anonymous routes).
+//!
+//! nginx (`auth_request`) and Traefik (`forwardAuth`) in front of Valet's HTTP mode
+//! plug in here the same way once their snippets exist (examples/http/): a driver
+//! that writes the proxy's config for `Setup`, starts it and waits until it answers.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::wire::{Client, Reply};
+
+/// What every driver gets.
+pub struct Setup<'a> {
+    /// The policy Valet serves (`valet.yaml`, with its JWKS beside it).
+    pub policy: &'a Path,
+    /// Valet's gRPC Check port.
+    pub valet_grpc: SocketAddr,
+    /// Valet's HTTP-mode port, when the policy listens on one (for the nginx and
+    /// Traefik drivers).
+    #[allow(dead_code)]
+    pub valet_http: Option<SocketAddr>,
+    pub upstream: SocketAddr,
+    /// A scratch directory that outlives the proxy.
+    pub dir: &'a Path,
+}
+
+pub trait Proxy: Send + Sync {
+    fn name(&self) -> &str;
+    /// Where clients connect.
+    fn addr(&self) -> SocketAddr;
+    /// The proxy's own log, for failure messages.
+    fn log(&self) -> String;
+}
+
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (by its PID) when dropped.
+pub struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Process {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Process { child, log }
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls with `probe` (a request the policy lets through anonymously) until the
+/// proxy answers 200; panics with the log if the process exits or 60 s pass.
+pub async fn wait_answering(process: &mut Process, addr: SocketAddr, probe: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = process.exited() {
+            panic!("proxy exited early ({status}):\n{}", process.log());
+        }
+        let mut client = Client::new(addr);
+        if let Reply::Response { status: 200, .. } = client.send(probe, false).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not answer on {addr}:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// === Envoy ===
+
+pub fn envoy_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VALET_ENVOY").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "VALET_ENVOY={} does not exist", p.display());
+        return p;
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/envoy-venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found: VALET_ENVOY is unset and {} does not exist. \
+         Run scripts/test.sh (it installs Envoy and exports VALET_ENVOY).",
+        p.display()
+    );
+    p
+}
+
+pub struct Envoy {
+    process: Process,
+    addr: SocketAddr,
+}
+
+impl Proxy for Envoy {
+    fn name(&self) -> &str {
+        "envoy"
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// Real Envoy with the bootstrap the real `valet envoy-config` prints for the policy.
+pub async fn envoy(setup: &Setup<'_>, probe: &[u8]) -> Envoy {
+    let bin = envoy_path();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_valet"))
+        .args(["envoy-config", "--config"])
+        .arg(setup.policy)
+        .args(["--listen", &listen.to_string()])
+        .args(["--upstream", &setup.upstream.to_string()])
+        .args(["--valet", &setup.valet_grpc.to_string()])
+        .args(["--admin", &admin])
+        // A debug Valet under a few thousand Checks: a timeout would only turn
+        // cases into denials, never into disagreements, but it hides them.
+        .args(["--timeout", "5s"])
+        .output()
+        .expect("run valet envoy-config");
+    assert!(
+        out.status.success(),
+        "valet envoy-config failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = setup.dir.join("envoy.yaml");
+    std::fs::write(&config, &out.stdout).unwrap();
+    let mut process = Process::spawn(
+        Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "2", "--log-level", "warn"])
+            .arg("--disable-hot-restart"),
+        setup.dir.join("envoy.log"),
+    );
+    wait_answering(&mut process, listen, probe).await;
+    Envoy {
+        process,
+        addr: listen,
+    }
+}

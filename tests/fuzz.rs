@@ -131,6 +131,41 @@ proptest! {
         }
     }
 
+    /// The canonical form is one spelling per resource: ASCII, upper-case hex in
+    /// every escape, no escape of a character a segment carries as it is, and the
+    /// same for a spelling that escapes some of those characters or flips the
+    /// case of some hex digits.
+    #[test]
+    fn every_spelling_has_one_canonical_form(
+        path in "/(\\PC|%[0-9a-fA-F]{2}|[/.:@!$&'()*+,;=~_-]){0,30}",
+        flips in proptest::collection::vec(any::<bool>(), 0..60),
+    ) {
+        let Ok(n) = valet::request::normalize(&path) else { return Ok(()) };
+        prop_assert!(n.is_ascii());
+        let b = n.as_bytes();
+        for (i, c) in b.iter().enumerate() {
+            if *c == b'%' {
+                let hex = &b[i + 1..i + 3];
+                prop_assert!(hex.iter().all(|h| h.is_ascii_digit() || h.is_ascii_uppercase()), "{n}");
+                let v = u8::from_str_radix(std::str::from_utf8(hex).unwrap(), 16).unwrap();
+                prop_assert!(!valet::request::is_pchar(v), "{n}");
+            }
+        }
+        // Another spelling of the same path: escape some pchar bytes, in either case.
+        let mut other = String::new();
+        let mut in_escape = 0u8;
+        for (i, c) in n.bytes().enumerate() {
+            let escaped_digit = in_escape > 0;
+            in_escape = if c == b'%' { 2 } else { in_escape.saturating_sub(1) };
+            if !escaped_digit && c != b'/' && c != b'%' && c != b'.' && valet::request::is_pchar(c) && flips.get(i).copied().unwrap_or(false) {
+                if i % 2 == 0 { other.push_str(&format!("%{c:02x}")) } else { other.push_str(&format!("%{c:02X}")) }
+            } else {
+                other.push(c as char);
+            }
+        }
+        prop_assert_eq!(valet::request::normalize(&other), Ok(n.clone()), "{}", other);
+    }
+
     /// Route matching on arbitrary requests: no panic, and the decision's route is
     /// the first route that matches.
     #[test]

@@ -82,7 +82,11 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
         let _ = writeln!(out, "          matched as {} (canonical form)", req.path);
     }
     if !spec.host.is_empty() && req.host != spec.host {
-        let _ = writeln!(out, "          host matched as {} (canonical form)", req.host);
+        let _ = writeln!(
+            out,
+            "          host matched as {} (canonical form)",
+            req.host
+        );
     }
     let _ = writeln!(out, "routes:   first match wins");
     let width = policy

@@ -274,16 +274,16 @@ fn judge(o: &Outcome) -> Option<Disagreement> {
                     if k.contains('_') {
                         "underscore twin"
                     } else if want.iter().any(|(w, _)| w == k) {
-                        "second value"
+                        "another value"
                     } else {
-                        "as named"
+                        "Valet alone sets none"
                     }
                 })
                 .collect();
             kinds.sort_unstable();
             kinds.dedup();
             format!(
-                "a client's identity header reached the upstream ({})",
+                "the upstream got identity headers Valet alone does not set ({})",
                 kinds.join(", ")
             )
         };

@@ -5,8 +5,11 @@
 //! - `envoy`: real Envoy with the bootstrap `valet envoy-config` generates from the
 //!   policy (ext_authz over gRPC, off on anonymous routes).
 //!
-//! nginx (`auth_request`) and Traefik (`forwardAuth`) in front of Valet's HTTP mode
-//! plug in here the same way once their snippets exist (examples/http/): a driver
+//! - `nginx`: nginx `auth_request` in front of Valet's HTTP mode
+//!   (`http_proxy: nginx`), with examples/http/nginx.conf, its addresses replaced and
+//!   one `auth_request_set` + `proxy_set_header` pair per identity header.
+//!
+//! Traefik (`forwardAuth`) plugs in the same way once its snippet exists: a driver
 //! that writes the proxy's config for `Setup`, starts it and waits until it answers.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -29,6 +32,9 @@ pub struct Setup<'a> {
     pub upstream: SocketAddr,
     /// A scratch directory that outlives the proxy.
     pub dir: &'a Path,
+    /// The policy's identity headers (`claims_to_headers`), lower-case.
+    #[allow(dead_code)]
+    pub identity: &'a [&'a str],
 }
 
 pub trait Proxy: Send + Sync {
@@ -47,10 +53,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A child process killed (by its PID) when dropped.
+/// A child process stopped (by its PID) when dropped: SIGTERM first when
+/// `terminate` (nginx's master then stops its workers), else SIGKILL.
 pub struct Process {
     child: Child,
     log: PathBuf,
+    terminate: bool,
 }
 
 impl Process {
@@ -62,7 +70,11 @@ impl Process {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Process { child, log }
+        Process {
+            child,
+            log,
+            terminate: false,
+        }
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -74,6 +86,19 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if self.terminate {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -169,6 +194,96 @@ pub async fn envoy(setup: &Setup<'_>, probe: &[u8]) -> Envoy {
     );
     wait_answering(&mut process, listen, probe).await;
     Envoy {
+        process,
+        addr: listen,
+    }
+}
+
+// === nginx ===
+
+pub struct Nginx {
+    process: Process,
+    addr: SocketAddr,
+}
+
+impl Proxy for Nginx {
+    fn name(&self) -> &str {
+        "nginx"
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+pub fn nginx_path() -> PathBuf {
+    let p = std::env::var_os("VALET_NGINX")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from("/usr/sbin/nginx"), PathBuf::from);
+    assert!(
+        p.exists(),
+        "nginx not found at {} (VALET_NGINX); scripts/install-test-deps.sh installs it",
+        p.display()
+    );
+    p
+}
+
+/// examples/http/nginx.conf in front of Valet's HTTP mode.
+pub async fn nginx(setup: &Setup<'_>, probe: &[u8]) -> Nginx {
+    let bin = nginx_path();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let valet = setup
+        .valet_http
+        .expect("the nginx driver needs Valet's HTTP mode (listen.http)");
+    let mut conf = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/http/nginx.conf"),
+    )
+    .expect("examples/http/nginx.conf");
+    for (from, to) in [
+        ("127.0.0.1:8000", listen.to_string()),
+        ("127.0.0.1:9002", valet.to_string()),
+        ("127.0.0.1:8080", setup.upstream.to_string()),
+    ] {
+        let needle = format!("{from};");
+        assert_eq!(
+            conf.matches(&needle).count(),
+            1,
+            "examples/http/nginx.conf must contain `{needle}` exactly once"
+        );
+        conf = conf.replace(&needle, &format!("{to};"));
+    }
+    // The snippet copies X-User-Id; every other identity header the same way.
+    let anchor = "proxy_set_header X-User-Id $valet_user_id;";
+    assert!(
+        conf.contains(anchor),
+        "examples/http/nginx.conf: no `{anchor}`"
+    );
+    let mut extra = String::new();
+    for h in setup.identity.iter().filter(|h| **h != "x-user-id") {
+        let var = format!("$valet_{}", h.replace('-', "_"));
+        extra.push_str(&format!(
+            "\n            auth_request_set {var} $upstream_http_{};\n            proxy_set_header {h} {var};",
+            h.replace('-', "_")
+        ));
+    }
+    conf = conf.replacen(anchor, &format!("{anchor}{extra}"), 1);
+    let prefix = setup.dir.join("nginx");
+    std::fs::create_dir_all(&prefix).unwrap();
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut process = Process::spawn(
+        Command::new(&bin)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&path),
+        setup.dir.join("nginx.log"),
+    );
+    process.terminate = true;
+    wait_answering(&mut process, listen, probe).await;
+    Nginx {
         process,
         addr: listen,
     }

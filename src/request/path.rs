@@ -59,23 +59,26 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let decoded = canonical_bytes(path)?;
+    // RFC 3986 5.2.4 first, with empty segments counted as segments (as Envoy's
+    // normalize_path does: `/admin//..` is `/admin/`), then repeated slashes
+    // merged (Envoy's merge_slashes).
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in decoded.split('/').skip(1) {
-        trailing_slash = true;
         match segment {
-            "" | "." => {}
+            "." => trailing_slash = true,
             ".." => {
                 segments.pop();
+                trailing_slash = true;
             }
             s => {
                 segments.push(s);
-                trailing_slash = false;
+                trailing_slash = s.is_empty();
             }
         }
     }
     let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
+    for s in segments.iter().filter(|s| !s.is_empty()) {
         out.push('/');
         out.push_str(s);
     }
@@ -185,6 +188,11 @@ mod tests {
             ("/{x}", "/%7Bx%7D"),
             ("/a/.", "/a/"),
             ("/a/b/../../c", "/c"),
+            // Empty segments count before slashes merge, as in Envoy.
+            ("/admin//..", "/admin/"),
+            ("/public/x///../../orders/7/", "/public/x/orders/7/"),
+            ("/other///../v2/users%3asearch", "/other/v2/users:search"),
+            ("//healthz/..//orders", "/orders"),
             // RFC 3986 5.2.4: `..` at the root stays at the root.
             ("/..", "/"),
             ("/../healthz", "/healthz"),

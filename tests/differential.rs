@@ -121,7 +121,7 @@ fn env_u64(name: &str) -> Option<u64> {
 // === The oracle: Valet alone ===
 
 /// The request as the client wrote it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Parsed {
     method: String,
     target: String,
@@ -397,8 +397,12 @@ async fn run(proxy_name: &str) {
     let next = Arc::new(AtomicUsize::new(0));
     let send_started = Instant::now();
     let mut workers = Vec::new();
+    // nginx ignores header names with underscores (`underscores_in_headers off`):
+    // they reach neither Valet nor the upstream.
+    let drops_underscores = proxy.name() == "nginx";
     for _ in 0..conns {
         let (all, next, tokens) = (all.clone(), next.clone(), tokens.clone());
+        let record = record.clone();
         let addr = proxy.addr();
         let mut grpc = valet.client().await;
         workers.push(tokio::spawn(async move {
@@ -412,7 +416,29 @@ async fn run(proxy_name: &str) {
                 let request = cases::render(&case.head, &case.id, |name| tokens[name].clone());
                 let parsed = parse(&request);
                 let reply = client.send(&request, parsed.method == "HEAD").await;
-                let answer = oracle(&mut grpc, &parsed).await;
+                // What the upstream acts on is what it received: a proxy that
+                // rewrote the path (Envoy's normalize_path reads `\` as `/`, drops
+                // a segment a later `..` removes) is judged on its rewrite, as
+                // Valet saw it through that proxy. Headers stay the client's
+                // (the proxy strips the token before the upstream), less those
+                // the proxy never reads at all.
+                let received = record
+                    .lock()
+                    .unwrap()
+                    .get(&case.id)
+                    .and_then(|seen| seen.first().map(|s| s.request_line.clone()));
+                let mut judged = parsed.clone();
+                if let Some(line) = received {
+                    let mut words = line.split(' ');
+                    if let (Some(m), Some(t)) = (words.next(), words.next()) {
+                        judged.method = m.to_string();
+                        judged.target = t.to_string();
+                    }
+                }
+                judged
+                    .headers
+                    .retain(|(k, _)| !(drops_underscores && k.contains('_')));
+                let answer = oracle(&mut grpc, &judged).await;
                 done.push((i, request, reply, answer));
             }
         }));

@@ -664,6 +664,17 @@ routes:
         a.headers.get("cookie").map(String::as_str),
         Some("theme=dark; lang=en")
     );
+    // Commas belong to values: nothing else is rewritten.
+    let a = check(
+        &mut c,
+        get("/x").header("cookie", &format!("access_token={t}; prefs=a,b")),
+    )
+    .await;
+    assert!(a.allowed(), "{a:?}");
+    assert_eq!(
+        a.headers.get("cookie").map(String::as_str),
+        Some("prefs=a,b")
+    );
     let a = check(
         &mut c,
         get("/x").header("cookie", &format!("access_token={t}")),

@@ -1137,6 +1137,16 @@ async fn the_istio_output_skips_only_paths_valet_allows_anonymously() {
         .await;
     assert_eq!(r.status, 200, "{r:?}\nvalet:\n{}", valet.logs());
     assert_eq!(s.unwrap().all("x-user-id"), ["alice"]);
+    // The token cookie goes; every other cookie byte reaches the app as sent.
+    let cookie = format!(
+        "session={}; prefs=a,b;x=\"q, r\";  lang=en",
+        rs256("orders:read")
+    );
+    let (r, s) = through
+        .get("/orders/1", &[("cookie", cookie.as_str())])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(s.unwrap().all("cookie"), ["prefs=a,b;x=\"q, r\";  lang=en"]);
 
     assert_eq!(
         asked(anonymous("health")).await,

@@ -558,6 +558,15 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
     };
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("/healthz", vec![("x-user-id", "mallory".into())]),
+        // An underscore twin of an identity header: 400 from Envoy and from Valet.
+        ("/healthz", vec![("x_user_id", "mallory".into())]),
+        (
+            "/orders/1",
+            vec![
+                ("authorization", bearer("orders:read")),
+                ("x-user_id", "mallory".into()),
+            ],
+        ),
         ("/healthz/../orders/1", vec![]),
         ("/docs/intro", vec![]),
         ("/docsx", vec![]),

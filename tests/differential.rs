@@ -1,23 +1,34 @@
 //! Differential test (issue #14): a request the proxy lets through must be one Valet
 //! alone allows, with the same identity headers.
 //!
-//! Real Valet, a recording upstream, and a real proxy in front (Envoy with the
-//! bootstrap `valet envoy-config` generates; see `differential/proxy.rs` for how
-//! others plug in). Requests are raw HTTP/1.1 heads, from `differential/regressions.txt`
-//! first, then generated from a seed. The oracle, "Valet alone", is the Check Envoy
-//! would send if it sent every request to Valet untouched: method, raw path and
-//! query, host and every header as sent, no `context_extensions`. Every request the
-//! upstream received must be one the oracle allows, and the identity headers the
-//! upstream saw (any header whose name, lower-cased with `_` read as `-`, is one of
-//! the policy's `claims_to_headers`) must be exactly those the oracle sets.
+//! Real Valet, a recording upstream, and a real proxy in front, one test each:
+//! Envoy with the bootstrap `valet envoy-config` generates (ext_authz over gRPC),
+//! nginx `auth_request` and Traefik `forwardAuth` with the README's snippets
+//! (examples/http/) in front of Valet's HTTP mode; see `differential/proxy.rs`.
+//! Requests are raw HTTP/1.1 heads, from `differential/regressions.txt` first,
+//! then generated from a seed. The oracle, "Valet alone", is a Check sent straight
+//! to Valet over gRPC with no `context_extensions`: the method and target the
+//! upstream received (a proxy's rewrite, such as Envoy's normalize_path, is what
+//! the upstream acts on, and what Valet saw through that proxy), else as sent; the
+//! host and every header as the client sent them, less header names the proxy
+//! never reads (nginx and the Traefik snippet drop names with underscores). Every
+//! request the upstream received must be one the oracle allows, and the identity
+//! headers the upstream saw (any header whose name, lower-cased with `_` read as
+//! `-`, is one of the policy's `claims_to_headers`) must be exactly those the
+//! oracle sets.
 //!
 //!   VALET_DIFF_SEED=N    replay a run (the seed is printed at the start)
-//!   VALET_DIFF_CASES=N   how many generated cases (default 15000: 30-60 s on 2 cores)
+//!   VALET_DIFF_CASES=N   generated cases per proxy (default 6000, about 20 s each on
+//!                        2 cores with the three proxies side by side; a long run:
+//!                        VALET_DIFF_CASES=200000)
 //!   VALET_DIFF_ONLY=c17,r3  only these cases (c: generated, r: regressions.txt line)
 //!   VALET_DIFF_CONNS=N   client connections (default 8)
 //!   VALET_DIFF_VERBOSE=1 one line per case: proxy status, upstream request line, Valet alone
 //!
-//! Needs Envoy: `VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`.
+//! Needs Envoy (`VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`), nginx
+//! (`VALET_NGINX`, else /usr/sbin/nginx) and Traefik (`VALET_TRAEFIK`, else
+//! `<repo>/.tools/traefik-venv/bin/traefik`): scripts/install-test-deps.sh
+//! installs them.
 
 #[path = "differential/cases.rs"]
 mod cases;
@@ -334,7 +345,7 @@ async fn run(proxy_name: &str) {
             .as_nanos() as u64
             % 1_000_000_000
     });
-    let n = env_u64("VALET_DIFF_CASES").unwrap_or(15000);
+    let n = env_u64("VALET_DIFF_CASES").unwrap_or(6000);
     let conns = env_u64("VALET_DIFF_CONNS").unwrap_or(8).max(1) as usize;
     let only: Option<Vec<String>> = std::env::var("VALET_DIFF_ONLY")
         .ok()
@@ -383,6 +394,7 @@ async fn run(proxy_name: &str) {
     let proxy: Box<dyn Proxy> = match proxy_name {
         "envoy" => Box::new(proxy::envoy(&setup, PROBE).await),
         "nginx" => Box::new(proxy::nginx(&setup, PROBE).await),
+        "traefik" => Box::new(proxy::traefik(&setup, PROBE).await),
         other => panic!("no driver for proxy {other:?}"),
     };
     println!(
@@ -397,9 +409,10 @@ async fn run(proxy_name: &str) {
     let next = Arc::new(AtomicUsize::new(0));
     let send_started = Instant::now();
     let mut workers = Vec::new();
-    // nginx ignores header names with underscores (`underscores_in_headers off`):
-    // they reach neither Valet nor the upstream.
-    let drops_underscores = proxy.name() == "nginx";
+    // nginx ignores header names with underscores (`underscores_in_headers off`),
+    // and the Traefik snippet deletes them at the entry point
+    // (`aliasHeadersStrategy: delete`): they reach neither Valet nor the upstream.
+    let drops_underscores = matches!(proxy.name(), "nginx" | "traefik");
     for _ in 0..conns {
         let (all, next, tokens) = (all.clone(), next.clone(), tokens.clone());
         let record = record.clone();
@@ -574,10 +587,14 @@ async fn envoy_forwards_only_what_valet_alone_allows() {
     run("envoy").await;
 }
 
-/// nginx `auth_request` in front of Valet's HTTP mode. Ignored until
-/// examples/http/nginx.conf (being written with `listen.http_proxy`) is committed.
+/// nginx `auth_request` in front of Valet's HTTP mode, with the README's snippet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "examples/http/nginx.conf is not committed yet; run with --ignored"]
 async fn nginx_forwards_only_what_valet_alone_allows() {
     run("nginx").await;
+}
+
+/// Traefik `forwardAuth` in front of Valet's HTTP mode, with the README's snippet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traefik_forwards_only_what_valet_alone_allows() {
+    run("traefik").await;
 }

@@ -9,8 +9,10 @@
 //!   (`http_proxy: nginx`), with examples/http/nginx.conf, its addresses replaced and
 //!   one `auth_request_set` + `proxy_set_header` pair per identity header.
 //!
-//! Traefik (`forwardAuth`) plugs in the same way once its snippet exists: a driver
-//! that writes the proxy's config for `Setup`, starts it and waits until it answers.
+//! - `traefik`: Traefik `forwardAuth` in front of Valet's HTTP mode
+//!   (`http_proxy: traefik`), with examples/http/traefik.yml and
+//!   traefik-dynamic.yml, their addresses replaced and every identity header in
+//!   `authResponseHeaders`.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
@@ -27,13 +29,11 @@ pub struct Setup<'a> {
     pub valet_grpc: SocketAddr,
     /// Valet's HTTP-mode port, when the policy listens on one (for the nginx and
     /// Traefik drivers).
-    #[allow(dead_code)]
     pub valet_http: Option<SocketAddr>,
     pub upstream: SocketAddr,
     /// A scratch directory that outlives the proxy.
     pub dir: &'a Path,
     /// The policy's identity headers (`claims_to_headers`), lower-case.
-    #[allow(dead_code)]
     pub identity: &'a [&'a str],
 }
 
@@ -284,6 +284,110 @@ pub async fn nginx(setup: &Setup<'_>, probe: &[u8]) -> Nginx {
     process.terminate = true;
     wait_answering(&mut process, listen, probe).await;
     Nginx {
+        process,
+        addr: listen,
+    }
+}
+
+// === Traefik ===
+
+pub struct Traefik {
+    process: Process,
+    addr: SocketAddr,
+}
+
+impl Proxy for Traefik {
+    fn name(&self) -> &str {
+        "traefik"
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+pub fn traefik_path() -> PathBuf {
+    let p = std::env::var_os("VALET_TRAEFIK")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/traefik-venv/bin/traefik"),
+            PathBuf::from,
+        );
+    assert!(
+        p.exists(),
+        "Traefik not found at {} (VALET_TRAEFIK); scripts/install-test-deps.sh installs it",
+        p.display()
+    );
+    p
+}
+
+/// `examples/http/<file>` with each `from` replaced exactly once.
+fn example_with(file: &str, replacements: &[(&str, String)]) -> String {
+    let mut text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/http")
+            .join(file),
+    )
+    .unwrap_or_else(|e| panic!("examples/http/{file}: {e}"));
+    for (from, to) in replacements {
+        assert_eq!(
+            text.matches(from).count(),
+            1,
+            "examples/http/{file} must contain `{from}` exactly once"
+        );
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// examples/http/traefik.yml + traefik-dynamic.yml in front of Valet's HTTP mode.
+pub async fn traefik(setup: &Setup<'_>, probe: &[u8]) -> Traefik {
+    let bin = traefik_path();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let valet = setup
+        .valet_http
+        .expect("the Traefik driver needs Valet's HTTP mode (listen.http)");
+    // Every identity header in authResponseHeaders, as the snippet does X-User-Id.
+    let listed: String = setup
+        .identity
+        .iter()
+        .map(|h| format!("\n          - {h}"))
+        .collect();
+    let dynamic = example_with(
+        "traefik-dynamic.yml",
+        &[
+            ("http://127.0.0.1:9002/", format!("http://{valet}/")),
+            (
+                "http://127.0.0.1:8080",
+                format!("http://{}", setup.upstream),
+            ),
+            ("\n          - X-User-Id", listed),
+        ],
+    );
+    let dynamic_path = setup.dir.join("traefik-dynamic.yml");
+    std::fs::write(&dynamic_path, dynamic).unwrap();
+    let static_ = example_with(
+        "traefik.yml",
+        &[
+            ("address: 127.0.0.1:8000", format!("address: {listen}")),
+            (
+                "/etc/traefik/valet-dynamic.yml",
+                dynamic_path.display().to_string(),
+            ),
+        ],
+    );
+    let static_path = setup.dir.join("traefik.yml");
+    std::fs::write(&static_path, static_).unwrap();
+    let mut process = Process::spawn(
+        Command::new(&bin)
+            .arg(format!("--configFile={}", static_path.display()))
+            .current_dir(setup.dir),
+        setup.dir.join("traefik.log"),
+    );
+    wait_answering(&mut process, listen, probe).await;
+    Traefik {
         process,
         addr: listen,
     }

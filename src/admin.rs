@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use crate::conn::Gate;
 use crate::state::State;
 
 pub struct Admin {
@@ -20,19 +21,14 @@ pub struct Admin {
     pub metrics: PrometheusHandle,
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// Serves within `gate`, its own small connection budget: a flood of the Check
+/// port never takes the descriptors probes need, nor does one of this port.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, gate: Gate) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, &req)) }

@@ -6,27 +6,23 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::conn::{self, Gate, Limits};
 use crate::jwks::Supervisor;
 use crate::reload::{self, Reloader};
+use crate::service::message::{Budget, MessageLimits};
 use crate::service::{CheckServer, CheckService};
 use crate::state::State;
 use crate::{http_authz, telemetry};
 
-/// Bounds the streams one connection (Envoy) may open; tonic's default is unlimited.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Largest CheckRequest accepted. Envoy's are a few KiB, but an oversized token must
-/// still arrive to be denied with a reason rather than fail as a gRPC error.
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
     let metrics = telemetry::install().map_err(std::io::Error::other)?;
     tokio::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
@@ -59,6 +55,22 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
     tokio::spawn(reloader.run());
     tokio::spawn(crate::revocation::watch(state.clone()));
 
+    // Each Check listener's connection cap, below the descriptor limit with room
+    // kept for the admin port and everything else.
+    let fds = conn::fd_limit();
+    let check_listeners =
+        usize::from(config.listen.grpc.is_some()) + usize::from(config.listen.http.is_some());
+    let cap = conn::connection_cap(limits.max_connections, check_listeners, fds);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            wanted = limits.max_connections,
+            cap,
+            fd_limit = fds.unwrap_or(0),
+            "--max-connections lowered to fit the open-file limit (raise `ulimit -n` for more)"
+        );
+    }
+    limits.log(cap, fds);
+
     if let Some(addr) = config.listen.admin {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(admin = %listener.local_addr()?, "listening");
@@ -66,7 +78,8 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
             state: state.clone(),
             metrics,
         });
-        tokio::spawn(admin::serve(listener, admin));
+        let gate = Gate::new("admin", conn::ADMIN_MAX_CONNECTIONS);
+        tokio::spawn(admin::serve(listener, admin, gate));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -94,7 +107,12 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
     if let Some(addr) = config.listen.http {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(http = %listener.local_addr()?, "listening");
-        let http = http_authz::serve(listener, state.clone(), config.listen.http_proxy);
+        let http = http_authz::serve(
+            listener,
+            state.clone(),
+            config.listen.http_proxy,
+            Gate::new("http", cap),
+        );
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -109,20 +127,20 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> std::io::Result<()> {
             Some(addr) => {
                 let listener = TcpListener::bind(addr).await?;
                 tracing::info!(grpc = %listener.local_addr()?, "listening");
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                let service = CheckServer::new(CheckService::new(state.clone()), MAX_MESSAGE_BYTES);
-                Server::builder()
-                    .tcp_nodelay(true)
-                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                    .add_service(health_service)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
-                    .await
-                    .map_err(std::io::Error::other)
+                let messages = MessageLimits {
+                    max_bytes: limits.max_message_bytes,
+                    timeout: limits.message_timeout,
+                    budget: Arc::new(Budget::new(limits.message_budget_bytes)),
+                };
+                let service = CheckServer::new(CheckService::new(state.clone()), messages);
+                let routes = Routes::new(health_service).add_service(service).prepare();
+                let gate = Gate::new("grpc", cap);
+                conn::serve_grpc(listener, routes, limits.clone(), gate, stop_rx.clone()).await;
+                Ok::<(), std::io::Error>(())
             }
             None => {
                 stopped(stop_rx.clone()).await;
-                Ok(())
+                Ok::<(), std::io::Error>(())
             }
         }
     };

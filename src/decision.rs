@@ -30,10 +30,11 @@ pub enum Reason {
     InvalidDpopProof,
     InactiveToken,
     IntrospectionUnavailable,
+    RequestTooLarge,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -57,6 +58,7 @@ impl Reason {
         Reason::InvalidDpopProof,
         Reason::InactiveToken,
         Reason::IntrospectionUnavailable,
+        Reason::RequestTooLarge,
     ];
 
     pub fn label(self) -> &'static str {
@@ -84,6 +86,7 @@ impl Reason {
             Reason::InvalidDpopProof => "invalid_dpop_proof",
             Reason::InactiveToken => "inactive_token",
             Reason::IntrospectionUnavailable => "introspection_unavailable",
+            Reason::RequestTooLarge => "request_too_large",
         }
     }
 }
@@ -103,6 +106,8 @@ pub enum DenyKind {
     Forbidden,
     /// 400: Valet could not read the request safely.
     BadRequest,
+    /// 413: the CheckRequest is larger than Valet reads (`--max-message-bytes`).
+    TooLarge,
     /// 503: Valet cannot verify anything yet (no keys).
     Unavailable,
 }
@@ -113,6 +118,7 @@ impl DenyKind {
             DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof => 401,
             DenyKind::InsufficientScope | DenyKind::Forbidden => 403,
             DenyKind::BadRequest => 400,
+            DenyKind::TooLarge => 413,
             DenyKind::Unavailable => 503,
         }
     }

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Problems;
 use crate::config::file::ListenFile;
+use crate::conn::Gate;
 use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
@@ -136,20 +137,18 @@ pub fn compile_proxy(listen: &ListenFile, p: &mut Problems) -> HttpProxy {
     }
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy) {
+/// Serves within `gate`: at most its cap of connections at once.
+pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, gate: Gate) {
     tracing::info!(
         http_proxy = proxy.name(),
         "HTTP mode reads the original request as {} sends it",
         proxy.name()
     );
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(answer(&state, proxy, req).await) }

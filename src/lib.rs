@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod check;
 pub mod config;
+pub mod conn;
 pub mod decision;
 pub mod envoy_config;
 pub mod explain;

@@ -36,6 +36,8 @@ enum Command {
         /// Checks in flight before new ones are answered 503 `overloaded`.
         #[arg(long, env = "VALET_MAX_IN_FLIGHT", default_value_t = 1024)]
         max_in_flight: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Validate a config file: exit 0 if valid, else print every error as
     /// file:line:column and exit 1.
@@ -121,6 +123,52 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+/// Connection and message limits (README "Limits and floods").
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest CheckRequest read (KiB/MiB suffixes); larger ones are denied 413
+    /// `request_too_large`. Envoy's default header limit is 60 KiB.
+    #[arg(long, env = "VALET_MAX_MESSAGE_BYTES", default_value = "256KiB", value_parser = size)]
+    max_message_bytes: usize,
+    /// CheckRequest bytes held at once, all connections together (a quarter per
+    /// connection); past it, Checks are denied 503 `overloaded`.
+    #[arg(long, env = "VALET_MESSAGE_BUFFER_BYTES", default_value = "16MiB", value_parser = size)]
+    message_buffer_bytes: usize,
+    /// Time for a CheckRequest's message to arrive whole; then 400 `malformed_request`.
+    #[arg(long, env = "VALET_MESSAGE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    message_timeout: std::time::Duration,
+    /// Connections per Check port, lowered to fit the open-file limit; more are closed on accept.
+    #[arg(long, env = "VALET_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Concurrent Checks (HTTP/2 streams) per gRPC connection.
+    #[arg(long, env = "VALET_MAX_STREAMS", default_value_t = 128)]
+    max_streams_per_connection: u32,
+    /// A gRPC connection that has not sent the HTTP/2 preface by then is closed.
+    #[arg(long, env = "VALET_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    handshake_timeout: std::time::Duration,
+    /// A gRPC connection with no Check in flight for this long gets GOAWAY.
+    #[arg(long, env = "VALET_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    idle_timeout: std::time::Duration,
+    /// A gRPC connection older than this gets GOAWAY (Envoy reconnects).
+    #[arg(long, env = "VALET_MAX_CONNECTION_AGE", default_value = "30m", value_parser = duration)]
+    max_connection_age: std::time::Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> valet::conn::Limits {
+        valet::conn::Limits {
+            max_connections: self.max_connections,
+            max_streams: self.max_streams_per_connection.max(1),
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connection_age: self.max_connection_age,
+            max_message_bytes: self.max_message_bytes,
+            message_budget_bytes: self.message_buffer_bytes.max(self.max_message_bytes),
+            message_timeout: self.message_timeout,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,6 +261,7 @@ fn main() -> ExitCode {
             drain,
             grace,
             max_in_flight,
+            limits,
         } => {
             init_logging(log_format);
             let config = match valet::config::load(&config) {
@@ -237,7 +286,9 @@ fn main() -> ExitCode {
                 grace,
                 max_in_flight,
             };
-            let result = runtime.and_then(|rt| rt.block_on(valet::app::serve(config, shutdown)));
+            let limits = limits.limits();
+            let result =
+                runtime.and_then(|rt| rt.block_on(valet::app::serve(config, shutdown, limits)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -282,6 +333,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn size(text: &str) -> Result<usize, String> {
+    valet::conn::parse_size(text)
 }
 
 fn duration(text: &str) -> Result<std::time::Duration, String> {

@@ -78,7 +78,7 @@ fn deny(d: Deny, realm: &str) -> CheckResponse {
     let code = match d.kind {
         DenyKind::NoToken | DenyKind::InvalidToken | DenyKind::InvalidDpopProof => UNAUTHENTICATED,
         DenyKind::InsufficientScope | DenyKind::Forbidden => PERMISSION_DENIED,
-        DenyKind::BadRequest => INVALID_ARGUMENT,
+        DenyKind::BadRequest | DenyKind::TooLarge => INVALID_ARGUMENT,
         DenyKind::Unavailable => UNAVAILABLE,
     };
     let mut headers = vec![
@@ -145,7 +145,9 @@ pub fn challenge(d: &Deny, realm: &str) -> Option<String> {
             quoted(&d.description),
             quoted(d.scope.as_deref().unwrap_or(""))
         )),
-        DenyKind::Forbidden | DenyKind::BadRequest | DenyKind::Unavailable => None,
+        DenyKind::Forbidden | DenyKind::BadRequest | DenyKind::TooLarge | DenyKind::Unavailable => {
+            None
+        }
     }
 }
 
@@ -241,6 +243,7 @@ mod tests {
             DenyKind::InsufficientScope,
             DenyKind::Forbidden,
             DenyKind::BadRequest,
+            DenyKind::TooLarge,
             DenyKind::Unavailable,
         ] {
             let r = to_check_response(Decision::Deny(Deny::new(Reason::NoRoute, kind, "x")), "v");

@@ -14,8 +14,9 @@ use crate::provider::Provider;
 use crate::state::State;
 use crate::{check, response, telemetry};
 
+pub mod message;
 mod server;
-pub use server::{CheckServer, Incoming};
+pub use server::{CheckServer, ConnBudget, Incoming};
 
 pub struct CheckService {
     state: Arc<State>,
@@ -27,7 +28,8 @@ impl CheckService {
     }
 
     /// The answer to one Check, a denial included; a request that could not be
-    /// decoded is a 400 `malformed_request` like any unreadable request.
+    /// decoded is a 400 `malformed_request` like any unreadable request, one
+    /// over the size cap a 413 `request_too_large`.
     pub async fn answer(&self, request: Request<Incoming>) -> Response<CheckResponse> {
         let budget = grpc_timeout(request.metadata());
         let (decision, policy) = match request.get_ref() {
@@ -35,6 +37,15 @@ impl CheckService {
             Incoming::Undecodable(e) => {
                 let policy = self.state.policy();
                 let decision = check::undecodable(&policy, e);
+                telemetry::check(&decision, Duration::ZERO);
+                (decision, policy)
+            }
+            Incoming::Unread(unread) => {
+                let policy = self.state.policy();
+                let decision = match unread.deny() {
+                    (deny, true) => check::unread(&policy, deny),
+                    (deny, false) => Decision::Deny(deny),
+                };
                 telemetry::check(&decision, Duration::ZERO);
                 (decision, policy)
             }

@@ -29,6 +29,9 @@ pub const DPOP_REPLAY_EVICTIONS: &str = "valet_dpop_replay_evictions_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
+pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "valet_connections_refused_total";
+pub const CONNECTIONS_CLOSED: &str = "valet_connections_closed_total";
 
 /// From 10 µs (a cached Check) to 1 s (far past Envoy's budget).
 const CHECK_BUCKETS: &[f64] = &[
@@ -58,6 +61,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Counters exist from zero, so that the first failure is an increase alerts can see.
+    for listener in ["grpc", "http", "admin"] {
+        metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);
+    }
     for result in ["success", "error"] {
         metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
         metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => result).increment(0);
@@ -154,6 +160,18 @@ fn describe() {
     metrics::describe_gauge!(
         REVOCATION_LAST_SUCCESSFUL,
         "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file"
+    );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Connections open, by listener (grpc/http/admin)"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed on accept because the listener was at its cap (--max-connections), by listener"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Check-port connections closed by Valet, by listener and cause (handshake_timeout/idle_timeout/max_age)"
     );
     metrics::describe_counter!(
         CHECK_TOTAL,
@@ -420,4 +438,30 @@ pub fn introspection_circuit(provider: &str, open: bool) {
 
 pub fn dpop_replay_evicted() {
     metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(1);
+}
+
+/// Connections open on a listener, after one opened or closed.
+pub fn connections_open(listener: &'static str, open: usize) {
+    metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
+}
+
+/// A connection closed on accept: the listener is at its cap. Logged at most
+/// once a second per process: a flood must not become a log flood.
+pub fn connection_refused(listener: &'static str, cap: usize) {
+    metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::service::unix_now();
+    if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+        tracing::warn!(
+            listener,
+            cap,
+            "connection refused: listener at its connection cap"
+        );
+    }
+}
+
+/// A connection Valet closed: silent past the handshake timeout, idle, or old.
+pub fn connection_closed(listener: &'static str, cause: &'static str) {
+    metrics::counter!(CONNECTIONS_CLOSED, "listener" => listener, "cause" => cause).increment(1);
+    tracing::debug!(listener, cause, "connection closed");
 }

@@ -102,6 +102,12 @@ pub fn undecodable(policy: &Policy, e: &prost::DecodeError) -> Decision {
     dry_run(policy, None, Decision::Deny(deny))
 }
 
+/// A request Valet would not read to the end (too large, incomplete): denied
+/// like an undecodable one, dry-run included.
+pub fn unread(policy: &Policy, deny: Deny) -> Decision {
+    dry_run(policy, None, Decision::Deny(deny))
+}
+
 /// A header whose name is an identity header's with `_` for some `-`.
 fn identity_twin<'a>(policy: &Policy, req: &Request<'a>) -> Option<&'a str> {
     if policy.identity_headers.is_empty() {

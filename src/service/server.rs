@@ -5,13 +5,18 @@
 //! which Envoy's `failure_mode_allow` may let through. Here the decoder hands
 //! the service either the request or why it could not be read, and the service
 //! answers the latter with a 400 `malformed_request` deny like any other. The
-//! decoding itself is prost's, unchanged: no extra pass, no extra copy.
+//! decoding itself is prost's, unchanged. Before tonic sees the message,
+//! `message::read` takes it off the stream within Valet's limits (see there):
+//! one copy of the bytes, the price of not letting tonic reserve what a
+//! prefix declares.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use http_body_util::Full;
 use prost::Message;
+use prost::bytes::Bytes;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder};
@@ -20,6 +25,7 @@ use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic_prost::ProstEncoder;
 
 use super::CheckService;
+use super::message::{self, Budget, EMPTY_MESSAGE, MessageLimits, Unread};
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
@@ -30,22 +36,29 @@ pub enum Incoming {
     Check(CheckRequest),
     /// prost's reason; never the bytes (they may hold a token).
     Undecodable(prost::DecodeError),
+    /// Not read to its end: too large, incomplete, too slow, or no budget.
+    Unread(Unread),
 }
 
 #[derive(Clone)]
 pub struct CheckServer {
     service: Arc<CheckService>,
-    max_decoding_message_size: usize,
+    limits: MessageLimits,
 }
 
 impl CheckServer {
-    pub fn new(service: CheckService, max_decoding_message_size: usize) -> Self {
+    pub fn new(service: CheckService, limits: MessageLimits) -> Self {
         CheckServer {
             service: Arc::new(service),
-            max_decoding_message_size,
+            limits,
         }
     }
 }
+
+/// A connection's share of the message budget, set on each request by the
+/// connection that carries it, so that one connection cannot take it all.
+#[derive(Clone)]
+pub struct ConnBudget(pub Arc<Budget>);
 
 impl NamedService for CheckServer {
     const NAME: &'static str = "envoy.service.auth.v3.Authorization";
@@ -69,9 +82,21 @@ where
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
         let method = Unary(self.service.clone());
-        let limit = self.max_decoding_message_size;
+        let limits = self.limits.clone();
         Box::pin(async move {
-            let mut grpc = Grpc::new(CheckCodec).apply_max_message_size_config(Some(limit), None);
+            let (mut parts, body) = req.into_parts();
+            let conn = parts.extensions.get::<ConnBudget>().map(|c| c.0.clone());
+            // Held until the Check is answered: the decoded request lives as long.
+            let (bytes, _taken) = match message::read(body, &limits, conn).await {
+                Ok((bytes, taken)) => (bytes, Some(taken)),
+                Err(unread) => {
+                    parts.extensions.insert(unread);
+                    (Bytes::from_static(EMPTY_MESSAGE), None)
+                }
+            };
+            let req = http::Request::from_parts(parts, Full::new(bytes));
+            let mut grpc =
+                Grpc::new(CheckCodec).apply_max_message_size_config(Some(limits.max_bytes), None);
             Ok(grpc.unary(method, req).await)
         })
     }
@@ -85,6 +110,13 @@ impl UnaryService<Incoming> for Unary {
 
     fn call(&mut self, request: tonic::Request<Incoming>) -> Self::Future {
         let service = self.0.clone();
+        let request = match request.extensions().get::<Unread>().cloned() {
+            Some(unread) => {
+                let (meta, ext, _) = request.into_parts();
+                tonic::Request::from_parts(meta, ext, Incoming::Unread(unread))
+            }
+            None => request,
+        };
         Box::pin(async move { Ok(service.answer(request).await) })
     }
 }

@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh                     # 5 interleaved rounds of 4 s, ~2 minutes once built
 #   ROUNDS=3 DURATION=3 scripts/bench.sh
+#   BASELINE=/tmp/valet-old scripts/bench.sh   # A/B: also valet-allow on another binary
 #
 # Scenarios, each run once per round in this order so drift hits all alike:
 #   noop           examples/noop_authz: answers OK without reading the request
@@ -12,6 +13,9 @@
 #   valet-missing  the same request without a token: denied (401), logged at info
 #   valet-nocache  valet-allow against a second Valet with `cache: { max_entries: 0 }`:
 #                  every Check verifies the RS256 signature
+#   baseline-allow (with BASELINE=BINARY) valet-allow against that binary (e.g. the
+#                  release build before a change), same config, same core: the
+#                  change's cost as a ratio measured in the same run
 # Reported: median req/s over rounds, the median of per-round ratios to noop,
 # median p50/p99 latency (h2load --log-file), server CPU µs per Check
 # (/proc/PID/stat utime+stime), and Valet's RSS idle and after the load.
@@ -71,7 +75,14 @@ start valet "$bin/valet" serve --config "$config"
 VALET_PID=$PID VALET_ADDR=$ADDR VALET_ADMIN=$ADMIN
 start valet-nocache "$bin/valet" serve --config "$nocache"
 NOCACHE_PID=$PID NOCACHE_ADDR=$ADDR NOCACHE_ADMIN=$ADMIN
-for admin in "$VALET_ADMIN" "$NOCACHE_ADMIN"; do
+admins=("$VALET_ADMIN" "$NOCACHE_ADMIN")
+if [[ -n ${BASELINE:-} ]]; then
+    [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
+    start baseline "$BASELINE" serve --config "$config"
+    BASE_PID=$PID BASE_ADDR=$ADDR BASE_ADMIN=$ADMIN
+    admins+=("$BASE_ADMIN")
+fi
+for admin in "${admins[@]}"; do
     [[ -n $admin ]] || die "valet logged no admin address"
     for _ in $(seq 100); do
         curl -fs "http://$admin/readyz" >/dev/null && break
@@ -105,6 +116,7 @@ verify "$NOOP_ADDR" "$work/allow.bin" ALLOW
 verify "$VALET_ADDR" "$work/allow.bin" ALLOW
 verify "$VALET_ADDR" "$work/missing.bin" DENY
 verify "$NOCACHE_ADDR" "$work/allow.bin" ALLOW
+[[ -z ${BASELINE:-} ]] || verify "$BASE_ADDR" "$work/allow.bin" ALLOW
 rss_idle=$(rss_kib "$VALET_PID")
 nocache_rss_idle=$(rss_kib "$NOCACHE_PID")
 
@@ -146,6 +158,11 @@ declare -A pid_of=([noop]=$NOOP_PID [valet-allow]=$VALET_PID [valet-missing]=$VA
 declare -A body_of=([noop]=$work/allow.bin [valet-allow]=$work/allow.bin
     [valet-missing]=$work/missing.bin [valet-nocache]=$work/allow.bin)
 scenarios=(noop valet-allow valet-missing valet-nocache)
+if [[ -n ${BASELINE:-} ]]; then
+    addr_of[baseline-allow]=$BASE_ADDR pid_of[baseline-allow]=$BASE_PID
+    body_of[baseline-allow]=$work/allow.bin
+    scenarios+=(baseline-allow)
+fi
 
 echo "warming up (1 s each, discarded)"
 for s in "${scenarios[@]}"; do
@@ -179,6 +196,7 @@ echo "server-side counts (valet_check_total by reason) vs h2load 2xx:"
 compare valet-allow "$VALET_ADMIN" verified
 compare valet-missing "$VALET_ADMIN" missing_token
 compare valet-nocache "$NOCACHE_ADMIN" verified
+[[ -z ${BASELINE:-} ]] || compare baseline-allow "$BASE_ADMIN" verified
 
 median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 col() { awk -v s="$1" -v c="$2" '$1 == s && $2 != "warmup" {print $c}' "$work/results"; }

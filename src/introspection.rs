@@ -305,7 +305,7 @@ impl Introspector {
                     let this = self.clone();
                     let token = token.to_string();
                     tokio::spawn(async move {
-                        let r = this.request(&token, now).await;
+                        let r = this.request(&token, now, slot.suspect()).await;
                         slot.set_outcome(match &r {
                             Ok(Answer::Active(_)) => Outcome::Active,
                             Ok(Answer::Inactive) | Err(IntrospectError::Throttled) => {
@@ -385,7 +385,14 @@ impl Introspector {
         }
     }
 
-    async fn request(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+    /// `suspect`: sent for a client in debt, whose failures (an IdP slowed down on
+    /// its random tokens, say) must not open the circuit for everyone.
+    async fn request(
+        &self,
+        token: &str,
+        now: u64,
+        suspect: bool,
+    ) -> Result<Answer, IntrospectError> {
         if !self.admit() {
             telemetry::introspection_request(&self.provider, "circuit_open", None);
             return Err(IntrospectError::CircuitOpen);
@@ -400,8 +407,10 @@ impl Introspector {
         telemetry::introspection_request(&self.provider, label, Some(started.elapsed()));
         // A 429 is the endpoint asking for less, not failing: it neither opens nor
         // closes the circuit (the gate backs off the clients that caused it).
-        if !matches!(result, Err(IntrospectError::Throttled)) {
-            self.record(result.is_ok());
+        match &result {
+            Err(IntrospectError::Throttled) => {}
+            Err(_) if suspect => {}
+            r => self.record(r.is_ok()),
         }
         result
     }

@@ -161,6 +161,11 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Sent for a client in debt: its failures do not open the circuit for all.
+    pub fn suspect(&self) -> bool {
+        self.suspect
+    }
+
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }

@@ -2,7 +2,10 @@
 //! tokens, or every token of a provider that asks for it). The Check path only
 //! reads the cache; on a miss the service awaits [`Introspector::introspect`]
 //! (one request per token however many Checks wait for it, bounded by a timeout
-//! and a circuit breaker) and decides again.
+//! and a circuit breaker) and decides again. Which misses may ask the IdP at
+//! all, when a flood of random tokens competes with real ones, is [`gate`]'s call.
+
+mod gate;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,7 +16,10 @@ use aws_lc_rs::digest::{SHA256, digest};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+
+pub use gate::Client;
+use gate::{Gate, Lane, Outcome, Shed};
 
 use crate::telemetry;
 
@@ -40,6 +46,18 @@ pub struct Settings {
     pub open_for: Duration,
     /// Introspection requests in flight at once; past it a miss is answered at once.
     pub max_in_flight: usize,
+    /// Inactive answers are cached apart (so they never evict active ones).
+    pub negative_cache_entries: u64,
+    /// Slots one client (Envoy's `source.address`) may hold for new tokens.
+    pub max_in_flight_per_client: u32,
+    /// Slots only re-validations of tokens answered active before may take.
+    pub revalidation_reserve: usize,
+    /// New tokens of one client not answered active that it may owe, and how many
+    /// a second it is forgiven: past the budget, its new tokens are not introspected.
+    pub inactive_budget: u32,
+    pub inactive_per_second: u32,
+    /// Longest pause of suspect clients when the IdP answers 429 / 503 + Retry-After.
+    pub max_backoff: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -73,6 +91,16 @@ pub enum IntrospectError {
     CircuitOpen,
     #[error("too many introspection requests in flight")]
     Busy,
+    #[error("too many introspection requests in flight for this client")]
+    ClientBusy,
+    #[error("too many recent tokens of this client were not active: try again later")]
+    ClientBudget,
+    #[error(
+        "the introspection endpoint asked to slow down, and recent tokens of this client were not active"
+    )]
+    Backoff,
+    #[error("the introspection endpoint asked to slow down (429)")]
+    Throttled,
     #[error("the token could not be introspected before the Check's deadline")]
     Deadline,
 }
@@ -86,7 +114,22 @@ impl IntrospectError {
             IntrospectError::BadResponse => "bad_response",
             IntrospectError::CircuitOpen => "circuit_open",
             IntrospectError::Busy => "busy",
+            IntrospectError::ClientBusy => "client_busy",
+            IntrospectError::ClientBudget => "client_budget",
+            IntrospectError::Backoff => "backoff",
+            IntrospectError::Throttled => "throttled",
             IntrospectError::Deadline => "deadline",
+        }
+    }
+}
+
+impl From<Shed> for IntrospectError {
+    fn from(s: Shed) -> Self {
+        match s {
+            Shed::Busy => IntrospectError::Busy,
+            Shed::ClientBusy => IntrospectError::ClientBusy,
+            Shed::ClientBudget => IntrospectError::ClientBudget,
+            Shed::Backoff => IntrospectError::Backoff,
         }
     }
 }
@@ -99,15 +142,27 @@ pub struct Introspector {
     pub provider: String,
     pub issuer: String,
     pub settings: Settings,
+    /// Active answers, and apart from them inactive ones: a flood of random tokens
+    /// fills only the negative cache.
     cache: moka::sync::Cache<Key, (Answer, Instant)>,
+    negative: moka::sync::Cache<Key, (Answer, Instant)>,
+    /// Tokens answered active, until their `exp`: a re-validation after `cache_ttl`
+    /// is no stranger (its request may use the reserved slots).
+    known: moka::sync::Cache<Key, Instant>,
     in_flight: Mutex<HashMap<Key, Flight>>,
-    /// Bounds concurrent requests: random tokens must not become an IdP flood.
-    slots: Arc<Semaphore>,
+    /// Bounds concurrent requests, and shares them so that random tokens cost
+    /// their senders (see [`gate`]).
+    gate: Arc<Gate>,
     breaker: Mutex<Breaker>,
     client: reqwest::Client,
     /// Cache hit and miss counters, registered on first use (after the recorder is).
     counters: std::sync::OnceLock<[metrics::Counter; 2]>,
+    /// Shed counters by [`Shed`], likewise.
+    shed: std::sync::OnceLock<[metrics::Counter; 4]>,
 }
+
+/// A `known` entry without `exp` is remembered this long.
+const KNOWN_FOR: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Breaker {
@@ -131,6 +186,17 @@ impl moka::Expiry<Key, (Answer, Instant)> for Expire {
     }
 }
 
+impl moka::Expiry<Key, Instant> for Expire {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        until: &Instant,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(until.saturating_duration_since(created_at))
+    }
+}
+
 pub fn key(token: &str) -> Key {
     digest(&SHA256, token.as_bytes())
         .as_ref()
@@ -148,28 +214,46 @@ impl Introspector {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // LRU: a fresh answer is always admitted (TinyLFU could drop it at once
+        // when the cache is full, and the Check would find nothing).
+        let lru = |entries| {
+            moka::sync::Cache::builder()
+                .max_capacity(entries)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .expire_after(Expire)
+                .build()
+        };
+        let gate = Gate::new(gate::Limits {
+            slots: settings.max_in_flight,
+            revalidation_reserve: settings.revalidation_reserve,
+            per_client: settings.max_in_flight_per_client,
+            inactive_budget: f64::from(settings.inactive_budget),
+            inactive_per_second: f64::from(settings.inactive_per_second),
+            max_backoff: settings.max_backoff,
+        });
         Ok(Introspector {
             provider: provider.to_string(),
             issuer: issuer.to_string(),
-            // LRU: a fresh answer is always admitted (TinyLFU could drop it at once
-            // when the cache is full, and the Check would find nothing).
-            cache: moka::sync::Cache::builder()
+            cache: lru(settings.cache_entries),
+            negative: lru(settings.negative_cache_entries),
+            known: moka::sync::Cache::builder()
                 .max_capacity(settings.cache_entries)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .expire_after(Expire)
                 .build(),
-            slots: Arc::new(Semaphore::new(settings.max_in_flight)),
+            gate,
             settings,
             in_flight: Mutex::new(HashMap::new()),
             breaker: Mutex::new(Breaker::default()),
             client,
             counters: std::sync::OnceLock::new(),
+            shed: std::sync::OnceLock::new(),
         })
     }
 
     /// The cached answer for this token, if any: all a Check does without awaiting.
     pub fn cached(&self, token: &str) -> Option<Answer> {
-        let hit = self.cache.get(&key(token)).map(|(a, _)| a);
+        let hit = self.lookup(&key(token));
         let [hits, misses] = self
             .counters
             .get_or_init(|| telemetry::introspection_cache_counters(&self.provider));
@@ -177,17 +261,26 @@ impl Introspector {
         hit
     }
 
+    fn lookup(&self, k: &Key) -> Option<Answer> {
+        self.cache
+            .get(k)
+            .or_else(|| self.negative.get(k))
+            .map(|(a, _)| a)
+    }
+
     /// Asks the IdP about `token` (once for all concurrent callers) and caches the
     /// answer. The request runs in its own task: a Check that gives up (Envoy's
     /// deadline) neither cancels it nor loses its answer for the next Check, and
-    /// the circuit breaker always hears how it ended. `now` is Unix seconds.
+    /// the circuit breaker always hears how it ended. `now` is Unix seconds;
+    /// `client` is who sent the token (Envoy's `source.address`), if known.
     pub async fn introspect(
         self: &Arc<Self>,
         token: &str,
         now: u64,
+        client: Option<Client>,
     ) -> Result<Answer, IntrospectError> {
         let k = key(token);
-        if let Some((a, _)) = self.cache.get(&k) {
+        if let Some(a) = self.lookup(&k) {
             return Ok(a);
         }
         let mut flight = {
@@ -195,19 +288,49 @@ impl Introspector {
             match map.get(&k) {
                 Some(f) => f.clone(),
                 None => {
-                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                        telemetry::introspection_request(&self.provider, "busy", None);
-                        return Err(IntrospectError::Busy);
+                    let lane = if self.known.contains_key(&k) {
+                        Lane::Known
+                    } else {
+                        Lane::New(client)
+                    };
+                    let mut slot = match self.gate.acquire(lane, Instant::now()) {
+                        Ok(slot) => slot,
+                        Err(shed) => {
+                            self.count_shed(shed);
+                            return Err(shed.into());
+                        }
                     };
                     let (tx, rx) = watch::channel(None);
                     map.insert(k, rx.clone());
                     let this = self.clone();
                     let token = token.to_string();
                     tokio::spawn(async move {
-                        let r = this.request(&token, now).await;
+                        let r = this.request(&token, now, slot.suspect()).await;
+                        slot.set_outcome(match &r {
+                            Ok(Answer::Active(_)) => Outcome::Active,
+                            Ok(Answer::Inactive) | Err(IntrospectError::Throttled) => {
+                                Outcome::Charged
+                            }
+                            Err(_) => Outcome::Neutral,
+                        });
                         if let Ok(answer) = &r {
-                            let ttl = this.ttl(answer, now);
-                            this.cache.insert(k, (answer.clone(), Instant::now() + ttl));
+                            let until = Instant::now() + this.ttl(answer, now);
+                            match answer {
+                                Answer::Active(claims) => {
+                                    this.cache.insert(k, (answer.clone(), until));
+                                    let known = claims
+                                        .get("exp")
+                                        .and_then(Value::as_u64)
+                                        .map_or(KNOWN_FOR, |exp| {
+                                            Duration::from_secs(exp.saturating_sub(now))
+                                        });
+                                    let until = Instant::now() + known.min(KNOWN_FOR * 24);
+                                    this.known.insert(k, until);
+                                }
+                                Answer::Inactive => {
+                                    this.negative.insert(k, (answer.clone(), until));
+                                }
+                            }
                         }
                         // Cached first, then out of the flights: a later Check finds one or the other.
                         this.in_flight
@@ -228,6 +351,23 @@ impl Introspector {
         }
     }
 
+    fn count_shed(&self, shed: Shed) {
+        let [busy, client_busy, client_budget, backoff] = self
+            .shed
+            .get_or_init(|| telemetry::introspection_shed_counters(&self.provider));
+        match shed {
+            Shed::Busy => {
+                // Counted as a request result too, as it always was.
+                telemetry::introspection_request(&self.provider, "busy", None);
+                busy
+            }
+            Shed::ClientBusy => client_busy,
+            Shed::ClientBudget => client_budget,
+            Shed::Backoff => backoff,
+        }
+        .increment(1);
+    }
+
     fn ttl(&self, answer: &Answer, now: u64) -> Duration {
         match answer {
             Answer::Inactive => self.settings.negative_cache_ttl,
@@ -245,7 +385,14 @@ impl Introspector {
         }
     }
 
-    async fn request(&self, token: &str, now: u64) -> Result<Answer, IntrospectError> {
+    /// `suspect`: sent for a client in debt, whose failures (an IdP slowed down on
+    /// its random tokens, say) must not open the circuit for everyone.
+    async fn request(
+        &self,
+        token: &str,
+        now: u64,
+        suspect: bool,
+    ) -> Result<Answer, IntrospectError> {
         if !self.admit() {
             telemetry::introspection_request(&self.provider, "circuit_open", None);
             return Err(IntrospectError::CircuitOpen);
@@ -258,7 +405,13 @@ impl Introspector {
             Err(e) => e.label(),
         };
         telemetry::introspection_request(&self.provider, label, Some(started.elapsed()));
-        self.record(result.is_ok());
+        // A 429 is the endpoint asking for less, not failing: it neither opens nor
+        // closes the circuit (the gate backs off the clients that caused it).
+        match &result {
+            Err(IntrospectError::Throttled) => {}
+            Err(_) if suspect => {}
+            r => self.record(r.is_ok()),
+        }
         result
     }
 
@@ -289,7 +442,23 @@ impl Introspector {
                     IntrospectError::Unreachable
                 }
             })?;
-        if !response.status().is_success() {
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || (status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && response.headers().contains_key("retry-after"))
+        {
+            if self.gate.back_off(retry_after, Instant::now()) {
+                tracing::warn!(provider = %self.provider, status = status.as_u16(), retry_after = ?retry_after, "introspection endpoint asks to slow down: pausing clients whose recent tokens were not active");
+                telemetry::introspection_backoff(&self.provider);
+            }
+            return Err(IntrospectError::Throttled);
+        }
+        if !status.is_success() {
             tracing::warn!(provider = %self.provider, status = response.status().as_u16(), "introspection endpoint answered an error");
             return Err(IntrospectError::Status);
         }
@@ -429,6 +598,12 @@ mod tests {
             failure_threshold: 5,
             open_for: Duration::from_secs(10),
             max_in_flight: 8,
+            negative_cache_entries: 10,
+            max_in_flight_per_client: 2,
+            revalidation_reserve: 1,
+            inactive_budget: 20,
+            inactive_per_second: 2,
+            max_backoff: Duration::from_secs(30),
         };
         assert!(!format!("{s:?}").contains("hunter2"));
     }
@@ -447,6 +622,12 @@ mod tests {
             failure_threshold: 3,
             open_for: Duration::from_millis(50),
             max_in_flight: 8,
+            negative_cache_entries: 10,
+            max_in_flight_per_client: 2,
+            revalidation_reserve: 1,
+            inactive_budget: 20,
+            inactive_per_second: 2,
+            max_backoff: Duration::from_secs(30),
         };
         s.failure_threshold = 3;
         let i = Introspector::new("p", "https://i", s).unwrap();

@@ -460,7 +460,7 @@ fn introspect_once(
         .enable_all()
         .build();
     if let Ok(rt) = runtime
-        && let Err(e) = rt.block_on(introspector.introspect(&token, now))
+        && let Err(e) = rt.block_on(introspector.introspect(&token, now, None))
     {
         eprintln!("warning: introspection: {e}");
     }

@@ -94,7 +94,8 @@ pub async fn decide(
         && let Some((introspector, route)) = introspection_for(&decision, &policy)
         && let Some(token) = check::token_of(&policy, req, route)
     {
-        let asked = introspector.introspect(&token, unix_now());
+        let client = crate::introspection::Client::of(req);
+        let asked = introspector.introspect(&token, unix_now(), client);
         // Keep a margin to encode the answer before the caller's deadline.
         let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
         let result = match left {

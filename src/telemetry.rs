@@ -25,6 +25,8 @@ pub const INTROSPECTION_REQUESTS: &str = "valet_introspection_requests_total";
 pub const INTROSPECTION_DURATION: &str = "valet_introspection_duration_seconds";
 pub const INTROSPECTION_CACHE: &str = "valet_introspection_cache_total";
 pub const INTROSPECTION_CIRCUIT_OPEN: &str = "valet_introspection_circuit_open";
+pub const INTROSPECTION_SHED: &str = "valet_introspection_shed_total";
+pub const INTROSPECTION_BACKOFF: &str = "valet_introspection_backoff_total";
 pub const DPOP_REPLAY_EVICTIONS: &str = "valet_dpop_replay_evictions_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
@@ -130,7 +132,15 @@ fn describe() {
     metrics::describe_gauge!(VERIFY_CACHE_ENTRIES, "Verified tokens in the cache");
     metrics::describe_counter!(
         INTROSPECTION_REQUESTS,
-        "Introspection requests, by provider and result (active/inactive/timeout/unreachable/status/bad_response/circuit_open)"
+        "Introspection requests, by provider and result (active/inactive/timeout/unreachable/status/bad_response/throttled/circuit_open/busy)"
+    );
+    metrics::describe_counter!(
+        INTROSPECTION_SHED,
+        "Checks of a new token answered 503 without asking the IdP, by provider and reason (busy/client_busy/client_budget/backoff)"
+    );
+    metrics::describe_counter!(
+        INTROSPECTION_BACKOFF,
+        "Times the introspection endpoint asked to slow down (429, or 503 with Retry-After) and suspect clients were paused"
     );
     metrics::describe_histogram!(
         INTROSPECTION_DURATION,
@@ -426,6 +436,17 @@ pub fn introspection_request(provider: &str, result: &'static str, took: Option<
         metrics::histogram!(INTROSPECTION_DURATION, "provider" => provider.to_owned())
             .record(t.as_secs_f64());
     }
+}
+
+/// In the order of `gate::Shed`: busy, client_busy, client_budget, backoff.
+pub fn introspection_shed_counters(provider: &str) -> [metrics::Counter; 4] {
+    ["busy", "client_busy", "client_budget", "backoff"].map(|reason| {
+        metrics::counter!(INTROSPECTION_SHED, "provider" => provider.to_owned(), "reason" => reason)
+    })
+}
+
+pub fn introspection_backoff(provider: &str) {
+    metrics::counter!(INTROSPECTION_BACKOFF, "provider" => provider.to_owned()).increment(1);
 }
 
 pub fn introspection_circuit(provider: &str, open: bool) {

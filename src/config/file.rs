@@ -100,6 +100,12 @@ pub struct IntrospectionFile {
     pub failure_threshold: Option<u32>,
     pub open_for: Option<String>,
     pub max_in_flight: Option<usize>,
+    pub negative_cache_entries: Option<u64>,
+    pub max_in_flight_per_client: Option<u32>,
+    pub revalidation_reserve: Option<usize>,
+    pub inactive_budget: Option<u32>,
+    pub inactive_per_second: Option<u32>,
+    pub max_backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -531,6 +531,7 @@ fn introspection_settings(
         Duration::from_secs(10),
     );
     let open_for = duration(&f.open_for, "open_for", Duration::from_secs(10));
+    let max_backoff = duration(&f.max_backoff, "max_backoff", Duration::from_secs(30));
     if timeout.is_zero() || timeout > Duration::from_secs(10) {
         p.error(
             format!("{at}.timeout"),
@@ -580,6 +581,12 @@ fn introspection_settings(
             Duration::from_millis(100),
             Duration::from_secs(3600),
         ),
+        (
+            "max_backoff",
+            max_backoff,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        ),
     ] {
         if d < min || d > max {
             p.error(
@@ -599,6 +606,39 @@ fn introspection_settings(
     if !(1..=10_000).contains(&max_in_flight) {
         p.error(format!("{at}.max_in_flight"), "between 1 and 10000");
     }
+    let negative_cache_entries = f.negative_cache_entries.unwrap_or(10_000);
+    if negative_cache_entries == 0 {
+        p.error(
+            format!("{at}.negative_cache_entries"),
+            "at least 1: every unknown token would reach the IdP at each use",
+        );
+    }
+    // Defaults in proportion to max_in_flight: a quarter per client, an eighth kept
+    // for re-validations (none when there is a single slot).
+    let max_in_flight_per_client = f
+        .max_in_flight_per_client
+        .unwrap_or((max_in_flight / 4).clamp(1, u32::MAX as usize) as u32);
+    if max_in_flight_per_client == 0 || max_in_flight_per_client as usize > max_in_flight {
+        p.error(
+            format!("{at}.max_in_flight_per_client"),
+            "between 1 and max_in_flight",
+        );
+    }
+    let revalidation_reserve = f.revalidation_reserve.unwrap_or(max_in_flight / 8);
+    if revalidation_reserve >= max_in_flight.max(1) {
+        p.error(
+            format!("{at}.revalidation_reserve"),
+            "below max_in_flight: new tokens need a slot too",
+        );
+    }
+    let inactive_budget = f.inactive_budget.unwrap_or(20);
+    if !(1..=100_000).contains(&inactive_budget) {
+        p.error(format!("{at}.inactive_budget"), "between 1 and 100000");
+    }
+    let inactive_per_second = f.inactive_per_second.unwrap_or(2);
+    if !(1..=100_000).contains(&inactive_per_second) {
+        p.error(format!("{at}.inactive_per_second"), "between 1 and 100000");
+    }
     IntrospectionSettings {
         endpoint: f.endpoint.clone(),
         client_id: f.client_id.clone(),
@@ -611,6 +651,12 @@ fn introspection_settings(
         failure_threshold,
         open_for,
         max_in_flight,
+        negative_cache_entries,
+        max_in_flight_per_client,
+        revalidation_reserve,
+        inactive_budget,
+        inactive_per_second,
+        max_backoff,
     }
 }
 

@@ -271,6 +271,25 @@ impl Idp {
         (status, json)
     }
 
+    /// Requests that reached the introspection endpoint, and those it answered 429
+    /// (with `IDP_INTROSPECTION_RPS`), since the IdP started.
+    pub async fn introspection_stats(&self) -> (u64, u64) {
+        let body = self
+            .http
+            .get(format!("{}/__stats", self.issuer))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        (
+            v["introspections"].as_u64().unwrap(),
+            v["rate_limited"].as_u64().unwrap(),
+        )
+    }
+
     /// POST `path` on the admin API (`/__rotate`, `/__retire`).
     pub async fn admin(&self, path: &str) {
         let r = self

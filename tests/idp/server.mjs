@@ -75,7 +75,16 @@
 // tokens (and DPoP proof jtis seen) survive a rotation; JWT access tokens are not
 // stored at all.
 //
-// Env knobs: IDP_PORT (see above), IDP_ACCESS_TOKEN_TTL (seconds, default 300).
+//   * introspection accounting and rate limiting, for flood tests:
+//       GET  /__stats   {"introspections": N, "rate_limited": M}: requests that reached
+//                       the introspection endpoint, and those answered 429.
+//     With IDP_INTROSPECTION_RPS=N (N > 0) the introspection endpoint admits N requests
+//     a second (a token bucket holding one second's worth) and answers the rest
+//     `429 Too Many Requests` with `Retry-After: 1`, as a rate-limiting IdP or gateway
+//     would. The token endpoint is never limited.
+//
+// Env knobs: IDP_PORT (see above), IDP_ACCESS_TOKEN_TTL (seconds, default 300),
+// IDP_INTROSPECTION_RPS (see above; unset or 0 = no limit).
 // SIGTERM / SIGINT close the server and exit 0.
 
 import * as crypto from 'node:crypto';
@@ -109,6 +118,24 @@ const ALL_SCOPES = 'orders:read orders:write other:read';
 const ACCESS_TOKEN_TTL = Number.parseInt(process.env.IDP_ACCESS_TOKEN_TTL ?? '300', 10);
 if (!Number.isSafeInteger(ACCESS_TOKEN_TTL) || ACCESS_TOKEN_TTL <= 0) {
   throw new Error(`IDP_ACCESS_TOKEN_TTL must be a positive integer, got ${process.env.IDP_ACCESS_TOKEN_TTL}`);
+}
+
+const INTROSPECTION_RPS = Number.parseFloat(process.env.IDP_INTROSPECTION_RPS ?? '0');
+if (!Number.isFinite(INTROSPECTION_RPS) || INTROSPECTION_RPS < 0) {
+  throw new Error(`IDP_INTROSPECTION_RPS must be a non-negative number, got ${process.env.IDP_INTROSPECTION_RPS}`);
+}
+const stats = { introspections: 0, rate_limited: 0 };
+// Token bucket: one second's worth of requests, refilled continuously.
+let bucket = INTROSPECTION_RPS;
+let bucketAt = process.hrtime.bigint();
+function introspectionAdmitted() {
+  if (INTROSPECTION_RPS <= 0) return true;
+  const now = process.hrtime.bigint();
+  bucket = Math.min(INTROSPECTION_RPS, bucket + (Number(now - bucketAt) / 1e9) * INTROSPECTION_RPS);
+  bucketAt = now;
+  if (bucket < 1) return false;
+  bucket -= 1;
+  return true;
 }
 
 const RESOURCE_SERVERS = {
@@ -283,6 +310,9 @@ function sendJson(res, status, body) {
 
 function admin(req, res, path) {
   switch (path) {
+    case '/__stats':
+      if (req.method !== 'GET') return sendJson(res, 405, { error: 'use GET' });
+      return sendJson(res, 200, stats);
     case '/__keys':
       if (req.method !== 'GET') return sendJson(res, 405, { error: 'use GET' });
       return sendJson(res, 200, publicKeys());
@@ -317,6 +347,16 @@ const server = http.createServer((req, res) => {
   if (!current) {
     sendJson(res, 503, { error: 'starting' });
     return;
+  }
+  if (path === '/token/introspection') {
+    stats.introspections += 1;
+    if (!introspectionAdmitted()) {
+      stats.rate_limited += 1;
+      req.resume();
+      res.setHeader('retry-after', '1');
+      sendJson(res, 429, { error: 'rate_limited' });
+      return;
+    }
   }
   current.callback(req, res);
 });

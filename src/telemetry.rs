@@ -29,6 +29,7 @@ pub const DPOP_REPLAY_EVICTIONS: &str = "valet_dpop_replay_evictions_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
+pub const SIGNATURE_VERIFICATIONS: &str = "valet_signature_verifications_total";
 
 /// From 10 µs (a cached Check) to 1 s (far past Envoy's budget).
 const CHECK_BUCKETS: &[f64] = &[
@@ -154,6 +155,10 @@ fn describe() {
     metrics::describe_gauge!(
         REVOCATION_LAST_SUCCESSFUL,
         "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file"
+    );
+    metrics::describe_counter!(
+        SIGNATURE_VERIFICATIONS,
+        "JWT signatures checked with the crypto (at most one per token), by provider and result (valid/invalid)"
     );
     metrics::describe_counter!(
         CHECK_TOTAL,
@@ -343,6 +348,14 @@ pub fn verify_cache(hit: bool) {
         &VERIFY_CACHE_MISS
     };
     counter.increment(1);
+}
+
+/// One signature verification run (a cache hit, or a token refused before the
+/// crypto, runs none).
+pub fn signature_verified(provider: &str, valid: bool) {
+    let result = if valid { "valid" } else { "invalid" };
+    metrics::counter!(SIGNATURE_VERIFICATIONS, "provider" => provider.to_owned(), "result" => result)
+        .increment(1);
 }
 
 pub fn verify_cache_evicted() {

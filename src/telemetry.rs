@@ -34,6 +34,7 @@ pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_succe
 pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "valet_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "valet_connections_closed_total";
+pub const SIGNATURE_VERIFICATIONS: &str = "valet_signature_verifications_total";
 
 /// From 10 µs (a cached Check) to 1 s (far past Envoy's budget).
 const CHECK_BUCKETS: &[f64] = &[
@@ -182,6 +183,10 @@ fn describe() {
     metrics::describe_counter!(
         CONNECTIONS_CLOSED,
         "Check-port connections closed by Valet, by listener and cause (handshake_timeout/idle_timeout/max_age)"
+    );
+    metrics::describe_counter!(
+        SIGNATURE_VERIFICATIONS,
+        "JWT signatures checked with the crypto (at most one per token), by provider and result (valid/invalid)"
     );
     metrics::describe_counter!(
         CHECK_TOTAL,
@@ -371,6 +376,14 @@ pub fn verify_cache(hit: bool) {
         &VERIFY_CACHE_MISS
     };
     counter.increment(1);
+}
+
+/// One signature verification run (a cache hit, or a token refused before the
+/// crypto, runs none).
+pub fn signature_verified(provider: &str, valid: bool) {
+    let result = if valid { "valid" } else { "invalid" };
+    metrics::counter!(SIGNATURE_VERIFICATIONS, "provider" => provider.to_owned(), "result" => result)
+        .increment(1);
 }
 
 pub fn verify_cache_evicted() {

@@ -346,6 +346,7 @@ fn describe(e: VerifyError) -> &'static str {
         VerifyError::Malformed(why) | VerifyError::UnsupportedAlgorithm(why) => why,
         VerifyError::IssuerNotAllowed => "the token's issuer is not accepted here",
         VerifyError::UnknownKey => "the token is signed with an unknown key",
+        VerifyError::AmbiguousKey => "the token has no kid and several keys fit its algorithm",
         VerifyError::BadSignature => "the token's signature is invalid",
         VerifyError::Expired => "the token has expired",
         VerifyError::NotYetValid => "the token is not valid yet",

@@ -17,9 +17,6 @@ use crate::policy::Policy;
 use crate::policy::require::audience_contains;
 use crate::provider::{Provider, algorithm_by_name};
 
-/// Tokens without a `kid` are tried against at most this many keys.
-const MAX_KEYS_WITHOUT_KID: usize = 4;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
     #[error("{0}")]
@@ -30,6 +27,9 @@ pub enum VerifyError {
     IssuerNotAllowed,
     #[error("unknown key")]
     UnknownKey,
+    /// No `kid`, and several keys of the set fit the algorithm.
+    #[error("no kid, several keys")]
+    AmbiguousKey,
     #[error("bad signature")]
     BadSignature,
     #[error("token expired")]
@@ -54,7 +54,7 @@ impl VerifyError {
             VerifyError::Malformed(_) => Reason::MalformedToken,
             VerifyError::UnsupportedAlgorithm(_) => Reason::UnsupportedAlgorithm,
             VerifyError::IssuerNotAllowed => Reason::IssuerNotAllowed,
-            VerifyError::UnknownKey => Reason::UnknownKey,
+            VerifyError::UnknownKey | VerifyError::AmbiguousKey => Reason::UnknownKey,
             VerifyError::BadSignature => Reason::BadSignature,
             VerifyError::Expired => Reason::Expired,
             VerifyError::NotYetValid => Reason::NotYetValid,
@@ -261,12 +261,27 @@ fn verify_inner(
         ));
     }
 
-    let claims: Map<String, Value> = match decode_json(payload_b64) {
-        Some(c) => c,
-        None => return Err(VerifyError::Malformed("unreadable claims")),
+    // Refused unread when no provider the route takes could accept this `alg`.
+    let takes = |p: &Provider| {
+        p.algorithms.contains(&alg) || p.introspection.as_ref().is_some_and(|i| i.settings.jwts)
     };
+    let any_takes = policy
+        .providers
+        .iter()
+        .enumerate()
+        .any(|(i, p)| (allowed.is_empty() || allowed.contains(&i)) && takes(p));
+    if !any_takes {
+        return Err(VerifyError::UnsupportedAlgorithm(
+            "algorithm not allowed for this issuer",
+        ));
+    }
 
-    let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
+    // Only `iss` is read before the signature (it names the keys): no claim is
+    // built, whatever the token carries, until the signature holds.
+    let Some(iss) = decode_issuer(payload_b64) else {
+        return Err(VerifyError::Malformed("unreadable claims"));
+    };
+    let Some(iss) = iss else {
         return Err(VerifyError::IssuerNotAllowed);
     };
     let found = policy
@@ -294,6 +309,10 @@ fn verify_inner(
     }
 
     let keyset = check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
+    let claims: Map<String, Value> = match decode_json(payload_b64) {
+        Some(c) => c,
+        None => return Err(VerifyError::Malformed("unreadable claims")),
+    };
     let exp = check_time(&claims, provider.clock_skew_secs, now)?;
     if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
         return Err(VerifyError::AudienceNotAllowed);
@@ -320,6 +339,59 @@ fn verify_inner(
     })
 }
 
+/// The `iss` of a JWT payload, without building the claims: `None` when the
+/// payload is not a JSON object, `Some(None)` when it has no string `iss`. Like
+/// a full parse, the last `iss` wins.
+fn decode_issuer(b64: &str) -> Option<Option<String>> {
+    struct Issuer(Option<String>);
+    struct IsIss(bool);
+    impl<'de> Deserialize<'de> for IsIss {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = IsIss;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a claim name")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<IsIss, E> {
+                    Ok(IsIss(v == "iss"))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    impl<'de> Deserialize<'de> for Issuer {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Issuer;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Issuer, A::Error> {
+                    let mut iss = None;
+                    while let Some(IsIss(is)) = map.next_key()? {
+                        if is {
+                            iss = match map.next_value::<Value>()? {
+                                Value::String(s) => Some(s),
+                                _ => None,
+                            };
+                        } else {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                    Ok(Issuer(iss))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    decode_json::<Issuer>(b64).map(|i| i.0)
+}
+
 fn decode_json<T: serde::de::DeserializeOwned>(b64: &str) -> Option<T> {
     let bytes = URL_SAFE_NO_PAD.decode(b64).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -336,39 +408,32 @@ fn check_signature(
     if keys.is_empty() {
         return Err(VerifyError::KeysUnavailable);
     }
+    let key = match kid {
+        Some(kid) => keys.get(kid).ok_or(VerifyError::UnknownKey)?,
+        None => keys.only_key_for(alg).map_err(|n| match n {
+            0 => VerifyError::UnknownKey,
+            _ => VerifyError::AmbiguousKey,
+        })?,
+    };
+    if !key.accepts(alg) {
+        return Err(VerifyError::UnsupportedAlgorithm(
+            "algorithm does not fit the key",
+        ));
+    }
+    // Unpadded base64url of exactly the signature's length; anything else
+    // cannot verify, so the crypto is not run for it.
+    if signature_b64.len() != (key.signature_len(alg) * 4).div_ceil(3) {
+        return Err(VerifyError::BadSignature);
+    }
     // The signed message is everything before the last dot.
     let message = &token.as_bytes()[..token.len() - signature_b64.len() - 1];
-    let verify = |key: &crate::jwks::Key| {
-        jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg).unwrap_or(false)
-    };
-    match kid {
-        Some(kid) => {
-            let key = keys.get(kid).ok_or(VerifyError::UnknownKey)?;
-            if !key.accepts(alg) {
-                return Err(VerifyError::UnsupportedAlgorithm(
-                    "algorithm does not fit the key",
-                ));
-            }
-            if verify(key) {
-                Ok(keys.id())
-            } else {
-                Err(VerifyError::BadSignature)
-            }
-        }
-        None => {
-            let mut tried = 0;
-            for key in keys.candidates(alg).take(MAX_KEYS_WITHOUT_KID) {
-                tried += 1;
-                if verify(key) {
-                    return Ok(keys.id());
-                }
-            }
-            if tried == 0 {
-                Err(VerifyError::UnknownKey)
-            } else {
-                Err(VerifyError::BadSignature)
-            }
-        }
+    let valid =
+        jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg).unwrap_or(false);
+    crate::telemetry::signature_verified(&provider.name, valid);
+    if valid {
+        Ok(keys.id())
+    } else {
+        Err(VerifyError::BadSignature)
     }
 }
 

@@ -47,11 +47,27 @@ pub struct Key {
     /// The key's own `alg`, when the JWKS pins one.
     pub alg: Option<Algorithm>,
     pub decoding: DecodingKey,
+    /// Bytes of an RSA signature (the modulus' length); other kinds' follow from the algorithm.
+    rsa_bytes: usize,
 }
 
 impl Key {
     pub fn accepts(&self, alg: Algorithm) -> bool {
         self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    /// The length of every signature this key makes with `alg` (RFC 7518 §3):
+    /// anything else is refused without running the crypto.
+    pub fn signature_len(&self, alg: Algorithm) -> usize {
+        use Algorithm::*;
+        match (self.kind, alg) {
+            (KeyKind::Rsa, _) => self.rsa_bytes,
+            (KeyKind::P256 | KeyKind::Ed25519, _) => 64,
+            (KeyKind::P384, _) => 96,
+            (KeyKind::Oct, HS256) => 32,
+            (KeyKind::Oct, HS384) => 48,
+            (KeyKind::Oct, _) => 64,
+        }
     }
 }
 
@@ -106,9 +122,16 @@ impl KeySet {
         self.keys.iter().find(|k| k.kid.as_deref() == Some(kid))
     }
 
-    /// Keys that can verify `alg`, for tokens without a `kid`.
-    pub fn candidates(&self, alg: Algorithm) -> impl Iterator<Item = &Key> {
-        self.keys.iter().filter(move |k| k.accepts(alg))
+    /// The one key that can verify `alg`, for a token without a `kid`: `Err(n)`
+    /// when `n` keys (zero, or several) could. Several are never tried in turn:
+    /// each try is a full verification an attacker gets for free.
+    pub fn only_key_for(&self, alg: Algorithm) -> Result<&Key, usize> {
+        let mut fits = self.keys.iter().filter(|k| k.accepts(alg));
+        match (fits.next(), fits.count()) {
+            (Some(key), 0) => Ok(key),
+            (None, _) => Err(0),
+            (Some(_), more) => Err(1 + more),
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -165,11 +188,13 @@ fn parse_key(entry: &Value) -> Result<Key, String> {
     let jwk: Jwk =
         serde_json::from_value(entry.clone()).map_err(|e| format!("invalid key: {e}"))?;
     let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| format!("invalid key: {e}"))?;
+    let mut rsa_bytes = 0;
     if kind == KeyKind::Rsa
         && let jsonwebtoken::DecodingKeyKind::RsaModulusExponent { n, .. } = decoding.kind()
     {
+        rsa_bytes = n.iter().skip_while(|b| **b == 0).count();
         // Shorter RSA moduli are forgeable; RFC 7518 requires at least 2048 bits.
-        let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+        let bits = rsa_bytes * 8;
         if bits < 2048 {
             return Err(format!(
                 "RSA key of {bits} bits is too short (2048 at least)"
@@ -187,6 +212,7 @@ fn parse_key(entry: &Value) -> Result<Key, String> {
         kind,
         alg,
         decoding,
+        rsa_bytes,
     })
 }
 

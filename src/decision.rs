@@ -30,10 +30,11 @@ pub enum Reason {
     InvalidDpopProof,
     InactiveToken,
     IntrospectionUnavailable,
+    DpopReplayFull,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -57,6 +58,7 @@ impl Reason {
         Reason::InvalidDpopProof,
         Reason::InactiveToken,
         Reason::IntrospectionUnavailable,
+        Reason::DpopReplayFull,
     ];
 
     pub fn label(self) -> &'static str {
@@ -84,6 +86,7 @@ impl Reason {
             Reason::InvalidDpopProof => "invalid_dpop_proof",
             Reason::InactiveToken => "inactive_token",
             Reason::IntrospectionUnavailable => "introspection_unavailable",
+            Reason::DpopReplayFull => "dpop_replay_full",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
@@ -194,7 +194,7 @@ fn read(path: &Path) -> Result<Denylist, LoadError> {
     }
     // Streamed: the text is never held whole, only the list being built.
     let mut chars = Utf8Chars::new(std::io::BufReader::new(file).take(MAX_FILE_BYTES));
-    let parsed = parse_events(&mut Parser::new(&mut chars), path);
+    let parsed = parse_events(&mut Parser::new(&mut chars), path, MAX_ENTRIES);
     match chars.error.take() {
         Some(Utf8Error::Io(e)) => Err(read_err(e)),
         Some(Utf8Error::Invalid) => Err(config::whole_file(path, "not UTF-8 text")),
@@ -204,7 +204,7 @@ fn read(path: &Path) -> Result<Denylist, LoadError> {
 
 /// Parses a denylist; every problem is reported with its line and column.
 pub fn parse(source: &str, path: &Path) -> Result<Denylist, LoadError> {
-    parse_events(&mut Parser::new_from_str(source), path)
+    parse_events(&mut Parser::new_from_str(source), path, MAX_ENTRIES)
 }
 
 /// A larger list is refused: it is for emergencies, and this bounds its memory.
@@ -269,13 +269,14 @@ fn position(mark: &Marker) -> Position {
 fn parse_events<I: Iterator<Item = char>>(
     parser: &mut Parser<I>,
     path: &Path,
+    max_entries: usize,
 ) -> Result<Denylist, LoadError> {
     let mut p = Problems {
         path,
         errors: Vec::new(),
         more: 0,
     };
-    let list = walk(parser, &mut p).map_err(|e| {
+    let list = walk(parser, &mut p, max_entries).map_err(|e| {
         LoadError::Invalid(vec![ConfigError {
             file: path.to_path_buf(),
             position: position(e.marker()),
@@ -307,6 +308,7 @@ fn next<I: Iterator<Item = char>>(parser: &mut Parser<I>) -> Result<(Event, Posi
 fn walk<I: Iterator<Item = char>>(
     parser: &mut Parser<I>,
     p: &mut Problems,
+    max_entries: usize,
 ) -> Result<Option<Denylist>, ScanError> {
     let whole = Position { line: 1, column: 1 };
     let (mut ev, mut at) = next(parser)?;
@@ -343,7 +345,11 @@ fn walk<I: Iterator<Item = char>>(
                 seen_revoked = true;
                 let (ev, at) = next(parser)?;
                 match ev {
-                    Event::SequenceStart(..) => entries(parser, p, &mut list)?,
+                    Event::SequenceStart(..) => {
+                        if !entries(parser, p, &mut list, max_entries)? {
+                            return Ok(None);
+                        }
+                    }
                     other => {
                         p.error(
                             at,
@@ -384,18 +390,20 @@ fn walk<I: Iterator<Item = char>>(
     Ok(Some(list))
 }
 
-/// The items of `revoked`, up to its SequenceEnd.
+/// The items of `revoked`, up to its SequenceEnd; false when it stopped early
+/// (too many entries), the rest of the document unread.
 fn entries<I: Iterator<Item = char>>(
     parser: &mut Parser<I>,
     p: &mut Problems,
     list: &mut Denylist,
-) -> Result<(), ScanError> {
+    max_entries: usize,
+) -> Result<bool, ScanError> {
     let mut i = 0;
     loop {
         let (ev, mark) = parser.next_token()?;
         let at = position(&mark);
         match ev {
-            Event::SequenceEnd => return Ok(()),
+            Event::SequenceEnd => return Ok(true),
             Event::MappingStart(..) => {
                 let field = format!("revoked[{i}]");
                 let mut e = Entry {
@@ -461,13 +469,13 @@ fn entries<I: Iterator<Item = char>>(
                         Some(v) => *slot = Some(v),
                     }
                 }
-                if i >= MAX_ENTRIES {
+                if i >= max_entries {
                     p.error(
                         at,
                         field,
-                        format!("more than {MAX_ENTRIES} entries: a denylist is for emergencies; remove entries of expired tokens"),
+                        format!("more than {max_entries} entries: a denylist is for emergencies; remove entries of expired tokens"),
                     );
-                    return Ok(());
+                    return Ok(false);
                 }
                 add(e, &field, p, list);
             }
@@ -562,21 +570,26 @@ enum Utf8Error {
 
 /// The chars of a UTF-8 byte stream; stops at the first error and keeps it.
 struct Utf8Chars<R> {
-    bytes: std::io::Bytes<R>,
+    reader: R,
     error: Option<Utf8Error>,
 }
 
-impl<R: std::io::Read> Utf8Chars<R> {
-    fn new(r: R) -> Self {
+impl<R: BufRead> Utf8Chars<R> {
+    fn new(reader: R) -> Self {
         Utf8Chars {
-            bytes: r.bytes(),
+            reader,
             error: None,
         }
     }
 
     fn byte(&mut self) -> Option<u8> {
-        match self.bytes.next()? {
-            Ok(b) => Some(b),
+        match self.reader.fill_buf() {
+            Ok([]) => None,
+            Ok(buf) => {
+                let b = buf[0];
+                self.reader.consume(1);
+                Some(b)
+            }
             Err(e) => {
                 self.error = Some(Utf8Error::Io(e));
                 None
@@ -585,7 +598,7 @@ impl<R: std::io::Read> Utf8Chars<R> {
     }
 }
 
-impl<R: std::io::Read> Iterator for Utf8Chars<R> {
+impl<R: BufRead> Iterator for Utf8Chars<R> {
     type Item = char;
 
     fn next(&mut self) -> Option<char> {
@@ -776,6 +789,77 @@ mod tests {
         assert_eq!(r(json!({"iss": "https://b"})), Some(Rule::IssuedBefore));
         assert_eq!(r(json!({"iss": "https://b", "iat": t})), None);
         assert_eq!(r(json!({"iss": "https://a", "iat": 0})), None);
+    }
+
+    #[test]
+    fn any_yaml_spelling_of_the_schema_reads_and_the_rest_is_placed() {
+        let l = list(
+            "# incident 42\nrevoked: [{jti: j1}, {jti: 123}, {sub: 'x', note: n},\n  {issuer: https://b, issued_before: 1795780800}]\n",
+        );
+        assert_eq!(l.entries, 4);
+        assert_eq!(
+            l.revoked(&claims(json!({"jti": "123"}))),
+            Some(Rule::Jti),
+            "a plain number is its text"
+        );
+        assert_eq!(
+            l.revoked(&claims(json!({"iss": "https://b", "iat": 1_795_780_799}))),
+            Some(Rule::IssuedBefore)
+        );
+        let err = |src: &str| {
+            parse(src, Path::new("d.yaml"))
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert!(
+            err("# only a comment\n").contains("empty"),
+            "{}",
+            err("# c\n")
+        );
+        assert!(err("revoked:\n").contains("revoked: a list of entries"));
+        assert!(err("revoked: []\nextra: 1\n").contains("d.yaml:2:1: unknown field `extra`"));
+        assert!(err("revoked: []\n---\nrevoked: []\n").contains("more than one YAML document"));
+        assert!(
+            err("revoked:\n  - issuer: x\n    issued_before: \"1795780800\"\n")
+                .contains("is not a time"),
+            "quoted digits are text"
+        );
+        assert!(err("revoked:\n  - jti: [a, b]\n").contains("revoked[0].jti: a single value"));
+        assert!(err("revoked:\n  - jti: a\n    jti: b\n").contains("duplicate field `jti`"));
+        assert!(
+            err("revoked:\n  - jti: 'a\n").contains("d.yaml:"),
+            "scanner errors are placed"
+        );
+        let many: String = (0..150).map(|_| "  - note: x\n").collect();
+        let e = err(&format!("revoked:\n{many}"));
+        assert_eq!(e.lines().count(), 101, "{e}");
+        assert!(e.ends_with("and 50 more problems"), "{e}");
+    }
+
+    #[test]
+    fn a_file_is_streamed_and_bounded() {
+        let text: String = (0..=10).map(|i| format!("- jti: t{i}\n")).collect();
+        let text = format!("revoked:\n{text}");
+        let at = |max| parse_events(&mut Parser::new_from_str(&text), Path::new("d"), max);
+        assert_eq!(at(11).unwrap().entries, 11);
+        let e = at(10).unwrap_err().to_string();
+        assert!(
+            e.lines().count() == 1
+                && e.starts_with("d:12:")
+                && e.contains("revoked[10]: more than 10 entries"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.yaml");
+        std::fs::write(&path, b"revoked:\n  - jti: caf\xe9\n").unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("not UTF-8"));
+        std::fs::write(&path, "revoked:\n  - jti: café\n").unwrap();
+        assert!(
+            read(&path)
+                .unwrap()
+                .revoked(&claims(json!({"jti": "café"})))
+                .is_some()
+        );
     }
 
     #[test]

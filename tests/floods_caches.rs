@@ -157,7 +157,7 @@ const URL: &str = "https://api.example.com";
 fn dpop_config(entries: Option<u64>) -> String {
     let entries = entries.map_or(String::new(), |n| format!(", replay_cache_entries: {n}"));
     format!(
-        "dpop: {{ max_age: 300s{entries} }}\nproviders:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: dpop\n    match: {{ path_prefix: /dpop }}\n    require: {{ binding: dpop }}\n"
+        "dpop: {{ max_age: 1h{entries} }}\nproviders:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: dpop\n    match: {{ path_prefix: /dpop }}\n    require: {{ binding: dpop }}\n"
     )
 }
 

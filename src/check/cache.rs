@@ -177,6 +177,10 @@ impl VerifiedCache {
             weight: bytes.max(self.min_weight),
         };
         cache.insert(key, Arc::new(entry));
+        // moka evicts in batches; an entry of parsed claims can be large, so make
+        // room now rather than hold a batch of them past max_bytes. Inserts follow
+        // a signature check, which costs far more.
+        cache.run_pending_tasks();
     }
 
     pub fn entries(&self) -> u64 {

@@ -89,6 +89,9 @@ CONTRACT = {
     "valet_introspection_cache_total": {"provider", "result"},
     "valet_introspection_circuit_open": {"provider"},
     "valet_dpop_replay_evictions_total": set(),
+    "valet_dpop_replay_full_total": set(),
+    "valet_dpop_replay_entries": set(),
+    "valet_jwks_unknown_kid_waiters_full_total": {"provider"},
     "valet_revocation_entries": set(),
     "valet_revocation_reload_total": {"result"},
     "valet_revocation_last_reload_successful": set(),
@@ -105,7 +108,7 @@ REASONS = {
     "expired", "not_yet_valid", "issuer_not_allowed", "audience_not_allowed",
     "insufficient_scope", "claim_mismatch", "keys_unavailable", "overloaded",
     "revoked", "binding_mismatch", "unbound_token", "invalid_dpop_proof",
-    "inactive_token", "introspection_unavailable",
+    "inactive_token", "introspection_unavailable", "dpop_replay_full",
 }
 LABEL_VALUES = {
     "decision": {"allow", "deny"},

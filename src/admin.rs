@@ -51,6 +51,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let now = crate::service::unix_now();
             let policy = admin.state.policy();
             crate::telemetry::verify_cache_entries(policy.cache.entries());
+            crate::telemetry::dpop_replay_entries(policy.dpop.replay.len());
             for p in &policy.providers {
                 let at = p.keys.confirmed_at();
                 if at > 0 {

@@ -31,10 +31,11 @@ pub enum Reason {
     InactiveToken,
     IntrospectionUnavailable,
     RequestTooLarge,
+    DpopReplayFull,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -59,6 +60,7 @@ impl Reason {
         Reason::InactiveToken,
         Reason::IntrospectionUnavailable,
         Reason::RequestTooLarge,
+        Reason::DpopReplayFull,
     ];
 
     pub fn label(self) -> &'static str {
@@ -87,6 +89,7 @@ impl Reason {
             Reason::InactiveToken => "inactive_token",
             Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::RequestTooLarge => "request_too_large",
+            Reason::DpopReplayFull => "dpop_replay_full",
         }
     }
 }

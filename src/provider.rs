@@ -61,6 +61,8 @@ pub struct RemoteJwks {
     pub timeout: Duration,
     /// How long a Check waits for the refetch an unknown kid triggered.
     pub unknown_kid_wait: Duration,
+    /// Checks that may wait at once; past it an unknown kid is answered at once.
+    pub unknown_kid_waiters: usize,
     /// Where the last good set is kept across restarts.
     pub cache_dir: Option<PathBuf>,
     /// A cached set older than this is not used at start.

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::io::{BufRead, Read};
+use yaml_rust2::parser::{Event, Parser};
+use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
-use crate::config::position::Positions;
-use crate::config::{self, LoadError, Problems};
+use crate::config::position::Position;
+use crate::config::{self, ConfigError, LoadError};
 use crate::state::State;
 use crate::telemetry;
 
@@ -55,13 +57,30 @@ impl Rule {
     }
 }
 
+/// 16 bytes of SHA-256 standing for a value (or an issuer and a value): a list
+/// holds no strings, so its size follows its entry count, not what they spell.
+type Digest = [u8; 16];
+
+fn digest(issuer: Option<&str>, value: &str) -> Digest {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    if let Some(iss) = issuer {
+        // Length-prefixed: no issuer/value split can spell another pair.
+        ctx.update(&(iss.len() as u64).to_le_bytes());
+        ctx.update(iss.as_bytes());
+    }
+    ctx.update(value.as_bytes());
+    ctx.finish().as_ref()[..16]
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
 #[derive(Debug, Default)]
 pub struct Denylist {
     /// `jti` of any issuer, and (issuer, jti) pairs.
-    jti: HashSet<String>,
-    jti_of: HashSet<(String, String)>,
-    sub: HashSet<String>,
-    sub_of: HashSet<(String, String)>,
+    jti: HashSet<Digest>,
+    jti_of: HashSet<Digest>,
+    sub: HashSet<Digest>,
+    sub_of: HashSet<Digest>,
     /// Tokens of this issuer with `iat` before this Unix time (or without `iat`).
     issued_before: HashMap<String, u64>,
     pub entries: usize,
@@ -70,10 +89,10 @@ pub struct Denylist {
 impl Denylist {
     pub fn revoked(&self, claims: &Map<String, Value>) -> Option<Rule> {
         let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-        let hit = |set: &HashSet<String>, of: &HashSet<(String, String)>, claim: &str| {
+        let hit = |set: &HashSet<Digest>, of: &HashSet<Digest>, claim: &str| {
             claims.get(claim).and_then(Value::as_str).is_some_and(|v| {
-                set.contains(v)
-                    || (!of.is_empty() && of.contains(&(iss.to_string(), v.to_string())))
+                (!set.is_empty() && set.contains(&digest(None, v)))
+                    || (!of.is_empty() && of.contains(&digest(Some(iss), v)))
             })
         };
         if hit(&self.jti, &self.jti_of, "jti") {
@@ -91,25 +110,6 @@ impl Denylist {
         }
         None
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileList {
-    #[serde(default)]
-    revoked: Vec<FileEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileEntry {
-    jti: Option<String>,
-    sub: Option<String>,
-    issuer: Option<String>,
-    issued_before: Option<serde_yaml::Value>,
-    /// Free text for the people who read the file (ticket, incident); never used.
-    #[allow(dead_code)]
-    note: Option<String>,
 }
 
 impl Revocation {
@@ -181,86 +181,471 @@ pub async fn watch(state: Arc<State>) {
 }
 
 fn read(path: &Path) -> Result<Denylist, LoadError> {
-    parse(&config::read_text(path, MAX_FILE_BYTES)?, path)
+    let read_err = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(read_err(std::io::Error::other(format!(
+            "larger than {MAX_FILE_BYTES} bytes"
+        ))));
+    }
+    // Streamed: the text is never held whole, only the list being built.
+    let mut chars = Utf8Chars::new(std::io::BufReader::new(file).take(MAX_FILE_BYTES));
+    let parsed = parse_events(&mut Parser::new(&mut chars), path, MAX_ENTRIES);
+    match chars.error.take() {
+        Some(Utf8Error::Io(e)) => Err(read_err(e)),
+        Some(Utf8Error::Invalid) => Err(config::whole_file(path, "not UTF-8 text")),
+        None => parsed,
+    }
 }
 
 /// Parses a denylist; every problem is reported with its line and column.
 pub fn parse(source: &str, path: &Path) -> Result<Denylist, LoadError> {
-    // An empty file is a truncated write, not "revoke nothing": say so and keep
-    // the list in force. (An empty list is written `revoked: []`.)
-    if config::is_empty_yaml(source) {
-        return Err(config::whole_file(
-            path,
-            "the file is empty (write `revoked: []` for none)",
-        ));
-    }
-    let file: FileList = serde_yaml::from_str(source)
-        .map_err(|e| LoadError::Invalid(vec![config::serde_error(&e, path)]))?;
-    let positions = Positions::index(source);
-    let mut p = Problems::new(path, &positions);
-    let mut list = Denylist::default();
-    for (i, e) in file.revoked.into_iter().enumerate() {
-        let at = format!("revoked[{i}]");
-        let kinds = [e.jti.is_some(), e.sub.is_some(), e.issued_before.is_some()];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            p.error(
-                &at,
-                "each entry names exactly one of jti, sub or issued_before (with an optional issuer)",
-            );
-            continue;
-        }
-        if let Some(iss) = &e.issuer
-            && iss.is_empty()
-        {
-            p.error(format!("{at}.issuer"), "empty issuer");
-            continue;
-        }
-        let pair = |v: String| (e.issuer.clone().unwrap_or_default(), v);
-        match (e.jti, e.sub, e.issued_before) {
-            (Some(jti), _, _) if jti.is_empty() => p.error(format!("{at}.jti"), "empty jti"),
-            (Some(jti), _, _) => match &e.issuer {
-                None => _ = list.jti.insert(jti),
-                Some(_) => _ = list.jti_of.insert(pair(jti)),
-            },
-            (_, Some(sub), _) if sub.is_empty() => p.error(format!("{at}.sub"), "empty sub"),
-            (_, Some(sub), _) => match &e.issuer {
-                None => _ = list.sub.insert(sub),
-                Some(_) => _ = list.sub_of.insert(pair(sub)),
-            },
-            (_, _, Some(when)) => {
-                let Some(iss) = e.issuer.clone() else {
-                    p.error(&at, "issued_before needs the issuer it applies to");
-                    continue;
-                };
-                match time(&when) {
-                    Ok(t) => {
-                        let cut = list.issued_before.entry(iss).or_insert(t);
-                        *cut = (*cut).max(t);
-                    }
-                    Err(why) => p.error(format!("{at}.issued_before"), why),
-                }
-            }
-            _ => unreachable!("exactly one kind was checked above"),
-        }
-        list.entries += 1;
-    }
-    if !p.errors.is_empty() {
-        return Err(LoadError::Invalid(p.errors));
-    }
-    Ok(list)
+    parse_events(&mut Parser::new_from_str(source), path, MAX_ENTRIES)
 }
 
-/// RFC 3339 (`2026-11-27T12:00:00Z`, `…+02:00`, fractions ignored) or Unix seconds.
-fn time(v: &serde_yaml::Value) -> Result<u64, String> {
-    match v {
-        serde_yaml::Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| "Unix seconds must be a whole, non-negative number".into()),
-        serde_yaml::Value::String(s) => rfc3339(s).ok_or_else(|| {
-            format!("{s:?} is not a time like 2026-11-27T12:00:00Z (RFC 3339) or Unix seconds")
-        }),
-        _ => Err("a time like 2026-11-27T12:00:00Z (RFC 3339) or Unix seconds".into()),
+/// A larger list is refused: it is for emergencies, and this bounds its memory.
+pub const MAX_ENTRIES: usize = 400_000;
+/// Problems reported from one file; the rest are only counted.
+const MAX_PROBLEMS: usize = 100;
+
+/// One scalar of an entry, with where it starts.
+struct Scalar {
+    text: String,
+    /// A plain (unquoted) scalar: `~`/`null` is no value, digits are a number.
+    plain: bool,
+    at: Position,
+}
+
+impl Scalar {
+    fn is_null(&self) -> bool {
+        self.plain && matches!(self.text.as_str(), "" | "~" | "null" | "Null" | "NULL")
     }
+}
+
+#[derive(Default)]
+struct Entry {
+    at: Position,
+    jti: Option<Scalar>,
+    sub: Option<Scalar>,
+    issuer: Option<Scalar>,
+    issued_before: Option<Scalar>,
+}
+
+struct Problems<'a> {
+    path: &'a Path,
+    errors: Vec<ConfigError>,
+    more: usize,
+}
+
+impl Problems<'_> {
+    fn error(&mut self, at: Position, field: String, message: impl Into<String>) {
+        if self.errors.len() < MAX_PROBLEMS {
+            self.errors.push(ConfigError {
+                file: self.path.to_path_buf(),
+                position: at,
+                field,
+                message: message.into(),
+            });
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+fn position(mark: &Marker) -> Position {
+    Position {
+        line: mark.line(),
+        column: mark.col() + 1,
+    }
+}
+
+/// Walks the YAML events once, building the list as entries come: memory is
+/// the list, not the document. The schema is `revoked:` and a sequence of
+/// mappings of scalars; anything else is an error at its position.
+fn parse_events<I: Iterator<Item = char>>(
+    parser: &mut Parser<I>,
+    path: &Path,
+    max_entries: usize,
+) -> Result<Denylist, LoadError> {
+    let mut p = Problems {
+        path,
+        errors: Vec::new(),
+        more: 0,
+    };
+    let list = walk(parser, &mut p, max_entries).map_err(|e| {
+        LoadError::Invalid(vec![ConfigError {
+            file: path.to_path_buf(),
+            position: position(e.marker()),
+            field: String::new(),
+            message: e.info().to_string(),
+        }])
+    })?;
+    if p.more > 0 {
+        let last = p.errors.last().map(|e| e.position).unwrap_or_default();
+        let more = p.more;
+        p.errors.push(ConfigError {
+            file: path.to_path_buf(),
+            position: last,
+            field: String::new(),
+            message: format!("and {more} more problems"),
+        });
+    }
+    match list {
+        Some(list) if p.errors.is_empty() => Ok(list),
+        _ => Err(LoadError::Invalid(p.errors)),
+    }
+}
+
+fn next<I: Iterator<Item = char>>(parser: &mut Parser<I>) -> Result<(Event, Position), ScanError> {
+    parser.next_token().map(|(e, m)| (e, position(&m)))
+}
+
+/// Ok(None): the document is not a denylist (already reported in `p`).
+fn walk<I: Iterator<Item = char>>(
+    parser: &mut Parser<I>,
+    p: &mut Problems,
+    max_entries: usize,
+) -> Result<Option<Denylist>, ScanError> {
+    let whole = Position { line: 1, column: 1 };
+    let (mut ev, mut at) = next(parser)?;
+    if ev == Event::StreamStart {
+        (ev, at) = next(parser)?;
+    }
+    // An empty file is a truncated write, not "revoke nothing": say so and keep
+    // the list in force. (An empty list is written `revoked: []`.)
+    let empty = "the file is empty (write `revoked: []` for none)";
+    match ev {
+        Event::StreamEnd => {
+            p.error(whole, String::new(), empty);
+            return Ok(None);
+        }
+        Event::DocumentStart => (ev, at) = next(parser)?,
+        _ => {}
+    }
+    if matches!(&ev, Event::Scalar(t, TScalarStyle::Plain, ..) if matches!(t.as_str(), "" | "~" | "null"))
+    {
+        p.error(whole, String::new(), empty);
+        return Ok(None);
+    }
+    if !matches!(ev, Event::MappingStart(..)) {
+        p.error(at, String::new(), "expected a mapping with `revoked:`");
+        return Ok(None);
+    }
+    let mut list = Denylist::default();
+    let mut seen_revoked = false;
+    loop {
+        let (ev, at) = next(parser)?;
+        match ev {
+            Event::MappingEnd => break,
+            Event::Scalar(key, ..) if key == "revoked" && !seen_revoked => {
+                seen_revoked = true;
+                let (ev, at) = next(parser)?;
+                match ev {
+                    Event::SequenceStart(..) => {
+                        if !entries(parser, p, &mut list, max_entries)? {
+                            return Ok(None);
+                        }
+                    }
+                    other => {
+                        p.error(
+                            at,
+                            "revoked".into(),
+                            "a list of entries (`revoked: []` for none)",
+                        );
+                        skip(parser, other)?;
+                    }
+                }
+            }
+            Event::Scalar(key, ..) if key == "revoked" => {
+                p.error(at, String::new(), "duplicate field `revoked`");
+                return Ok(None);
+            }
+            Event::Scalar(key, ..) => {
+                p.error(
+                    at,
+                    String::new(),
+                    format!("unknown field `{key}`, expected `revoked`"),
+                );
+                return Ok(None);
+            }
+            _ => {
+                p.error(at, String::new(), "expected a mapping with `revoked:`");
+                return Ok(None);
+            }
+        }
+    }
+    let (ev, at) = next(parser)?;
+    if ev == Event::DocumentEnd {
+        let (ev, at) = next(parser)?;
+        if ev != Event::StreamEnd {
+            p.error(at, String::new(), "more than one YAML document");
+        }
+    } else if ev != Event::StreamEnd {
+        p.error(at, String::new(), "more than one YAML document");
+    }
+    Ok(Some(list))
+}
+
+/// The items of `revoked`, up to its SequenceEnd; false when it stopped early
+/// (too many entries), the rest of the document unread.
+fn entries<I: Iterator<Item = char>>(
+    parser: &mut Parser<I>,
+    p: &mut Problems,
+    list: &mut Denylist,
+    max_entries: usize,
+) -> Result<bool, ScanError> {
+    let mut i = 0;
+    loop {
+        let (ev, mark) = parser.next_token()?;
+        let at = position(&mark);
+        match ev {
+            Event::SequenceEnd => return Ok(true),
+            Event::MappingStart(..) => {
+                let field = format!("revoked[{i}]");
+                let mut e = Entry {
+                    at,
+                    ..Entry::default()
+                };
+                loop {
+                    let (ev, mark) = parser.next_token()?;
+                    let key_at = position(&mark);
+                    let key = match ev {
+                        Event::MappingEnd => break,
+                        Event::Scalar(k, ..) => k,
+                        other => {
+                            p.error(key_at, field.clone(), "keys are plain words");
+                            skip(parser, other)?;
+                            let (value, _) = parser.next_token()?;
+                            skip(parser, value)?;
+                            continue;
+                        }
+                    };
+                    let (ev, mark) = parser.next_token()?;
+                    let value = match ev {
+                        Event::Scalar(text, style, ..) => Some(Scalar {
+                            text,
+                            plain: style == TScalarStyle::Plain,
+                            at: position(&mark),
+                        }),
+                        other => {
+                            skip(parser, other)?;
+                            None
+                        }
+                    };
+                    let slot = match key.as_str() {
+                        "jti" => &mut e.jti,
+                        "sub" => &mut e.sub,
+                        "issuer" => &mut e.issuer,
+                        "issued_before" => &mut e.issued_before,
+                        "note" => {
+                            if value.is_none() {
+                                p.error(key_at, format!("{field}.note"), "free text, a string");
+                            }
+                            continue;
+                        }
+                        other => {
+                            p.error(
+                                key_at,
+                                field.clone(),
+                                format!("unknown field `{other}`, expected one of `jti`, `sub`, `issuer`, `issued_before`, `note`"),
+                            );
+                            continue;
+                        }
+                    };
+                    match value {
+                        _ if slot.is_some() => {
+                            p.error(key_at, field.clone(), format!("duplicate field `{key}`"))
+                        }
+                        None => p.error(
+                            key_at,
+                            format!("{field}.{key}"),
+                            "a single value, not a list or mapping",
+                        ),
+                        Some(v) if v.is_null() => {}
+                        Some(v) => *slot = Some(v),
+                    }
+                }
+                if i >= max_entries {
+                    p.error(
+                        at,
+                        field,
+                        format!("more than {max_entries} entries: a denylist is for emergencies; remove entries of expired tokens"),
+                    );
+                    return Ok(false);
+                }
+                add(e, &field, p, list);
+            }
+            other => {
+                p.error(
+                    at,
+                    format!("revoked[{i}]"),
+                    "an entry is a mapping, like `- jti: …`",
+                );
+                skip(parser, other)?;
+            }
+        }
+        i += 1;
+    }
+}
+
+fn add(e: Entry, at: &str, p: &mut Problems, list: &mut Denylist) {
+    let kinds = [e.jti.is_some(), e.sub.is_some(), e.issued_before.is_some()];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        p.error(
+            e.at,
+            at.into(),
+            "each entry names exactly one of jti, sub or issued_before (with an optional issuer)",
+        );
+        return;
+    }
+    if let Some(iss) = &e.issuer
+        && iss.text.is_empty()
+    {
+        p.error(iss.at, format!("{at}.issuer"), "empty issuer");
+        return;
+    }
+    let issuer = e.issuer.as_ref().map(|s| s.text.as_str());
+    match (&e.jti, &e.sub, &e.issued_before) {
+        (Some(jti), _, _) if jti.text.is_empty() => {
+            p.error(jti.at, format!("{at}.jti"), "empty jti")
+        }
+        (Some(jti), _, _) => match issuer {
+            None => _ = list.jti.insert(digest(None, &jti.text)),
+            Some(_) => _ = list.jti_of.insert(digest(issuer, &jti.text)),
+        },
+        (_, Some(sub), _) if sub.text.is_empty() => {
+            p.error(sub.at, format!("{at}.sub"), "empty sub")
+        }
+        (_, Some(sub), _) => match issuer {
+            None => _ = list.sub.insert(digest(None, &sub.text)),
+            Some(_) => _ = list.sub_of.insert(digest(issuer, &sub.text)),
+        },
+        (_, _, Some(when)) => {
+            let Some(iss) = issuer else {
+                p.error(
+                    e.at,
+                    at.into(),
+                    "issued_before needs the issuer it applies to",
+                );
+                return;
+            };
+            match time(when) {
+                Ok(t) => {
+                    let cut = list.issued_before.entry(iss.to_owned()).or_insert(t);
+                    *cut = (*cut).max(t);
+                }
+                Err(why) => p.error(when.at, format!("{at}.issued_before"), why),
+            }
+        }
+        _ => unreachable!("exactly one kind was checked above"),
+    }
+    list.entries += 1;
+}
+
+/// Consumes the rest of a node that started with `ev`.
+fn skip<I: Iterator<Item = char>>(parser: &mut Parser<I>, ev: Event) -> Result<(), ScanError> {
+    let mut depth = match ev {
+        Event::MappingStart(..) | Event::SequenceStart(..) => 1,
+        _ => 0,
+    };
+    while depth > 0 {
+        match parser.next_token()?.0 {
+            Event::MappingStart(..) | Event::SequenceStart(..) => depth += 1,
+            Event::MappingEnd | Event::SequenceEnd => depth -= 1,
+            Event::StreamEnd => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+enum Utf8Error {
+    Io(std::io::Error),
+    Invalid,
+}
+
+/// The chars of a UTF-8 byte stream; stops at the first error and keeps it.
+struct Utf8Chars<R> {
+    reader: R,
+    error: Option<Utf8Error>,
+}
+
+impl<R: BufRead> Utf8Chars<R> {
+    fn new(reader: R) -> Self {
+        Utf8Chars {
+            reader,
+            error: None,
+        }
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        match self.reader.fill_buf() {
+            Ok([]) => None,
+            Ok(buf) => {
+                let b = buf[0];
+                self.reader.consume(1);
+                Some(b)
+            }
+            Err(e) => {
+                self.error = Some(Utf8Error::Io(e));
+                None
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for Utf8Chars<R> {
+    type Item = char;
+
+    fn next(&mut self) -> Option<char> {
+        if self.error.is_some() {
+            return None;
+        }
+        let first = self.byte()?;
+        let len = match first {
+            0x00..=0x7f => return Some(char::from(first)),
+            0xc2..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf4 => 4,
+            _ => 0,
+        };
+        let mut buf = [first, 0, 0, 0];
+        let mut ok = len > 0;
+        for slot in buf.iter_mut().take(len).skip(1) {
+            match self.byte() {
+                Some(b) => *slot = b,
+                None => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        let decoded = ok
+            .then(|| std::str::from_utf8(&buf[..len]).ok()?.chars().next())
+            .flatten();
+        if decoded.is_none() && self.error.is_none() {
+            self.error = Some(Utf8Error::Invalid);
+        }
+        decoded
+    }
+}
+/// RFC 3339 (`2026-11-27T12:00:00Z`, `…+02:00`, fractions ignored) or Unix
+/// seconds (a plain number; a quoted one is text).
+fn time(v: &Scalar) -> Result<u64, String> {
+    let s = v.text.as_str();
+    let number = v.plain && s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+');
+    if number && s.parse::<f64>().is_ok() {
+        return s
+            .parse::<u64>()
+            .map_err(|_| "Unix seconds must be a whole, non-negative number".into());
+    }
+    rfc3339(s).ok_or_else(|| {
+        format!("{s:?} is not a time like 2026-11-27T12:00:00Z (RFC 3339) or Unix seconds")
+    })
 }
 
 fn rfc3339(s: &str) -> Option<u64> {
@@ -404,6 +789,77 @@ mod tests {
         assert_eq!(r(json!({"iss": "https://b"})), Some(Rule::IssuedBefore));
         assert_eq!(r(json!({"iss": "https://b", "iat": t})), None);
         assert_eq!(r(json!({"iss": "https://a", "iat": 0})), None);
+    }
+
+    #[test]
+    fn any_yaml_spelling_of_the_schema_reads_and_the_rest_is_placed() {
+        let l = list(
+            "# incident 42\nrevoked: [{jti: j1}, {jti: 123}, {sub: 'x', note: n},\n  {issuer: https://b, issued_before: 1795780800}]\n",
+        );
+        assert_eq!(l.entries, 4);
+        assert_eq!(
+            l.revoked(&claims(json!({"jti": "123"}))),
+            Some(Rule::Jti),
+            "a plain number is its text"
+        );
+        assert_eq!(
+            l.revoked(&claims(json!({"iss": "https://b", "iat": 1_795_780_799}))),
+            Some(Rule::IssuedBefore)
+        );
+        let err = |src: &str| {
+            parse(src, Path::new("d.yaml"))
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert!(
+            err("# only a comment\n").contains("empty"),
+            "{}",
+            err("# c\n")
+        );
+        assert!(err("revoked:\n").contains("revoked: a list of entries"));
+        assert!(err("revoked: []\nextra: 1\n").contains("d.yaml:2:1: unknown field `extra`"));
+        assert!(err("revoked: []\n---\nrevoked: []\n").contains("more than one YAML document"));
+        assert!(
+            err("revoked:\n  - issuer: x\n    issued_before: \"1795780800\"\n")
+                .contains("is not a time"),
+            "quoted digits are text"
+        );
+        assert!(err("revoked:\n  - jti: [a, b]\n").contains("revoked[0].jti: a single value"));
+        assert!(err("revoked:\n  - jti: a\n    jti: b\n").contains("duplicate field `jti`"));
+        assert!(
+            err("revoked:\n  - jti: 'a\n").contains("d.yaml:"),
+            "scanner errors are placed"
+        );
+        let many: String = (0..150).map(|_| "  - note: x\n").collect();
+        let e = err(&format!("revoked:\n{many}"));
+        assert_eq!(e.lines().count(), 101, "{e}");
+        assert!(e.ends_with("and 50 more problems"), "{e}");
+    }
+
+    #[test]
+    fn a_file_is_streamed_and_bounded() {
+        let text: String = (0..=10).map(|i| format!("- jti: t{i}\n")).collect();
+        let text = format!("revoked:\n{text}");
+        let at = |max| parse_events(&mut Parser::new_from_str(&text), Path::new("d"), max);
+        assert_eq!(at(11).unwrap().entries, 11);
+        let e = at(10).unwrap_err().to_string();
+        assert!(
+            e.lines().count() == 1
+                && e.starts_with("d:12:")
+                && e.contains("revoked[10]: more than 10 entries"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.yaml");
+        std::fs::write(&path, b"revoked:\n  - jti: caf\xe9\n").unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("not UTF-8"));
+        std::fs::write(&path, "revoked:\n  - jti: café\n").unwrap();
+        assert!(
+            read(&path)
+                .unwrap()
+                .revoked(&claims(json!({"jti": "café"})))
+                .is_some()
+        );
     }
 
     #[test]

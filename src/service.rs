@@ -64,23 +64,24 @@ pub async fn decide(
 ) -> (Decision, Arc<Policy>) {
     let started = Instant::now();
     let policy = state.policy();
-    // Shed load with a clear answer rather than queue past Envoy's timeout.
-    let Some(_permit) = state.admit() else {
-        let deny = Deny::new(
-            Reason::Overloaded,
-            DenyKind::Unavailable,
-            "too many Checks in flight",
-        );
-        let decision = Decision::Deny(deny);
-        telemetry::check(&decision, started.elapsed());
-        return (decision, policy);
+    let Some(mut permit) = state.admit() else {
+        return overloaded(policy, started);
     };
     let mut decision = check::check(&policy, req, unix_now());
     // A kid we do not know may be a rotation we have not seen yet: the one
     // await on this path, bounded and rate-limited by the provider's key cell.
-    if let Some((provider, kid)) = unknown_kid(&decision, &policy)
-        && provider.keys.refetch_for(kid).await
-    {
+    // Waiting costs no CPU, so it holds no admission slot (the key cell bounds
+    // how many wait); deciding again takes one.
+    if let Some((provider, kid)) = unknown_kid(&decision, &policy) {
+        drop(permit);
+        if !provider.keys.refetch_for(kid).await {
+            telemetry::check(&decision, started.elapsed());
+            return (decision, policy);
+        }
+        let Some(again) = state.admit() else {
+            return overloaded(policy, started);
+        };
+        permit = again;
         let again = check::check(&policy, req, unix_now());
         if again.reason() == Reason::UnknownKey {
             provider.keys.remember_unknown(kid);
@@ -116,6 +117,19 @@ pub async fn decide(
             },
         };
     }
+    drop(permit);
+    telemetry::check(&decision, started.elapsed());
+    (decision, policy)
+}
+
+/// Shed load with a clear answer rather than queue past Envoy's timeout.
+fn overloaded(policy: Arc<Policy>, started: Instant) -> (Decision, Arc<Policy>) {
+    let deny = Deny::new(
+        Reason::Overloaded,
+        DenyKind::Unavailable,
+        "too many Checks in flight",
+    );
+    let decision = Decision::Deny(deny);
     telemetry::check(&decision, started.elapsed());
     (decision, policy)
 }

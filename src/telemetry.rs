@@ -28,6 +28,9 @@ pub const INTROSPECTION_CIRCUIT_OPEN: &str = "valet_introspection_circuit_open";
 pub const INTROSPECTION_SHED: &str = "valet_introspection_shed_total";
 pub const INTROSPECTION_BACKOFF: &str = "valet_introspection_backoff_total";
 pub const DPOP_REPLAY_EVICTIONS: &str = "valet_dpop_replay_evictions_total";
+pub const DPOP_REPLAY_FULL: &str = "valet_dpop_replay_full_total";
+pub const DPOP_REPLAY_ENTRIES: &str = "valet_dpop_replay_entries";
+pub const JWKS_UNKNOWN_KID_WAITERS_FULL: &str = "valet_jwks_unknown_kid_waiters_full_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
@@ -71,6 +74,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
         metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => result).increment(0);
     }
+    metrics::counter!(DPOP_REPLAY_FULL).increment(0);
+    metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(0);
     Ok(handle)
 }
 
@@ -158,7 +163,19 @@ fn describe() {
     );
     metrics::describe_counter!(
         DPOP_REPLAY_EVICTIONS,
-        "DPoP proof ids dropped from a full replay cache before their window ended (raise dpop.replay_cache_entries)"
+        "DPoP proof ids dropped from the replay cache before their window ended: always 0, a full cache refuses new proofs instead (valet_dpop_replay_full_total)"
+    );
+    metrics::describe_counter!(
+        DPOP_REPLAY_FULL,
+        "DPoP proofs refused (503 dpop_replay_full) because the replay cache was full of ids inside their window (raise dpop.replay_cache_entries)"
+    );
+    metrics::describe_gauge!(
+        DPOP_REPLAY_ENTRIES,
+        "Spent DPoP proof ids held by the replay cache (at most dpop.replay_cache_entries)"
+    );
+    metrics::describe_counter!(
+        JWKS_UNKNOWN_KID_WAITERS_FULL,
+        "Checks with an unknown kid answered at once, without waiting for the refetch, because jwks.unknown_kid_waiters were already waiting"
     );
     metrics::describe_gauge!(
         REVOCATION_ENTRIES,
@@ -337,6 +354,8 @@ pub fn jwks_loaded(
 
 /// A provider's key task started: its counters exist from zero.
 pub fn jwks_provider_started(provider: &str) {
+    metrics::counter!(JWKS_UNKNOWN_KID_WAITERS_FULL, "provider" => provider.to_owned())
+        .increment(0);
     for result in ["success", "error"] {
         metrics::counter!(JWKS_REFRESH_TOTAL, "provider" => provider.to_owned(), "result" => result, "trigger" => "interval")
             .increment(0);
@@ -470,8 +489,22 @@ pub fn introspection_circuit(provider: &str, open: bool) {
     });
 }
 
-pub fn dpop_replay_evicted() {
-    metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(1);
+static DPOP_REPLAY_FULL_COUNTER: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!(DPOP_REPLAY_FULL));
+
+/// A good DPoP proof refused: the replay cache is full of ids inside their window.
+pub fn dpop_replay_full() {
+    DPOP_REPLAY_FULL_COUNTER.increment(1);
+}
+
+pub fn dpop_replay_entries(n: usize) {
+    metrics::gauge!(DPOP_REPLAY_ENTRIES).set(n as f64);
+}
+
+/// An unknown kid answered without waiting: enough Checks already wait for the refetch.
+pub fn unknown_kid_waiters_full(provider: &str) {
+    metrics::counter!(JWKS_UNKNOWN_KID_WAITERS_FULL, "provider" => provider.to_owned())
+        .increment(1);
 }
 
 /// Connections open on a listener, after one opened or closed.

@@ -43,16 +43,26 @@ async fn sigterm_drains_then_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     use common::jwks_server::{JwksServer, Mode};
+    // One slow server: the JWKS of `corp` and the introspection endpoint of `opaque`.
     let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-    let policy = format!(
-        "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks:\n      uri: {}/jwks\n      unknown_kid_wait: 800ms\n      timeout: 2s\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n",
-        server.url()
-    );
-    let v = Valet::start_with(&policy, &[("VALET_MAX_IN_FLIGHT", "1")]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(
+        &path,
+        with_free_ports(&format!(
+            "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks:\n      uri: {0}/jwks\n      unknown_kid_wait: 800ms\n      timeout: 2s\n  - name: opaque\n    issuer: https://opaque.test/\n    introspection: {{ endpoint: {0}/jwks, client_id: valet, client_secret_file: secret, timeout: 2s }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n",
+            server.url()
+        )),
+    )
+    .unwrap();
+    let v = Valet::spawn(dir, &path, &[("VALET_MAX_IN_FLIGHT", "1")]);
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
-    // The IdP turns slow; a token with a new kid makes its Check wait for a refetch,
-    // holding the only slot.
     server.set_mode(Mode::Slow(Duration::from_secs(2)));
+    let mut c2 = v.client().await;
+
+    // A token with a new kid makes its Check wait for a refetch; waiting holds no
+    // slot, so the only slot is free for a valid token meanwhile.
     let (key, _) = signing_key(jsonwebtoken::Algorithm::RS256);
     let new_kid = sign_raw(
         &serde_json::json!({"alg": "RS256", "kid": "new"}),
@@ -63,13 +73,24 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     let mut c1 = v.client().await;
     let waiting = tokio::spawn(async move { check(&mut c1, get("/").bearer(&new_kid)).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut c2 = v.client().await;
+    assert!(check(&mut c2, get("/").bearer(&rs256(""))).await.allowed());
+    assert_eq!(waiting.await.unwrap().reason(), "unknown_key");
+
+    // An opaque token's Check awaits its introspection, working on it: it holds
+    // the only slot, and the next Check is shed.
+    let mut c1 = v.client().await;
+    let introspecting =
+        tokio::spawn(async move { check(&mut c1, get("/").bearer("opaque-token")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let a = check(&mut c2, get("/").bearer(&rs256(""))).await;
     assert_eq!(
         (a.http_status, a.grpc_code, a.reason().as_str()),
         (503, 14, "overloaded")
     );
-    assert_eq!(waiting.await.unwrap().reason(), "unknown_key");
+    assert_eq!(
+        introspecting.await.unwrap().reason(),
+        "introspection_unavailable"
+    );
     // The slot is free again.
     assert!(check(&mut c2, get("/").bearer(&rs256(""))).await.allowed());
 }

@@ -3,6 +3,7 @@
 //! the holder of that certificate or key. Runs after verification, per request
 //! (the verified-token cache holds claims, never a binding decision).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lc_rs::digest::{SHA256, digest};
@@ -13,6 +14,7 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::replay::{ReplayCache, Spend};
 use crate::provider::{algorithm_name, default_algorithms, is_hmac};
 use crate::request::{Request, normalize, split_query};
 
@@ -45,6 +47,9 @@ pub enum BindingError {
     /// The DPoP proof is missing, malformed, stale, replayed or for another request.
     #[error("{0}")]
     InvalidProof(&'static str),
+    /// The proof is good, and the replay cache has no room to spend it.
+    #[error("{0}")]
+    ReplayFull(&'static str),
 }
 
 impl BindingError {
@@ -54,6 +59,7 @@ impl BindingError {
             BindingError::Mismatch(_) => Reason::BindingMismatch,
             BindingError::Unbound(_) => Reason::UnboundToken,
             BindingError::InvalidProof(_) => Reason::InvalidDpopProof,
+            BindingError::ReplayFull(_) => Reason::DpopReplayFull,
         }
     }
 
@@ -61,7 +67,8 @@ impl BindingError {
         match self {
             BindingError::Mismatch(s)
             | BindingError::Unbound(s)
-            | BindingError::InvalidProof(s) => s,
+            | BindingError::InvalidProof(s)
+            | BindingError::ReplayFull(s) => s,
         }
     }
 }
@@ -74,7 +81,7 @@ pub struct Dpop {
     pub skew: Duration,
     pub algorithms: Vec<Algorithm>,
     /// `jti`s of accepted proofs, per key, kept for the acceptance window.
-    pub replay: moka::sync::Cache<[u8; 32], ()>,
+    pub replay: Arc<ReplayCache>,
 }
 
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
@@ -92,20 +99,12 @@ impl Dpop {
             max_age,
             skew,
             algorithms,
-            // LRU, so a new jti is always recorded (TinyLFU may refuse to admit a
-            // key seen once, which every jti is); when full, the oldest proofs go
-            // first, and those are the closest to being too old anyway. +1s: `now`
-            // is whole seconds.
-            replay: moka::sync::Cache::builder()
-                .max_capacity(entries)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_live(max_age + skew + skew + Duration::from_secs(1))
-                .eviction_listener(|_, _, cause| {
-                    if cause == moka::notification::RemovalCause::Size {
-                        crate::telemetry::dpop_replay_evicted();
-                    }
-                })
-                .build(),
+            // A proof accepted now with `iat` up to `skew` ahead stays acceptable
+            // for max_age + 2 × skew; +1s: `now` is whole seconds.
+            replay: Arc::new(ReplayCache::new(
+                max_age + skew + skew + Duration::from_secs(1),
+                entries,
+            )),
         }
     }
 
@@ -194,15 +193,23 @@ pub fn check(
     }
     // Last: only a proof whose request passed every binding check uses up its jti.
     if let Some(proved) = spend {
-        let key = digest(
-            &SHA256,
-            format!("{}\0{}", proved.thumbprint, proved.jti).as_bytes(),
-        );
-        let key: [u8; 32] = key.as_ref().try_into().expect("SHA-256 is 32 bytes");
-        if !dpop.replay.entry(key).or_insert(()).is_fresh() {
-            return Err(BindingError::InvalidProof(
-                "the DPoP proof was already used",
-            ));
+        match dpop
+            .replay
+            .spend(ReplayCache::id(&proved.thumbprint, &proved.jti), now)
+        {
+            Spend::Fresh => {}
+            Spend::Replayed => {
+                return Err(BindingError::InvalidProof(
+                    "the DPoP proof was already used",
+                ));
+            }
+            Spend::Full => {
+                // Forgetting a spent proof would allow its replay: refuse instead.
+                crate::telemetry::dpop_replay_full();
+                return Err(BindingError::ReplayFull(
+                    "too many DPoP proofs inside their window; try again shortly",
+                ));
+            }
         }
     }
     Ok(())

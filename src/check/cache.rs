@@ -1,7 +1,8 @@
 //! The verified-token cache: a token that verified once is not verified again
 //! until it expires. Keyed by SHA-256 of the token (never the token itself),
-//! bounded by entries and bytes, an entry lives exactly until the token's `exp`
-//! and only while the provider's key set is the one that verified it. It holds
+//! bounded by entries and bytes (an entry weighs what its parsed claims take on
+//! the heap, not what the token takes on the wire), an entry lives exactly until
+//! the token's `exp` and only while the provider's key set is the one that verified it. It holds
 //! verified claims, not decisions: every Check still evaluates its route.
 
 use std::sync::Arc;
@@ -45,6 +46,43 @@ impl moka::Expiry<TokenHash, Arc<Entry>> for UntilExp {
     ) -> Option<Duration> {
         let now = crate::service::unix_now();
         Some(Duration::from_secs(entry.exp.saturating_sub(now)))
+    }
+}
+
+/// The entry, its `Arc`, the key and moka's bookkeeping for one entry.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// What one allocation of `n` bytes takes from the allocator (glibc: an 8-byte
+/// header, 16-byte granules, 32 bytes at least).
+fn heap(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (n + 8).next_multiple_of(16).max(32)
+    }
+}
+
+/// An estimate, on the high side, of the heap parsed claims occupy. A map member
+/// is a key string and a value in a B-tree node, whose nodes are about half full
+/// when built in order: twice the slot per member.
+pub fn claims_heap_bytes(claims: &Map<String, Value>) -> usize {
+    const SLOT: usize = size_of::<String>() + size_of::<Value>();
+    claims
+        .iter()
+        .map(|(k, v)| 2 * SLOT + heap(k.len()) + value_heap_bytes(v))
+        .sum::<usize>()
+        + heap(size_of::<usize>() * 3)
+}
+
+fn value_heap_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => heap(s.len()),
+        Value::Array(items) => {
+            heap(items.len() * size_of::<Value>())
+                + items.iter().map(value_heap_bytes).sum::<usize>()
+        }
+        Value::Object(m) => claims_heap_bytes(m),
     }
 }
 
@@ -124,8 +162,12 @@ impl VerifiedCache {
         if exp <= now {
             return;
         }
-        // The claims are about as large as the token's payload.
-        let bytes = (token_len + 256).min(u32::MAX as usize) as u32;
+        // What the entry really holds: a token of many tiny claims is small on the
+        // wire and ten times larger parsed. `token_len` only sets a floor.
+        let held = ENTRY_OVERHEAD
+            + kid.as_ref().map_or(0, |k| heap(k.len()))
+            + claims_heap_bytes(&claims).max(token_len);
+        let bytes = held.min(u32::MAX as usize) as u32;
         let entry = Entry {
             provider,
             keyset,
@@ -135,6 +177,10 @@ impl VerifiedCache {
             weight: bytes.max(self.min_weight),
         };
         cache.insert(key, Arc::new(entry));
+        // moka evicts in batches; an entry of parsed claims can be large, so make
+        // room now rather than hold a batch of them past max_bytes. Inserts follow
+        // a signature check, which costs far more.
+        cache.run_pending_tasks();
     }
 
     pub fn entries(&self) -> u64 {
@@ -211,6 +257,33 @@ mod tests {
             );
         }
         assert!(c.entries() <= 8, "{}", c.entries());
+    }
+
+    #[test]
+    fn many_tiny_claims_weigh_what_they_take_parsed() {
+        let mut wide = Map::new();
+        for i in 0..900 {
+            wide.insert(format!("c{i}"), Value::from(0));
+        }
+        let json = serde_json::to_string(&wide).unwrap().len();
+        let weight = claims_heap_bytes(&wide);
+        // ~9 bytes of JSON per member against a key string and a node slot parsed.
+        assert!(weight > 10 * json, "{weight} vs {json}");
+        let nested: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "roles": ["a", "b", "c"], "addr": {"city": "x".repeat(100)}
+        }))
+        .unwrap();
+        assert!(claims_heap_bytes(&nested) > 100 + 3 * size_of::<Value>());
+
+        let now = crate::service::unix_now();
+        let c = VerifiedCache::new(1000, 1024 * 1024);
+        let wide = Arc::new(wide);
+        for i in 0..100 {
+            let k = VerifiedCache::hash(&format!("w{i}"));
+            c.insert(k, json, 0, 1, None, wide.clone(), now + 100, now);
+        }
+        let fits = (1024 * 1024) / weight;
+        assert!(c.entries() as usize <= fits, "{} > {fits}", c.entries());
     }
 
     #[test]

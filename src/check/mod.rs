@@ -3,6 +3,7 @@
 
 pub mod binding;
 pub mod cache;
+pub mod replay;
 pub mod token;
 pub mod verify;
 
@@ -210,6 +211,7 @@ fn decide_route(
     {
         let kind = match e {
             BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
+            BindingError::ReplayFull(_) => DenyKind::Unavailable,
             _ => DenyKind::InvalidToken,
         };
         let mut d = Deny::new(e.reason(), kind, e.description());

@@ -7,7 +7,7 @@ mod refresh;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,10 @@ pub use refresh::{Supervisor, load_once};
 /// Kids remembered as unknown (per provider) before new ones are simply not
 /// remembered: a flood of random kids must not grow memory without bound.
 const MAX_REMEMBERED_UNKNOWN: usize = 4096;
+
+/// Checks that may wait for a refetch at once, per provider (`jwks.unknown_kid_waiters`).
+/// A waiting Check holds no admission slot, only its request: this bounds that memory.
+pub const DEFAULT_UNKNOWN_KID_WAITERS: usize = 128;
 
 /// The current key set of one provider (`None` until keys first load), when it
 /// was last confirmed, and the coordination of refetches on an unknown `kid`.
@@ -40,6 +44,19 @@ struct Refetch {
     state: Mutex<RefetchState>,
     min_refresh: Duration,
     wait: Duration,
+    /// Checks waiting now, and how many may.
+    waiters: AtomicUsize,
+    max_waiters: usize,
+    provider: String,
+}
+
+/// One waiting Check, for as long as it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -52,7 +69,7 @@ struct RefetchState {
 
 impl KeyCell {
     /// A cell whose keys are fetched over HTTP and can be refetched on demand.
-    pub fn remote(min_refresh: Duration, wait: Duration) -> Self {
+    pub fn remote(provider: &str, min_refresh: Duration, wait: Duration, waiters: usize) -> Self {
         KeyCell {
             refetch: Some(Refetch {
                 wake: Notify::new(),
@@ -60,6 +77,9 @@ impl KeyCell {
                 state: Mutex::new(RefetchState::default()),
                 min_refresh,
                 wait,
+                waiters: AtomicUsize::new(0),
+                max_waiters: waiters.max(1),
+                provider: provider.to_owned(),
             }),
             ..Default::default()
         }
@@ -96,8 +116,10 @@ impl KeyCell {
     /// A Check met an unknown `kid`: ask for a refetch and wait for it, within
     /// `unknown_kid_wait`. At most one fetch per `min_refresh`, shared by every
     /// waiting Check; kids a fresh set still lacked are not asked for again
-    /// until `min_refresh` has passed. Returns true if a fetch completed in time
-    /// (the caller then looks again).
+    /// until `min_refresh` has passed. At most `unknown_kid_waiters` Checks wait at
+    /// once: the others (a flood of random kids) are answered at once, while the
+    /// fetch they may have started still runs. Returns true if a fetch completed
+    /// in time (the caller then looks again).
     pub async fn refetch_for(&self, kid: &str) -> bool {
         let Some(r) = &self.refetch else { return false };
         let mut rx = r.done.subscribe();
@@ -124,6 +146,12 @@ impl KeyCell {
                 r.wake.notify_one();
             }
         }
+        if r.waiters.fetch_add(1, Ordering::Relaxed) >= r.max_waiters {
+            r.waiters.fetch_sub(1, Ordering::Relaxed);
+            crate::telemetry::unknown_kid_waiters_full(&r.provider);
+            return false;
+        }
+        let _waiting = Waiting(&r.waiters);
         matches!(
             tokio::time::timeout(r.wait, rx.wait_for(|g| *g > seen)).await,
             Ok(Ok(_))
@@ -216,8 +244,10 @@ mod tests {
 
     fn cell() -> Arc<KeyCell> {
         Arc::new(KeyCell::remote(
+            "p",
             Duration::from_secs(30),
             Duration::from_millis(200),
+            DEFAULT_UNKNOWN_KID_WAITERS,
         ))
     }
 
@@ -255,6 +285,58 @@ mod tests {
         assert!(!cell.refetch_for("kid-new").await);
         assert!(started.elapsed() < Duration::from_millis(100));
         assert_eq!(fetches.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn waiters_past_the_bound_are_answered_at_once() {
+        let cell = Arc::new(KeyCell::remote(
+            "p",
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            5,
+        ));
+        let release = Arc::new(Notify::new());
+        let (c, r) = (cell.clone(), release.clone());
+        tokio::spawn(async move {
+            c.woken().await;
+            c.fetch_started();
+            r.notified().await;
+            c.fetch_finished();
+        });
+        let waiters: Vec<_> = (0..20)
+            .map(|i| {
+                let c = cell.clone();
+                tokio::spawn(async move { c.refetch_for(&format!("kid-{i}")).await })
+            })
+            .collect();
+        // The five that wait are still waiting; the fifteen others have their answer.
+        while cell
+            .refetch
+            .as_ref()
+            .unwrap()
+            .waiters
+            .load(Ordering::Relaxed)
+            < 5
+            || waiters.iter().filter(|w| w.is_finished()).count() < 15
+        {
+            tokio::task::yield_now().await;
+        }
+        release.notify_one();
+        let mut completed = 0;
+        for w in waiters {
+            if w.await.unwrap() {
+                completed += 1;
+            }
+        }
+        assert_eq!(completed, 5);
+        assert_eq!(
+            cell.refetch
+                .as_ref()
+                .unwrap()
+                .waiters
+                .load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[tokio::test]

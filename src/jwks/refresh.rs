@@ -98,7 +98,12 @@ impl Supervisor {
                 handle: None,
             },
             JwksSource::Remote(cfg) => {
-                let cell = Arc::new(KeyCell::remote(cfg.min_refresh, cfg.unknown_kid_wait));
+                let cell = Arc::new(KeyCell::remote(
+                    &name,
+                    cfg.min_refresh,
+                    cfg.unknown_kid_wait,
+                    cfg.unknown_kid_waiters,
+                ));
                 if let Some(dir) = &cfg.cache_dir {
                     load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell);
                 }
@@ -378,6 +383,7 @@ mod tests {
             max_refresh: Duration::from_secs(3600),
             timeout: Duration::from_secs(5),
             unknown_kid_wait: Duration::from_millis(100),
+            unknown_kid_waiters: crate::jwks::DEFAULT_UNKNOWN_KID_WAITERS,
             cache_dir: None,
             max_stale: Duration::from_secs(86400),
         }

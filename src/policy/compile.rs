@@ -687,6 +687,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
                 ("max_refresh", j.max_refresh.is_some()),
                 ("timeout", j.timeout.is_some()),
                 ("unknown_kid_wait", j.unknown_kid_wait.is_some()),
+                ("unknown_kid_waiters", j.unknown_kid_waiters.is_some()),
                 ("cache_dir", j.cache_dir.is_some()),
                 ("max_stale", j.max_stale.is_some()),
             ];
@@ -725,6 +726,12 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
             "timeout must be positive and unknown_kid_wait at most 1s (Envoy's budget is 200ms by default)",
         );
     }
+    let unknown_kid_waiters = j
+        .unknown_kid_waiters
+        .unwrap_or(crate::jwks::DEFAULT_UNKNOWN_KID_WAITERS);
+    if !(1..=100_000).contains(&unknown_kid_waiters) {
+        p.error(format!("{at}.unknown_kid_waiters"), "between 1 and 100000");
+    }
     JwksSource::Remote(RemoteJwks {
         location,
         refresh_interval,
@@ -732,6 +739,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
         max_refresh,
         timeout,
         unknown_kid_wait,
+        unknown_kid_waiters,
         cache_dir: j.cache_dir.as_ref().map(|d| base.join(d)),
         max_stale,
     })

@@ -110,16 +110,11 @@ impl Policy {
             }
         }
         // Proofs accepted under the old policy must stay spent.
-        let capacity = |d: &crate::check::binding::Dpop| d.replay.policy().max_capacity();
-        if self.dpop.max_age == old.dpop.max_age
-            && self.dpop.skew == old.dpop.skew
-            && capacity(&self.dpop) == capacity(&old.dpop)
-        {
-            self.dpop.replay = old.dpop.replay.clone();
+        let (new, old) = (&self.dpop.replay, &old.dpop.replay);
+        if new.ttl() == old.ttl() && new.capacity() == old.capacity() {
+            self.dpop.replay = old.clone();
         } else {
-            for (k, v) in old.dpop.replay.iter() {
-                self.dpop.replay.insert(*k, v);
-            }
+            new.adopt(old);
         }
     }
 

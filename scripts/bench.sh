@@ -13,9 +13,10 @@
 #   valet-missing  the same request without a token: denied (401), logged at info
 #   valet-nocache  valet-allow against a second Valet with `cache: { max_entries: 0 }`:
 #                  every Check verifies the RS256 signature
-#   baseline-allow (with BASELINE=BINARY) valet-allow against that binary (e.g. the
-#                  release build before a change), same config, same core: the
-#                  change's cost as a ratio measured in the same run
+#   baseline-allow, baseline-nocache (with BASELINE=BINARY) valet-allow and
+#                  valet-nocache against that binary (e.g. the release build before a
+#                  change), same configs, same core: the change's cost as a ratio
+#                  measured in the same run
 # Reported: median req/s over rounds, the median of per-round ratios to noop,
 # median p50/p99 latency (h2load --log-file), server CPU µs per Check
 # (/proc/PID/stat utime+stime), and Valet's RSS idle and after the load.
@@ -80,7 +81,9 @@ if [[ -n ${BASELINE:-} ]]; then
     [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
     start baseline "$BASELINE" serve --config "$config"
     BASE_PID=$PID BASE_ADDR=$ADDR BASE_ADMIN=$ADMIN
-    admins+=("$BASE_ADMIN")
+    start baseline-nocache "$BASELINE" serve --config "$nocache"
+    BASENC_PID=$PID BASENC_ADDR=$ADDR BASENC_ADMIN=$ADMIN
+    admins+=("$BASE_ADMIN" "$BASENC_ADMIN")
 fi
 for admin in "${admins[@]}"; do
     [[ -n $admin ]] || die "valet logged no admin address"
@@ -116,7 +119,10 @@ verify "$NOOP_ADDR" "$work/allow.bin" ALLOW
 verify "$VALET_ADDR" "$work/allow.bin" ALLOW
 verify "$VALET_ADDR" "$work/missing.bin" DENY
 verify "$NOCACHE_ADDR" "$work/allow.bin" ALLOW
-[[ -z ${BASELINE:-} ]] || verify "$BASE_ADDR" "$work/allow.bin" ALLOW
+if [[ -n ${BASELINE:-} ]]; then
+    verify "$BASE_ADDR" "$work/allow.bin" ALLOW
+    verify "$BASENC_ADDR" "$work/allow.bin" ALLOW
+fi
 rss_idle=$(rss_kib "$VALET_PID")
 nocache_rss_idle=$(rss_kib "$NOCACHE_PID")
 
@@ -161,7 +167,9 @@ scenarios=(noop valet-allow valet-missing valet-nocache)
 if [[ -n ${BASELINE:-} ]]; then
     addr_of[baseline-allow]=$BASE_ADDR pid_of[baseline-allow]=$BASE_PID
     body_of[baseline-allow]=$work/allow.bin
-    scenarios+=(baseline-allow)
+    addr_of[baseline-nocache]=$BASENC_ADDR pid_of[baseline-nocache]=$BASENC_PID
+    body_of[baseline-nocache]=$work/allow.bin
+    scenarios+=(baseline-allow baseline-nocache)
 fi
 
 echo "warming up (1 s each, discarded)"
@@ -196,7 +204,10 @@ echo "server-side counts (valet_check_total by reason) vs h2load 2xx:"
 compare valet-allow "$VALET_ADMIN" verified
 compare valet-missing "$VALET_ADMIN" missing_token
 compare valet-nocache "$NOCACHE_ADMIN" verified
-[[ -z ${BASELINE:-} ]] || compare baseline-allow "$BASE_ADMIN" verified
+if [[ -n ${BASELINE:-} ]]; then
+    compare baseline-allow "$BASE_ADMIN" verified
+    compare baseline-nocache "$BASENC_ADMIN" verified
+fi
 
 median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 col() { awk -v s="$1" -v c="$2" '$1 == s && $2 != "warmup" {print $c}' "$work/results"; }

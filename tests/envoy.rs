@@ -8,12 +8,13 @@ mod common;
 #[path = "common/idp.rs"]
 mod idp;
 
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tools::{envoy_path, free_port};
 use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
@@ -41,35 +42,6 @@ default: deny
 "#;
 
 // === Envoy ===
-
-fn envoy_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("VALET_ENVOY").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            p.exists(),
-            "VALET_ENVOY={} does not exist; run scripts/test.sh (it installs Envoy)",
-            p.display()
-        );
-        return p;
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/envoy-venv/bin/envoy");
-    assert!(
-        p.exists(),
-        "Envoy not found: VALET_ENVOY is unset and {} does not exist. \
-         Run scripts/test.sh (it installs Envoy with scripts/install-test-deps.sh \
-         and exports VALET_ENVOY).",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// examples/envoy.yaml with every port replaced; each must occur exactly once.
 fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {

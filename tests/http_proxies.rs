@@ -11,12 +11,12 @@
 
 mod common;
 
-use std::net::TcpListener as StdTcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tools::{Process, envoy_path, free_port, nginx_path, repo, traefik_path};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -81,111 +81,38 @@ fn replace_once(text: &str, file: &str, from: &str, to: &str) -> String {
         + "\n"
 }
 
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A binary from `var`, else `fallback`; a clear panic when neither exists.
-fn binary(var: &str, fallback: &Path, what: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            p.exists(),
-            "{var}={} does not exist; run scripts/test.sh (it installs {what})",
-            p.display()
-        );
-        return p;
-    }
-    assert!(
-        fallback.exists(),
-        "{what} not found: {var} is unset and {} does not exist. Run scripts/test.sh \
-         (it installs {what} with scripts/install-test-deps.sh and exports {var}).",
-        fallback.display()
-    );
-    fallback.to_path_buf()
-}
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
 // === A proxy process, stopped by its PID when dropped ===
 
-struct Proxy {
-    child: Child,
-    log: PathBuf,
-    /// Stop with SIGTERM first (nginx's master then stops its worker).
-    graceful: bool,
+/// The proxy, its output in `dir/proxy.log`; `graceful`: SIGTERM first (nginx's
+/// master then stops its worker).
+fn spawn_proxy(cmd: &mut Command, dir: &Path, graceful: bool) -> Process {
+    let mut proxy = Process::spawn(cmd, dir.join("proxy.log"));
+    proxy.terminate = graceful;
+    proxy
 }
 
-impl Proxy {
-    fn spawn(cmd: &mut Command, dir: &Path, graceful: bool) -> Proxy {
-        let log = dir.join("proxy.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Proxy {
-            child,
-            log,
-            graceful,
+/// Waits until GET /healthz through the proxy reaches the upstream (200).
+async fn wait_ready(proxy: &mut Process, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = proxy.exited() {
+            panic!("proxy exited early ({status}):\n{}", proxy.log());
         }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until GET /healthz through the proxy reaches the upstream (200).
-    async fn wait_ready(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("proxy exited early ({status}):\n{}", self.log());
-            }
-            if let Ok(Ok(r)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                send(port, "GET", "/healthz", "api.example.com", &[]),
-            )
-            .await
-                && r.status == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not answer on {port} within 30s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            send(port, "GET", "/healthz", "api.example.com", &[]),
+        )
+        .await
+            && r.status == 200
+        {
+            return;
         }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if self.graceful {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not answer on {port} within 30s:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -296,7 +223,7 @@ async fn send(
 struct Setup {
     port: u16,
     seen: Seen,
-    proxy: Proxy,
+    proxy: Process,
     valet: Valet,
 }
 
@@ -464,7 +391,7 @@ fn valet_behind(proxy: &str) -> Valet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_auth_request() {
-    let nginx = binary("VALET_NGINX", Path::new("/usr/sbin/nginx"), "nginx");
+    let nginx = nginx_path();
     let valet = valet_behind("nginx");
     let (up, seen) = upstream().await;
     let port = free_port();
@@ -479,7 +406,7 @@ async fn nginx_auth_request() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut proxy = Proxy::spawn(
+    let mut proxy = spawn_proxy(
         Command::new(&nginx)
             .arg("-p")
             .arg(dir.path())
@@ -488,7 +415,7 @@ async fn nginx_auth_request() {
         dir.path(),
         true,
     );
-    proxy.wait_ready(port).await;
+    wait_ready(&mut proxy, port).await;
     let s = Setup {
         port,
         seen,
@@ -500,11 +427,7 @@ async fn nginx_auth_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traefik_forward_auth() {
-    let traefik = binary(
-        "VALET_TRAEFIK",
-        &repo(".tools/traefik-venv/bin/traefik"),
-        "Traefik",
-    );
+    let traefik = traefik_path();
     let valet = valet_behind("traefik");
     let (up, seen) = upstream().await;
     let port = free_port();
@@ -538,14 +461,14 @@ async fn traefik_forward_auth() {
     );
     let static_path = dir.path().join("traefik.yml");
     std::fs::write(&static_path, static_).unwrap();
-    let mut proxy = Proxy::spawn(
+    let mut proxy = spawn_proxy(
         Command::new(&traefik)
             .arg(format!("--configFile={}", static_path.display()))
             .current_dir(dir.path()),
         dir.path(),
         false,
     );
-    proxy.wait_ready(port).await;
+    wait_ready(&mut proxy, port).await;
     let s = Setup {
         port,
         seen,
@@ -575,13 +498,9 @@ fn envoy_config(listener: u16, valet: u16, app: u16, admin: u16) -> String {
     )
 }
 
-fn envoy_bin() -> PathBuf {
-    binary("VALET_ENVOY", &repo(".tools/envoy-venv/bin/envoy"), "Envoy")
-}
-
 #[test]
 fn envoy_http_service_example_validates() {
-    let out = Command::new(envoy_bin())
+    let out = Command::new(envoy_path())
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(repo("examples/http/envoy-http-service.yaml"))
         .stdin(Stdio::null())
@@ -597,7 +516,7 @@ fn envoy_http_service_example_validates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_http_service() {
-    let envoy = envoy_bin();
+    let envoy = envoy_path();
     let valet = valet_behind("envoy");
     let (up, seen) = upstream().await;
     let port = free_port();
@@ -608,7 +527,7 @@ async fn envoy_http_service() {
         envoy_config(port, valet.http.unwrap().port(), up, free_port()),
     )
     .unwrap();
-    let mut proxy = Proxy::spawn(
+    let mut proxy = spawn_proxy(
         Command::new(&envoy).arg("-c").arg(&path).args([
             "--concurrency",
             "1",
@@ -619,7 +538,7 @@ async fn envoy_http_service() {
         dir.path(),
         false,
     );
-    proxy.wait_ready(port).await;
+    wait_ready(&mut proxy, port).await;
     let s = Setup {
         port,
         seen,

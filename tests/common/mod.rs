@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 pub mod jwks_server;
+pub mod tools;
 
 pub const ISSUER: &str = "https://idp.test/";
 pub const AUDIENCE: &str = "orders-api";

@@ -14,12 +14,13 @@
 //!   traefik-dynamic.yml, their addresses replaced and every identity header in
 //!   `authResponseHeaders`.
 
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::wire::{Client, Reply};
+use crate::common::tools::{Process, envoy_path, free_port, nginx_path, traefik_path};
 
 /// What every driver gets.
 pub struct Setup<'a> {
@@ -45,65 +46,6 @@ pub trait Proxy: Send + Sync {
     fn log(&self) -> String;
 }
 
-pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process stopped (by its PID) when dropped: SIGTERM first when
-/// `terminate` (nginx's master then stops its workers), else SIGKILL.
-pub struct Process {
-    child: Child,
-    log: PathBuf,
-    terminate: bool,
-}
-
-impl Process {
-    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Process {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Process {
-            child,
-            log,
-            terminate: false,
-        }
-    }
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if self.terminate {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Polls with `probe` (a request the policy lets through anonymously) until the
 /// proxy answers 200; panics with the log if the process exits or 60 s pass.
 pub async fn wait_answering(process: &mut Process, addr: SocketAddr, probe: &[u8]) {
@@ -126,22 +68,6 @@ pub async fn wait_answering(process: &mut Process, addr: SocketAddr, probe: &[u8
 }
 
 // === Envoy ===
-
-pub fn envoy_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("VALET_ENVOY").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(p.exists(), "VALET_ENVOY={} does not exist", p.display());
-        return p;
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/envoy-venv/bin/envoy");
-    assert!(
-        p.exists(),
-        "Envoy not found: VALET_ENVOY is unset and {} does not exist. \
-         Run scripts/test.sh (it installs Envoy and exports VALET_ENVOY).",
-        p.display()
-    );
-    p
-}
 
 pub struct Envoy {
     process: Process,
@@ -216,18 +142,6 @@ impl Proxy for Nginx {
     fn log(&self) -> String {
         self.process.log()
     }
-}
-
-pub fn nginx_path() -> PathBuf {
-    let p = std::env::var_os("VALET_NGINX")
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| PathBuf::from("/usr/sbin/nginx"), PathBuf::from);
-    assert!(
-        p.exists(),
-        "nginx not found at {} (VALET_NGINX); scripts/install-test-deps.sh installs it",
-        p.display()
-    );
-    p
 }
 
 /// examples/http/nginx.conf in front of Valet's HTTP mode.
@@ -306,21 +220,6 @@ impl Proxy for Traefik {
     fn log(&self) -> String {
         self.process.log()
     }
-}
-
-pub fn traefik_path() -> PathBuf {
-    let p = std::env::var_os("VALET_TRAEFIK")
-        .filter(|p| !p.is_empty())
-        .map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/traefik-venv/bin/traefik"),
-            PathBuf::from,
-        );
-    assert!(
-        p.exists(),
-        "Traefik not found at {} (VALET_TRAEFIK); scripts/install-test-deps.sh installs it",
-        p.display()
-    );
-    p
 }
 
 /// `examples/http/<file>` with each `from` replaced exactly once.

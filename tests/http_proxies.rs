@@ -13,13 +13,11 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http1::{Log, Reply, Seen, send, upstream};
 use common::tools::{Process, envoy_path, free_port, nginx_path, repo, traefik_path};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const POLICY: &str = r#"
 providers:
@@ -116,113 +114,11 @@ async fn wait_ready(proxy: &mut Process, port: u16) {
     }
 }
 
-// === Upstream: records what reached it ===
-
-type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
-
-async fn upstream() -> (u16, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let Ok((head, _)) = read_head(&mut stream).await else {
-                    return;
-                };
-                let mut lines = head.split("\r\n");
-                let line = lines.next().unwrap_or("").to_string();
-                let mut headers = parse_headers(lines);
-                headers.insert(0, (":request-line".into(), line));
-                log.lock().unwrap().push(headers);
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    (port, seen)
-}
-
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            return Ok((head, buf[end + 4..].to_vec()));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
-    lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect()
-}
-
-// === Client: raw HTTP/1.1, so any header (and Host) goes as written ===
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn send(
-    port: u16,
-    method: &str,
-    path: &str,
-    host: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await?;
-    let (head, mut rest) = read_head(&mut stream).await?;
-    stream.read_to_end(&mut rest).await?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    Ok(Reply {
-        status,
-        headers: parse_headers(lines),
-    })
-}
-
 // === The cases, the same through every proxy ===
 
 struct Setup {
     port: u16,
-    seen: Seen,
+    seen: Log,
     proxy: Process,
     valet: Valet,
 }
@@ -236,7 +132,7 @@ impl Setup {
         path: &str,
         host: &str,
         headers: &[(&str, &str)],
-    ) -> (Reply, Option<Vec<(String, String)>>) {
+    ) -> (Reply, Option<Seen>) {
         self.seen.lock().unwrap().clear();
         let r = send(self.port, method, path, host, headers)
             .await
@@ -244,13 +140,6 @@ impl Setup {
         let up = self.seen.lock().unwrap().pop();
         (r, up)
     }
-}
-
-fn values<'a>(up: &'a [(String, String)], name: &str) -> Vec<&'a str> {
-    up.iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
 }
 
 /// Every spoof header a client could try, each pointing at the anonymous route.
@@ -285,14 +174,14 @@ async fn decides_as_valet_would(s: &Setup, name: &str) {
         .await;
     assert_eq!(r.status, 200, "{}", ctx("allow"));
     let up = up.unwrap_or_else(|| panic!("{}", ctx("allowed but not forwarded")));
-    assert_eq!(values(&up, "x-user-id"), ["alice"], "{}", ctx("identity"));
+    assert_eq!(up.all("x-user-id"), ["alice"], "{}", ctx("identity"));
     assert_eq!(
-        values(&up, "authorization"),
+        up.all("authorization"),
         Vec::<&str>::new(),
         "{}",
         ctx("token stripped")
     );
-    assert!(values(&up, ":request-line")[0].starts_with("GET /orders/1?x=1 "));
+    assert!(up.request_line.starts_with("GET /orders/1?x=1 "));
 
     // No token: 401 with the challenge.
     let (r, up) = s.ask("GET", "/orders/1", "api.example.com", &[]).await;
@@ -346,7 +235,7 @@ async fn decides_as_valet_would(s: &Setup, name: &str) {
     assert_eq!(r.status, 200, "{}", ctx("host route"));
     let up = up.unwrap();
     assert_eq!(
-        values(&up, "x-user-id"),
+        up.all("x-user-id"),
         Vec::<&str>::new(),
         "{}",
         ctx("x-user-id on an anonymous route")
@@ -375,7 +264,7 @@ async fn decides_as_valet_would(s: &Setup, name: &str) {
         .await;
     assert_eq!(r.status, 200, "{}", ctx("anonymous"));
     assert_eq!(
-        values(&up.unwrap(), "x-user-id"),
+        up.unwrap().all("x-user-id"),
         Vec::<&str>::new(),
         "{}",
         ctx("x-user-id on /healthz")
@@ -394,6 +283,7 @@ async fn nginx_auth_request() {
     let nginx = nginx_path();
     let valet = valet_behind("nginx");
     let (up, seen) = upstream().await;
+    let up = up.port();
     let port = free_port();
     let file = "nginx.conf";
     let mut conf = example(file);
@@ -430,6 +320,7 @@ async fn traefik_forward_auth() {
     let traefik = traefik_path();
     let valet = valet_behind("traefik");
     let (up, seen) = upstream().await;
+    let up = up.port();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let dynamic_path = dir.path().join("dynamic.yml");
@@ -519,6 +410,7 @@ async fn envoy_http_service() {
     let envoy = envoy_path();
     let valet = valet_behind("envoy");
     let (up, seen) = upstream().await;
+    let up = up.port();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");

@@ -22,6 +22,7 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+pub mod http1;
 pub mod jwks_server;
 pub mod tools;
 

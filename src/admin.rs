@@ -48,7 +48,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            let now = crate::service::unix_now();
+            let now = admin.state.clock().unix();
             let policy = admin.state.policy();
             crate::telemetry::verify_cache_entries(policy.cache.entries());
             crate::telemetry::dpop_replay_entries(policy.dpop.replay.len());
@@ -114,7 +114,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 /// The policy in force and its keys: generation, last reload error, key ages.
 fn status_json(admin: &Admin) -> serde_json::Value {
     let policy = admin.state.policy();
-    let now = crate::service::unix_now();
+    let now = admin.state.clock().unix();
     let providers: Vec<_> = policy
         .providers
         .iter()

@@ -10,6 +10,7 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, Admin};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{self, Gate, Limits};
 use crate::jwks::Supervisor;
@@ -23,6 +24,17 @@ use crate::{http_authz, telemetry};
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
+    serve_with_clock(config, shutdown, limits, Clock::system()).await
+}
+
+/// `serve` on a given time source: an in-process test passes `Clock::tokio()` and
+/// moves time with `tokio::time::advance` instead of sleeping.
+pub async fn serve_with_clock(
+    config: Config,
+    shutdown: Shutdown,
+    limits: Limits,
+    clock: Clock,
+) -> std::io::Result<()> {
     let metrics = telemetry::install().map_err(std::io::Error::other)?;
     tokio::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
@@ -31,7 +43,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
 
     let mut policy = config.policy;
     // The key tasks belong to the reloader from here on: a reload adds and removes providers.
-    let mut keys = Supervisor::new();
+    let mut keys = Supervisor::new().with_clock(clock.clone());
     keys.adopt(&mut policy);
     tracing::info!(
         config = %config.path.display(),
@@ -43,9 +55,13 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     if let Some(r) = &policy.revocation {
         telemetry::revocation_loaded(&r.path, r.current().entries);
     }
-    let status = reload::initial_status(&config.path);
+    let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
-    let state = Arc::new(State::new(policy, status).with_max_in_flight(shutdown.max_in_flight));
+    let state = Arc::new(
+        State::new(policy, status)
+            .with_clock(clock)
+            .with_max_in_flight(shutdown.max_in_flight),
+    );
     let reloader = Reloader::new(
         config.path.clone(),
         config.listen.clone(),

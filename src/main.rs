@@ -356,7 +356,10 @@ fn load_keys(policy: &valet::policy::Policy) {
         .enable_all()
         .build();
     if let Ok(rt) = runtime {
-        for problem in rt.block_on(valet::jwks::load_once(policy)) {
+        for problem in rt.block_on(valet::jwks::load_once(
+            policy,
+            &valet::clock::Clock::system(),
+        )) {
             eprintln!("warning: {problem}");
         }
     }
@@ -417,7 +420,7 @@ fn explain(
                 load_keys(&config.policy);
             }
             valet::explain::Mode::Token {
-                now: valet::service::unix_now(),
+                now: valet::clock::Clock::system().unix(),
             }
         }
     };
@@ -492,7 +495,7 @@ fn run_tests(config_flag: Option<&std::path::Path>, files: &[PathBuf]) -> ExitCo
         }
         println!("{} (policy {})", file.display(), config_path.display());
         let (report, p, f) =
-            valet::policy_test::run(&config.policy, &suite, valet::service::unix_now());
+            valet::policy_test::run(&config.policy, &suite, valet::clock::Clock::system().unix());
         print!("{report}");
         passed += p;
         failed += f;

@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use crate::config::{self, LoadError};
 use crate::jwks::Supervisor;
 use crate::policy::Listen;
-use crate::service::unix_now;
 use crate::state::{ReloadStatus, State};
 use crate::telemetry;
 
@@ -77,7 +76,7 @@ impl Reloader {
         }
         self.last_source = bytes;
         let mut status = (*self.state.reload_status()).clone();
-        status.last_attempt_at = unix_now();
+        status.last_attempt_at = self.state.clock().unix();
         // Compiling a large policy takes milliseconds (1,000 routes: ~130 ms): off the
         // runtime that answers Checks.
         let path = self.path.clone();
@@ -198,8 +197,8 @@ fn spawn_sighup(tx: mpsc::Sender<&'static str>) {
     }
 }
 
-pub fn initial_status(path: &Path) -> ReloadStatus {
-    let now = unix_now();
+/// The status of the policy loaded at start, `now` unix seconds.
+pub fn initial_status(path: &Path, now: u64) -> ReloadStatus {
     ReloadStatus {
         config: path.display().to_string(),
         generation: 1,

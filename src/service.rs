@@ -2,7 +2,7 @@
 //! could meet `failure_mode_allow: true` and fail open.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use tonic::{Request, Response};
@@ -63,11 +63,12 @@ pub async fn decide(
     budget: Option<Duration>,
 ) -> (Decision, Arc<Policy>) {
     let started = Instant::now();
+    let clock = state.clock();
     let policy = state.policy();
     let Some(mut permit) = state.admit() else {
         return overloaded(policy, started);
     };
-    let mut decision = check::check(&policy, req, unix_now());
+    let mut decision = check::check(&policy, req, clock.unix());
     // A kid we do not know may be a rotation we have not seen yet: the one
     // await on this path, bounded and rate-limited by the provider's key cell.
     // Waiting costs no CPU, so it holds no admission slot (the key cell bounds
@@ -82,7 +83,7 @@ pub async fn decide(
             return overloaded(policy, started);
         };
         permit = again;
-        let again = check::check(&policy, req, unix_now());
+        let again = check::check(&policy, req, clock.unix());
         if again.reason() == Reason::UnknownKey {
             provider.keys.remember_unknown(kid);
         }
@@ -96,7 +97,7 @@ pub async fn decide(
         && let Some(token) = check::token_of(&policy, req, route)
     {
         let client = crate::introspection::Client::of(req);
-        let asked = introspector.introspect(&token, unix_now(), client);
+        let asked = introspector.introspect(&token, clock.unix(), client);
         // Keep a margin to encode the answer before the caller's deadline.
         let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
         let result = match left {
@@ -106,7 +107,7 @@ pub async fn decide(
             None => asked.await,
         };
         decision = match result {
-            Ok(answer) => check::check_introspected(&policy, req, unix_now(), answer),
+            Ok(answer) => check::check_introspected(&policy, req, clock.unix(), answer),
             Err(e) => match decision {
                 Decision::Deny(mut d) => {
                     d.description = e.to_string().into();
@@ -155,12 +156,6 @@ fn unknown_kid<'a>(decision: &'a Decision, policy: &'a Policy) -> Option<(&'a Pr
     }
     let provider = policy.provider(d.provider.as_deref()?)?;
     Some((provider, d.kid.as_deref()?))
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).

@@ -10,6 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
+use crate::clock::Clock;
 use crate::policy::Policy;
 
 pub struct State {
@@ -19,6 +20,8 @@ pub struct State {
     draining: AtomicBool,
     /// Checks in flight, bounded: past the bound a Check is answered `overloaded`.
     in_flight: Arc<Semaphore>,
+    /// The time every Check, cache and status of this instance reads.
+    clock: Clock,
 }
 
 /// What the admin port reports about the policy in force.
@@ -42,6 +45,7 @@ impl State {
             reload: ArcSwap::from_pointee(status),
             draining: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            clock: Clock::system(),
         }
     }
 
@@ -52,6 +56,15 @@ impl State {
 
     pub fn store_policy(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
+    }
+
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn with_max_in_flight(mut self, max: usize) -> Self {

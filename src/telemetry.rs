@@ -298,7 +298,7 @@ const DENY_LOGS_PER_SEC: u32 = 100;
 static DENY_LOG: Mutex<(u64, u32, u64)> = Mutex::new((0, 0, 0));
 
 fn deny_log_allowed() -> bool {
-    let now = crate::service::unix_now();
+    let now = crate::clock::system_unix();
     let mut state = DENY_LOG.lock().unwrap_or_else(|e| e.into_inner());
     let (second, _, suppressed) = &mut *state;
     if *second != now {
@@ -517,7 +517,7 @@ pub fn connections_open(listener: &'static str, open: usize) {
 pub fn connection_refused(listener: &'static str, cap: usize) {
     metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
     static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = crate::service::unix_now();
+    let now = crate::clock::system_unix();
     if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
         tracing::warn!(
             listener,

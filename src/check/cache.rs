@@ -27,6 +27,9 @@ pub struct Entry {
     pub claims: Arc<Map<String, Value>>,
     /// Unix seconds; the entry is gone at this instant.
     pub exp: u64,
+    /// `exp` less the `now` of the insert: how long moka keeps the entry (a `get`
+    /// also compares `exp` with its own `now`, so moved time is honoured).
+    ttl: Duration,
     weight: u32,
 }
 
@@ -44,8 +47,7 @@ impl moka::Expiry<TokenHash, Arc<Entry>> for UntilExp {
         entry: &Arc<Entry>,
         _: Instant,
     ) -> Option<Duration> {
-        let now = crate::service::unix_now();
-        Some(Duration::from_secs(entry.exp.saturating_sub(now)))
+        Some(entry.ttl)
     }
 }
 
@@ -174,6 +176,7 @@ impl VerifiedCache {
             kid,
             claims,
             exp,
+            ttl: Duration::from_secs(exp - now),
             weight: bytes.max(self.min_weight),
         };
         cache.insert(key, Arc::new(entry));
@@ -205,7 +208,7 @@ mod tests {
 
     #[test]
     fn entries_expire_at_exp_and_are_bounded() {
-        let now = crate::service::unix_now();
+        let now = crate::clock::system_unix();
         let c = VerifiedCache::new(10, 1024 * 1024);
         let k = VerifiedCache::hash("a.b.c");
         c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
@@ -242,7 +245,7 @@ mod tests {
 
     #[test]
     fn bytes_bound_too() {
-        let now = crate::service::unix_now();
+        let now = crate::clock::system_unix();
         let c = VerifiedCache::new(1000, 64 * 1024);
         for i in 0..100 {
             c.insert(
@@ -275,7 +278,7 @@ mod tests {
         .unwrap();
         assert!(claims_heap_bytes(&nested) > 100 + 3 * size_of::<Value>());
 
-        let now = crate::service::unix_now();
+        let now = crate::clock::system_unix();
         let c = VerifiedCache::new(1000, 1024 * 1024);
         let wide = Arc::new(wide);
         for i in 0..100 {
@@ -288,7 +291,7 @@ mod tests {
 
     #[test]
     fn disabled_caches_nothing() {
-        let now = crate::service::unix_now();
+        let now = crate::clock::system_unix();
         let c = VerifiedCache::new(0, 0);
         let k = VerifiedCache::hash("x");
         c.insert(k, 5, 0, 1, None, claims(), now + 100, now);

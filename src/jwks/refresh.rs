@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::task::JoinHandle;
 
 use super::{Fetched, Fetcher, KeyCell, KeySet, read_file};
+use crate::clock::Clock;
 use crate::policy::Policy;
 use crate::provider::{JwksSource, Provider, RemoteJwks, RemoteLocation};
 use crate::telemetry;
@@ -28,6 +29,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 pub struct Supervisor {
     tasks: HashMap<String, Task>,
     fetcher: Fetcher,
+    clock: Clock,
 }
 
 struct Task {
@@ -48,6 +50,12 @@ impl Drop for Task {
 impl Supervisor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Key ages and stale-cache limits measured on `clock` (tests move time).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Gives every provider of a freshly compiled `policy` its key cell: the cell of
@@ -84,8 +92,14 @@ impl Supervisor {
             JwksSource::File(path) => {
                 let cell = Arc::new(KeyCell::default());
                 let stamp = file_stamp(path);
-                load_file(&name, path, &cell, "startup");
-                let handle = tokio::spawn(watch_file(name, path.clone(), cell.clone(), stamp));
+                load_file(&name, path, &cell, "startup", self.clock.unix());
+                let handle = tokio::spawn(watch_file(
+                    name,
+                    path.clone(),
+                    cell.clone(),
+                    stamp,
+                    self.clock.clone(),
+                ));
                 Task {
                     identity,
                     cell,
@@ -105,7 +119,8 @@ impl Supervisor {
                     cfg.unknown_kid_waiters,
                 ));
                 if let Some(dir) = &cfg.cache_dir {
-                    load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell);
+                    let now = self.clock.unix();
+                    load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell, now);
                 }
                 let handle = tokio::spawn(refresh_remote(
                     name,
@@ -113,6 +128,7 @@ impl Supervisor {
                     cfg.clone(),
                     cell.clone(),
                     self.fetcher.clone(),
+                    self.clock.clone(),
                 ));
                 Task {
                     identity,
@@ -122,12 +138,6 @@ impl Supervisor {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn publish(name: &str, cell: &KeyCell, set: KeySet, trigger: &'static str, confirmed_at: u64) {
@@ -145,7 +155,7 @@ fn publish(name: &str, cell: &KeyCell, set: KeySet, trigger: &'static str, confi
 /// Loads every provider's keys once, for the CLI (`explain --token`, `test`):
 /// files are read, remote sets fetched once. Failures are returned, not fatal:
 /// a provider without keys then decides `keys_unavailable`, which is the truth.
-pub async fn load_once(policy: &Policy) -> Vec<String> {
+pub async fn load_once(policy: &Policy, clock: &Clock) -> Vec<String> {
     let fetcher = Fetcher::new();
     let mut problems = Vec::new();
     for p in &policy.providers {
@@ -172,7 +182,7 @@ pub async fn load_once(policy: &Policy) -> Vec<String> {
         };
         match result {
             Ok(set) => {
-                p.keys.publish(set, unix_now());
+                p.keys.publish(set, clock.unix());
             }
             Err(e) => problems.push(format!("provider {}: {e}", p.name)),
         }
@@ -191,14 +201,20 @@ fn file_stamp(path: &Path) -> Stamp {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-fn load_file(name: &str, path: &Path, cell: &KeyCell, trigger: &'static str) {
+fn load_file(name: &str, path: &Path, cell: &KeyCell, trigger: &'static str, now: u64) {
     match read_file(path) {
-        Ok(set) => publish(name, cell, set, trigger, unix_now()),
+        Ok(set) => publish(name, cell, set, trigger, now),
         Err(e) => telemetry::jwks_failed(name, trigger, &e),
     }
 }
 
-async fn watch_file(name: String, path: PathBuf, cell: Arc<KeyCell>, mut stamp: Stamp) {
+async fn watch_file(
+    name: String,
+    path: PathBuf,
+    cell: Arc<KeyCell>,
+    mut stamp: Stamp,
+    clock: Clock,
+) {
     let mut tick = tokio::time::interval(FILE_POLL);
     loop {
         tick.tick().await;
@@ -206,10 +222,10 @@ async fn watch_file(name: String, path: PathBuf, cell: Arc<KeyCell>, mut stamp: 
         if now != stamp {
             stamp = now;
             // A file caught mid-write fails validation and is retried on the next change.
-            load_file(&name, &path, &cell, "file_change");
+            load_file(&name, &path, &cell, "file_change", clock.unix());
         } else if now.is_some() && cell.has_keys() {
             // Unchanged and still readable: the keys in force are current, not stale.
-            cell.confirm(unix_now());
+            cell.confirm(clock.unix());
         }
     }
 }
@@ -222,6 +238,7 @@ async fn refresh_remote(
     cfg: RemoteJwks,
     cell: Arc<KeyCell>,
     fetcher: Fetcher,
+    clock: Clock,
 ) {
     let mut jwks_uri = match &cfg.location {
         RemoteLocation::Uri(u) => Some(u.clone()),
@@ -254,7 +271,7 @@ async fn refresh_remote(
             }) => {
                 etag = tag;
                 failures = 0;
-                let now = unix_now();
+                let now = clock.unix();
                 publish(&name, &cell, set, trigger, now);
                 if let Some(dir) = &cfg.cache_dir {
                     save_cache(&name, &issuer, dir, &raw, now);
@@ -263,7 +280,7 @@ async fn refresh_remote(
             }
             Ok(Fetched::NotModified { max_age }) => {
                 failures = 0;
-                let now = unix_now();
+                let now = clock.unix();
                 cell.confirm(now);
                 let keys = cell.load().map_or(0, |s| s.len());
                 telemetry::jwks_loaded(&name, trigger, "not_modified", keys, now);
@@ -344,7 +361,7 @@ fn save_cache(name: &str, issuer: &str, dir: &Path, raw: &[u8], now: u64) {
     }
 }
 
-fn load_cache(name: &str, issuer: &str, dir: &Path, max_stale: Duration, cell: &KeyCell) {
+fn load_cache(name: &str, issuer: &str, dir: &Path, max_stale: Duration, cell: &KeyCell, now: u64) {
     let path = cache_path(dir, name);
     let Ok(bytes) = std::fs::read(&path) else {
         return;
@@ -352,14 +369,14 @@ fn load_cache(name: &str, issuer: &str, dir: &Path, max_stale: Duration, cell: &
     let why = match serde_json::from_slice::<CacheFile>(&bytes) {
         Err(e) => format!("unreadable: {e}"),
         Ok(c) if c.issuer != issuer => "written for another issuer".into(),
-        Ok(c) if unix_now().saturating_sub(c.fetched_at) > max_stale.as_secs() => {
+        Ok(c) if now.saturating_sub(c.fetched_at) > max_stale.as_secs() => {
             format!("older than max_stale ({}s)", max_stale.as_secs())
         }
         Ok(c) => match KeySet::parse(c.jwks.to_string().as_bytes()) {
             Ok(set) => {
                 tracing::info!(
                     provider = name,
-                    age_secs = unix_now().saturating_sub(c.fetched_at),
+                    age_secs = now.saturating_sub(c.fetched_at),
                     "jwks loaded from cache until the IdP answers"
                 );
                 publish(name, cell, set, "cache", c.fetched_at);
@@ -428,7 +445,13 @@ mod tests {
     fn the_cache_round_trips_and_refuses_stale_or_foreign_sets() {
         let dir = tempfile::tempdir().unwrap();
         let raw = br#"{"keys":[{"kty":"oct","kid":"a","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}]}"#;
-        save_cache("corp", "https://idp/", dir.path(), raw, unix_now());
+        save_cache(
+            "corp",
+            "https://idp/",
+            dir.path(),
+            raw,
+            crate::clock::system_unix(),
+        );
         let cell = KeyCell::default();
         load_cache(
             "corp",
@@ -436,6 +459,7 @@ mod tests {
             dir.path(),
             Duration::from_secs(60),
             &cell,
+            crate::clock::system_unix(),
         );
         assert!(!cell.has_keys(), "another issuer's cache is ignored");
         load_cache(
@@ -444,9 +468,16 @@ mod tests {
             dir.path(),
             Duration::from_secs(60),
             &cell,
+            crate::clock::system_unix(),
         );
         assert!(cell.has_keys());
-        save_cache("old", "https://idp/", dir.path(), raw, unix_now() - 3600);
+        save_cache(
+            "old",
+            "https://idp/",
+            dir.path(),
+            raw,
+            crate::clock::system_unix() - 3600,
+        );
         let cell = KeyCell::default();
         load_cache(
             "old",
@@ -454,6 +485,7 @@ mod tests {
             dir.path(),
             Duration::from_secs(60),
             &cell,
+            crate::clock::system_unix(),
         );
         assert!(!cell.has_keys(), "older than max_stale");
     }

@@ -24,7 +24,7 @@ use prost::Message;
 use serde_json::json;
 use valet::decision::{Decision, Reason};
 use valet::jwks::KeySet;
-use valet::policy::Policy;
+use valet::stores::Snapshot;
 
 const ISSUER: &str = "https://idp.bench/";
 const AUDIENCE: &str = "orders-api";
@@ -206,18 +206,19 @@ fn cache_on() -> String {
 }
 
 /// The bench policy with every provider's keys published.
-fn warm_policy(source: &str, signers: &[Signer]) -> Policy {
-    let config = valet::config::parse(source, &config_path()).expect("bench policy compiles");
-    let policy = config.policy;
+fn warm_policy(source: &str, signers: &[Signer]) -> Snapshot {
+    let policy = valet::load::parse(source, &config_path())
+        .expect("bench policy compiles")
+        .into_snapshot();
     let set = jwks(signers);
-    for p in &policy.providers {
-        p.keys.publish(KeySet::parse(&set).unwrap(), now());
+    for cell in &policy.stores.keys {
+        cell.publish(KeySet::parse(&set).unwrap(), now());
     }
     assert!(policy.providers_without_keys().is_empty());
     policy
 }
 
-fn expect(policy: &Policy, req: &CheckRequest, allow: bool, reason: Reason) {
+fn expect(policy: &Snapshot, req: &CheckRequest, allow: bool, reason: Reason) {
     let d = valet::check::check(policy, req, now());
     assert_eq!(
         matches!(d, Decision::Allow(_)),
@@ -324,7 +325,7 @@ fn bench_routes(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("route_for");
     for (n, yaml) in &sources {
-        let policy = valet::config::parse(yaml, &config_path()).unwrap().policy;
+        let policy = valet::load::parse(yaml, &config_path()).unwrap().policy;
         assert_eq!(policy.routes.len(), *n);
         let hit = policy.route_for(&view).map(|r| r.name.as_str());
         assert_eq!(hit, Some("orders-read"), "only the last route matches");
@@ -339,7 +340,7 @@ fn bench_routes(c: &mut Criterion) {
     for (n, yaml) in &sources {
         let path = config_path();
         g.bench_function(format!("{n}_routes"), |b| {
-            b.iter(|| valet::config::parse(black_box(yaml), &path).unwrap())
+            b.iter(|| valet::load::parse(black_box(yaml), &path).unwrap())
         });
     }
     g.finish();

@@ -269,17 +269,16 @@ fn bench_inprocess(c: &mut Criterion) {
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let yaml = shapes::lay_out(dir.path());
-    let policy = valet::config::parse(&yaml, &dir.path().join("valet.yaml"))
+    let policy = valet::load::parse(&yaml, &dir.path().join("valet.yaml"))
         .expect("flood policy compiles")
-        .policy;
+        .into_snapshot();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    for p in &policy.providers {
+    for (p, cell) in policy.providers.iter().zip(&policy.stores.keys) {
         let set = std::fs::read(dir.path().join(format!("{}.json", p.name))).unwrap();
-        p.keys
-            .publish(valet::jwks::KeySet::parse(&set).unwrap(), now);
+        cell.publish(valet::jwks::KeySet::parse(&set).unwrap(), now);
     }
     let mut g = c.benchmark_group("forged_inprocess");
     let mut cases = vec![("missing_token_baseline".to_string(), request(&[]))];

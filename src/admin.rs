@@ -49,11 +49,11 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let now = admin.state.clock().unix();
-            let policy = admin.state.policy();
-            crate::telemetry::verify_cache_entries(policy.cache.entries());
-            crate::telemetry::dpop_replay_entries(policy.dpop.replay.len());
-            for p in &policy.providers {
-                let at = p.keys.confirmed_at();
+            let policy = admin.state.snapshot();
+            crate::telemetry::verify_cache_entries(policy.stores.verified.entries());
+            crate::telemetry::dpop_replay_entries(policy.stores.replay.len());
+            for (p, keys) in policy.providers.iter().zip(&policy.stores.keys) {
+                let at = keys.confirmed_at();
                 if at > 0 {
                     crate::telemetry::jwks_age(&p.name, now.saturating_sub(at));
                 }
@@ -75,7 +75,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         "/readyz" => {
-            let policy = admin.state.policy();
+            let policy = admin.state.snapshot();
             let missing = policy.providers_without_keys();
             if admin.state.is_draining() {
                 text(
@@ -113,14 +113,15 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 
 /// The policy in force and its keys: generation, last reload error, key ages.
 fn status_json(admin: &Admin) -> serde_json::Value {
-    let policy = admin.state.policy();
+    let policy = admin.state.snapshot();
     let now = admin.state.clock().unix();
     let providers: Vec<_> = policy
         .providers
         .iter()
-        .map(|p| {
-            let keys = p.keys.load();
-            let at = p.keys.confirmed_at();
+        .zip(&policy.stores.keys)
+        .map(|(p, cell)| {
+            let keys = cell.load();
+            let at = cell.confirmed_at();
             serde_json::json!({
                 "name": p.name,
                 "issuer": p.issuer,

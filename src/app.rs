@@ -11,26 +11,27 @@ use tonic_health::ServingStatus;
 
 use crate::admin::{self, Admin};
 use crate::clock::Clock;
-use crate::config::Config;
 use crate::conn::{self, Gate, Limits};
 use crate::jwks::Supervisor;
+use crate::load::Loaded;
 use crate::reload::{self, Reloader};
 use crate::service::message::{Budget, MessageLimits};
 use crate::service::{CheckServer, CheckService};
 use crate::state::State;
+use crate::stores::{Snapshot, Stores};
 use crate::{http_authz, telemetry};
 
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
+pub async fn serve(config: Loaded, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
     serve_with_clock(config, shutdown, limits, Clock::system()).await
 }
 
 /// `serve` on a given time source: an in-process test passes `Clock::tokio()` and
 /// moves time with `tokio::time::advance` instead of sleeping.
 pub async fn serve_with_clock(
-    config: Config,
+    config: Loaded,
     shutdown: Shutdown,
     limits: Limits,
     clock: Clock,
@@ -41,10 +42,11 @@ pub async fn serve_with_clock(
         tracing::warn!("{w}");
     }
 
-    let mut policy = config.policy;
+    let policy = config.policy;
     // The key tasks belong to the reloader from here on: a reload adds and removes providers.
     let mut keys = Supervisor::new().with_clock(clock.clone());
-    keys.adopt(&mut policy);
+    let cells = keys.adopt(&policy.providers);
+    let stores = Stores::new(&policy, cells, config.revocation);
     tracing::info!(
         config = %config.path.display(),
         routes = policy.routes.len(),
@@ -52,13 +54,13 @@ pub async fn serve_with_clock(
         default = ?policy.default,
         "policy loaded"
     );
-    if let Some(r) = &policy.revocation {
+    if let Some(r) = &stores.revocation {
         telemetry::revocation_loaded(&r.path, r.current().entries);
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
     let state = Arc::new(
-        State::new(policy, status)
+        State::new(Snapshot::new(policy, stores), status)
             .with_clock(clock)
             .with_max_in_flight(shutdown.max_in_flight),
     );
@@ -69,7 +71,12 @@ pub async fn serve_with_clock(
         keys,
     );
     tokio::spawn(reloader.run());
-    tokio::spawn(crate::revocation::watch(state.clone()));
+    {
+        let state = state.clone();
+        tokio::spawn(crate::revocation::watch(move || {
+            state.snapshot().stores.revocation.clone()
+        }));
+    }
 
     // Each Check listener's connection cap, below the descriptor limit with room
     // kept for the admin port and everything else.

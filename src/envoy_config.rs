@@ -737,7 +737,7 @@ mod tests {
              jwks: {{ file: jwks.json }}\n    claims_to_headers: {{ sub: x-user-id }}\n\
              routes:\n{routes}default: deny\n"
         );
-        match crate::config::parse(&src, Path::new("/nonexistent/valet.yaml")) {
+        match crate::load::parse(&src, Path::new("/nonexistent/valet.yaml")) {
             Ok(c) => c.policy,
             Err(e) => panic!("{e}\n{src}"),
         }

@@ -11,12 +11,14 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use serde_json::{Map, Value};
 
-use crate::check::{self, Identity};
+use crate::check::Identity;
 use crate::decision::{Decision, DenyKind};
+use crate::driver;
 use crate::policy::route::{HostMatch, PathMatch, template_text};
 use crate::policy::{Access, Mismatch, Policy, Route};
 use crate::request::Request;
 use crate::response;
+use crate::stores::Snapshot;
 
 /// A request as a person types it.
 #[derive(Debug, Clone, Default)]
@@ -58,7 +60,7 @@ pub enum Mode {
     Claims(Map<String, Value>),
 }
 
-pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
+pub fn explain(policy: &Snapshot, spec: &RequestSpec, mode: Mode) -> String {
     let mut out = String::new();
     let check_req = spec.to_check();
     let host = if spec.host.is_empty() {
@@ -74,7 +76,7 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
             return finish(
                 out,
                 policy,
-                check::decide(policy, &check_req, identity(mode)),
+                driver::decide_blocking(policy, &check_req, identity(mode)),
             );
         }
     };
@@ -95,10 +97,13 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
         .map(|r| r.name.len())
         .max()
         .unwrap_or(0);
+    // The route the core picks (`route_for`, `valet_route` included): the MATCH
+    // line is the decision's route, never one found another way.
+    let chosen = policy.route_index_for(&req);
     let mut matched = None;
     for (i, route) in policy.routes.iter().enumerate() {
         match route.mismatch(&req) {
-            None => {
+            _ if chosen == Some(i) => {
                 let _ = writeln!(
                     out,
                     "  [{i}] {:width$}  MATCH  ({})",
@@ -114,6 +119,13 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
                     "  [{i}] {:width$}  no: {}",
                     route.name,
                     why_not(route, m, &req)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  [{i}] {:width$}  no: not the route picked",
+                    route.name
                 );
             }
         }
@@ -142,7 +154,7 @@ pub fn explain(policy: &Policy, spec: &RequestSpec, mode: Mode) -> String {
     finish(
         out,
         policy,
-        check::decide(policy, &check_req, identity(mode)),
+        driver::decide_blocking(policy, &check_req, identity(mode)),
     )
 }
 
@@ -153,7 +165,7 @@ fn identity(mode: Mode) -> Identity {
     }
 }
 
-fn finish(mut out: String, policy: &Policy, decision: Decision) -> String {
+fn finish(mut out: String, policy: &Snapshot, decision: Decision) -> String {
     match decision {
         Decision::Allow(a) if a.dry_run => {
             let reason = a.reason.map_or("", |r| r.label());

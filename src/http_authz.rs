@@ -28,28 +28,14 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::config::Problems;
-use crate::config::file::ListenFile;
+pub use crate::config::HttpProxy;
 use crate::conn::Gate;
 use crate::decision::{Decision, Deny, DenyKind, Reason};
-use crate::resource_metadata::WELL_KNOWN;
+use crate::policy::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
 use crate::state::State;
 use crate::telemetry;
-
-/// Which proxy calls the HTTP port (`listen.http_proxy`), hence which one family of
-/// headers describes the original request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HttpProxy {
-    /// nginx `auth_request`: `X-Original-Method`, `X-Original-URI`, `X-Original-Host`.
-    Nginx,
-    /// Traefik `forwardAuth`: `X-Forwarded-Method`, `-Uri`, `-Host` (and `-Proto`).
-    Traefik,
-    /// Envoy `http_service`: the subrequest's own method, path and Host.
-    #[default]
-    Envoy,
-}
 
 /// The headers a proxy writes about the original request.
 struct Family {
@@ -75,65 +61,12 @@ const TRAEFIK: Family = Family {
 };
 
 impl HttpProxy {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "nginx" => Some(HttpProxy::Nginx),
-            "traefik" => Some(HttpProxy::Traefik),
-            "envoy" => Some(HttpProxy::Envoy),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            HttpProxy::Nginx => "nginx",
-            HttpProxy::Traefik => "traefik",
-            HttpProxy::Envoy => "envoy",
-        }
-    }
-
     fn family(self) -> Option<&'static Family> {
         match self {
             HttpProxy::Nginx => Some(&NGINX),
             HttpProxy::Traefik => Some(&TRAEFIK),
             HttpProxy::Envoy => None,
         }
-    }
-}
-
-/// `listen.http_proxy`, checked. Absent means `envoy` (no forwarded header is
-/// trusted: behind nginx or Traefik every request is then decided on the
-/// subrequest's own path and denied or misrouted, never opened), with a warning
-/// when HTTP mode is on.
-pub fn compile_proxy(listen: &ListenFile, p: &mut Problems) -> HttpProxy {
-    let http_on = listen.http.as_deref().is_some_and(|a| a.trim() != "off");
-    match listen.http_proxy.as_deref() {
-        None => {
-            if http_on {
-                p.warn(
-                    "listen.http",
-                    "listen.http_proxy is not set: HTTP mode trusts no forwarded header \
-                     and decides on the subrequest's own method, path and Host (envoy); \
-                     behind nginx or Traefik set listen.http_proxy: nginx or traefik",
-                );
-            }
-            HttpProxy::Envoy
-        }
-        Some(name) => match HttpProxy::parse(name) {
-            Some(proxy) => {
-                if !http_on {
-                    p.warn("listen.http_proxy", "has no effect without listen.http");
-                }
-                proxy
-            }
-            None => {
-                p.error(
-                    "listen.http_proxy",
-                    format!("must be nginx, traefik or envoy, not {name:?}"),
-                );
-                HttpProxy::Envoy
-            }
-        },
     }
 }
 
@@ -174,7 +107,7 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
             let Decision::Deny(deny) = decision else {
                 unreachable!()
             };
-            return deny_response(&deny, &state.policy().realm);
+            return deny_response(&deny, &state.snapshot().realm);
         }
     };
     if let Some(doc) = metadata_document(state, &check) {
@@ -337,7 +270,7 @@ fn metadata_document(state: &State, check: &CheckRequest) -> Option<Response<Ful
     if !path.starts_with(WELL_KNOWN) || !matches!(http.method.as_str(), "GET" | "HEAD") {
         return None;
     }
-    let policy = state.policy();
+    let policy = state.snapshot();
     let resource = policy
         .protected_resources
         .iter()
@@ -543,7 +476,7 @@ mod tests {
     #[test]
     fn the_setting_is_checked_with_its_position() {
         let path = std::path::Path::new("valet.yaml");
-        let load = |yaml: &str| crate::config::parse(yaml, path);
+        let load = |yaml: &str| crate::load::parse(yaml, path);
         let base = "providers: []\nroutes:\n  - name: h\n    match: { path: /healthz }\n    anonymous: true\n";
         let c = load(&format!(
             "listen:\n  http: 127.0.0.1:0\n  http_proxy: nginx\n{base}"

@@ -8,7 +8,6 @@
 mod gate;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,49 +25,7 @@ use crate::telemetry;
 /// Introspection answers are small; anything larger is refused.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// What the policy says about one provider's introspection endpoint.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Settings {
-    pub endpoint: String,
-    pub client_id: String,
-    /// Read from `client_secret_file` when the policy loads; never logged.
-    pub client_secret: String,
-    pub timeout: Duration,
-    /// Longest an active answer is trusted (it is also never trusted past `exp`).
-    pub cache_ttl: Duration,
-    /// How long an inactive answer is remembered.
-    pub negative_cache_ttl: Duration,
-    pub cache_entries: u64,
-    /// Introspect this issuer's JWTs too, instead of verifying them locally.
-    pub jwts: bool,
-    /// Consecutive failures that open the circuit, and how long it stays open.
-    pub failure_threshold: u32,
-    pub open_for: Duration,
-    /// Introspection requests in flight at once; past it a miss is answered at once.
-    pub max_in_flight: usize,
-    /// Inactive answers are cached apart (so they never evict active ones).
-    pub negative_cache_entries: u64,
-    /// Slots one client (Envoy's `source.address`) may hold for new tokens.
-    pub max_in_flight_per_client: u32,
-    /// Slots only re-validations of tokens answered active before may take.
-    pub revalidation_reserve: usize,
-    /// New tokens of one client not answered active that it may owe, and how many
-    /// a second it is forgiven: past the budget, its new tokens are not introspected.
-    pub inactive_budget: u32,
-    pub inactive_per_second: u32,
-    /// Longest pause of suspect clients when the IdP answers 429 / 503 + Retry-After.
-    pub max_backoff: Duration,
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("endpoint", &self.endpoint)
-            .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::provider::IntrospectionSettings as Settings;
 
 #[derive(Clone)]
 pub enum Answer {

@@ -264,7 +264,7 @@ fn main() -> ExitCode {
             limits,
         } => {
             init_logging(log_format);
-            let config = match valet::config::load(&config) {
+            let config = match valet::load::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("invalid configuration:\n{e}");
@@ -301,7 +301,7 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match valet::config::load(path) {
+    match valet::load::load(path) {
         Ok(config) => {
             for w in &config.warnings {
                 eprintln!("warning: {w}");
@@ -343,21 +343,22 @@ fn duration(text: &str) -> Result<std::time::Duration, String> {
     valet::config::parse_duration(text)
 }
 
-fn load_or_exit(path: &std::path::Path) -> Result<valet::config::Config, ExitCode> {
-    valet::config::load(path).map_err(|e| {
+fn load_or_exit(path: &std::path::Path) -> Result<valet::load::Loaded, ExitCode> {
+    valet::load::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EX_USAGE)
     })
 }
 
 /// Loads every provider's keys once (a fetch for remote ones), reporting failures.
-fn load_keys(policy: &valet::policy::Policy) {
+fn load_keys(snap: &valet::stores::Snapshot) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     if let Ok(rt) = runtime {
         for problem in rt.block_on(valet::jwks::load_once(
-            policy,
+            &snap.providers,
+            &snap.stores.keys,
             &valet::clock::Clock::system(),
         )) {
             eprintln!("warning: {problem}");
@@ -376,8 +377,8 @@ fn explain(
     token: Option<String>,
     claims: Option<String>,
 ) -> ExitCode {
-    let config = match load_or_exit(config) {
-        Ok(c) => c,
+    let snap = match load_or_exit(config) {
+        Ok(c) => c.into_snapshot(),
         Err(code) => return code,
     };
     let mut spec = valet::explain::RequestSpec {
@@ -416,59 +417,20 @@ fn explain(
                 spec.headers
                     .insert("authorization".into(), format!("Bearer {t}"));
             }
-            if spec.headers.contains_key("authorization") || !config.policy.providers.is_empty() {
-                load_keys(&config.policy);
+            if spec.headers.contains_key("authorization") || !snap.providers.is_empty() {
+                load_keys(&snap);
             }
             valet::explain::Mode::Token {
                 now: valet::clock::Clock::system().unix(),
             }
         }
     };
-    if let valet::explain::Mode::Token { now } = &mode {
-        introspect_once(&config.policy, &spec.to_check(), *now);
-    }
-    print!("{}", valet::explain::explain(&config.policy, &spec, mode));
+    print!("{}", valet::explain::explain(&snap, &spec, mode));
     ExitCode::SUCCESS
 }
 
 /// An opaque token: ask the provider's introspection endpoint once, as the server
 /// would, so that the explanation decides from its answer.
-fn introspect_once(
-    policy: &valet::policy::Policy,
-    check: &envoy_types::pb::envoy::service::auth::v3::CheckRequest,
-    now: u64,
-) {
-    use valet::decision::{Decision, Reason};
-    let decision = valet::check::check(policy, check, now);
-    if decision.reason() != Reason::IntrospectionUnavailable {
-        return;
-    }
-    let provider = match &decision {
-        Decision::Deny(d) => d.provider.as_deref(),
-        Decision::Allow(a) => a.provider.as_deref(),
-    };
-    let Some(introspector) = provider
-        .and_then(|p| policy.provider(p))
-        .and_then(|p| p.introspection.clone())
-    else {
-        return;
-    };
-    let Some(token) = decision
-        .route()
-        .and_then(|r| valet::check::token_of(policy, check, r))
-    else {
-        return;
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    if let Ok(rt) = runtime
-        && let Err(e) = rt.block_on(introspector.introspect(&token, now, None))
-    {
-        eprintln!("warning: introspection: {e}");
-    }
-}
-
 fn run_tests(config_flag: Option<&std::path::Path>, files: &[PathBuf]) -> ExitCode {
     let (mut passed, mut failed) = (0, 0);
     for file in files {
@@ -486,16 +448,16 @@ fn run_tests(config_flag: Option<&std::path::Path>, files: &[PathBuf]) -> ExitCo
                 return ExitCode::from(EX_USAGE);
             }
         };
-        let config = match load_or_exit(&config_path) {
-            Ok(c) => c,
+        let snap = match load_or_exit(&config_path) {
+            Ok(c) => c.into_snapshot(),
             Err(code) => return code,
         };
         if valet::policy_test::needs_keys(&suite) {
-            load_keys(&config.policy);
+            load_keys(&snap);
         }
         println!("{} (policy {})", file.display(), config_path.display());
         let (report, p, f) =
-            valet::policy_test::run(&config.policy, &suite, valet::clock::Clock::system().unix());
+            valet::policy_test::run(&snap, &suite, valet::clock::Clock::system().unix());
         print!("{report}");
         passed += p;
         failed += f;

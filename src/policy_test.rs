@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::check::{self, Identity};
+use crate::check::Identity;
 use crate::decision::Decision;
 use crate::explain::RequestSpec;
-use crate::policy::Policy;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +99,7 @@ pub fn needs_keys(suite: &Suite) -> bool {
 }
 
 /// Runs every case; returns (report, passed, failed).
-pub fn run(policy: &Policy, suite: &Suite, now: u64) -> (String, usize, usize) {
+pub fn run(policy: &crate::stores::Snapshot, suite: &Suite, now: u64) -> (String, usize, usize) {
     let mut out = String::new();
     let (mut passed, mut failed) = (0, 0);
     for case in &suite.cases {
@@ -124,7 +123,7 @@ pub fn run(policy: &Policy, suite: &Suite, now: u64) -> (String, usize, usize) {
             Some(c) => Identity::Claims(c.clone()),
             None => Identity::Token { now },
         };
-        let decision = check::decide(policy, &spec.to_check(), identity);
+        let decision = crate::driver::decide_blocking(policy, &spec.to_check(), identity);
         let problems = compare(&case.expect, &decision);
         if problems.is_empty() {
             passed += 1;

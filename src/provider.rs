@@ -1,14 +1,16 @@
 //! A compiled identity provider: who issues tokens, where they are found, which
-//! algorithms and audiences are accepted, and the live key set that verifies them.
+//! algorithms and audiences are accepted, where its keys come from. Data only:
+//! its live key set and introspection state are in the stores (`stores`).
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
-use crate::jwks::KeyCell;
+/// Checks that may wait for a refetch at once, per provider (`jwks.unknown_kid_waiters`).
+/// A waiting Check holds no admission slot, only its request: this bounds that memory.
+pub const DEFAULT_UNKNOWN_KID_WAITERS: usize = 128;
 
 pub struct Provider {
     pub name: String,
@@ -22,10 +24,9 @@ pub struct Provider {
     pub claims_to_headers: Vec<(ClaimPath, String)>,
     pub forward_token: bool,
     pub jwks: JwksSource,
-    /// The current key set, swapped whole by whoever loads keys.
-    pub keys: Arc<KeyCell>,
-    /// RFC 7662 introspection, for opaque tokens (and JWTs if it says so).
-    pub introspection: Option<Arc<crate::introspection::Introspector>>,
+    /// RFC 7662 introspection, for opaque tokens (and JWTs if it says so); its
+    /// caches and circuit are the stores' `Introspector`.
+    pub introspection: Option<IntrospectionSettings>,
 }
 
 impl fmt::Debug for Provider {
@@ -33,6 +34,50 @@ impl fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("name", &self.name)
             .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the policy says about one provider's introspection endpoint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IntrospectionSettings {
+    pub endpoint: String,
+    pub client_id: String,
+    /// Read from `client_secret_file` when the policy loads; never logged.
+    pub client_secret: String,
+    pub timeout: Duration,
+    /// Longest an active answer is trusted (it is also never trusted past `exp`).
+    pub cache_ttl: Duration,
+    /// How long an inactive answer is remembered.
+    pub negative_cache_ttl: Duration,
+    pub cache_entries: u64,
+    /// Introspect this issuer's JWTs too, instead of verifying them locally.
+    pub jwts: bool,
+    /// Consecutive failures that open the circuit, and how long it stays open.
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+    /// Introspection requests in flight at once; past it a miss is answered at once.
+    pub max_in_flight: usize,
+    /// Inactive answers are cached apart (so they never evict active ones).
+    pub negative_cache_entries: u64,
+    /// Slots one client (Envoy's `source.address`) may hold for new tokens.
+    pub max_in_flight_per_client: u32,
+    /// Slots only re-validations of tokens answered active before may take.
+    pub revalidation_reserve: usize,
+    /// New tokens of one client not answered active that it may owe, and how many
+    /// a second it is forgiven: past the budget, its new tokens are not introspected.
+    pub inactive_budget: u32,
+    pub inactive_per_second: u32,
+    /// Longest pause of suspect clients when the IdP answers 429 / 503 + Retry-After.
+    pub max_backoff: Duration,
+}
+
+impl fmt::Debug for IntrospectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
             .finish_non_exhaustive()
     }
 }

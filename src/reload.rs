@@ -12,10 +12,12 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::config::{self, LoadError};
+use crate::config::LoadError;
 use crate::jwks::Supervisor;
+use crate::load;
 use crate::policy::Listen;
 use crate::state::{ReloadStatus, State};
+use crate::stores::{Snapshot, Stores};
 use crate::telemetry;
 
 /// Editors and ConfigMap updates write in bursts: wait for quiet before reading.
@@ -80,7 +82,7 @@ impl Reloader {
         // Compiling a large policy takes milliseconds (1,000 routes: ~130 ms): off the
         // runtime that answers Checks.
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+        let loaded = tokio::task::spawn_blocking(move || load::load(&path))
             .await
             .unwrap_or_else(|e| {
                 Err(LoadError::Read {
@@ -89,7 +91,7 @@ impl Reloader {
                 })
             });
         match loaded {
-            Ok(mut cfg) => {
+            Ok(cfg) => {
                 if cfg.listen != self.listen {
                     tracing::warn!(
                         "listen addresses changed in {}: they take effect only after a restart",
@@ -99,12 +101,12 @@ impl Reloader {
                 for w in &cfg.warnings {
                     tracing::warn!("{w}");
                 }
-                self.keys.adopt(&mut cfg.policy);
-                cfg.policy.inherit(&self.state.policy());
-                if let Some(r) = &cfg.policy.revocation
-                    && self
-                        .state
-                        .policy()
+                let cells = self.keys.adopt(&cfg.policy.providers);
+                let old = self.state.snapshot();
+                let stores = Stores::carry(&cfg.policy, cells, cfg.revocation, Some(&old));
+                if let Some(r) = &stores.revocation
+                    && old
+                        .stores
                         .revocation
                         .as_ref()
                         .is_none_or(|old| !Arc::ptr_eq(old, r))
@@ -112,7 +114,7 @@ impl Reloader {
                     telemetry::revocation_loaded(&r.path, r.current().entries);
                 }
                 let summary = (cfg.policy.routes.len(), cfg.policy.providers.len());
-                self.state.store_policy(cfg.policy);
+                self.state.store_snapshot(Snapshot::new(cfg.policy, stores));
                 status.generation += 1;
                 status.loaded_at = status.last_attempt_at;
                 status.last_error = None;

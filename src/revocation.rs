@@ -16,7 +16,6 @@ use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
 use crate::config::position::Position;
 use crate::config::{self, ConfigError, LoadError};
-use crate::state::State;
 use crate::telemetry;
 
 /// How often the file is looked at: propagation is at most this plus a read.
@@ -167,13 +166,14 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Polls the denylist of whichever policy is in force.
-pub async fn watch(state: Arc<State>) {
+/// Polls the denylist in force, as `current` says which (the one of the
+/// snapshot in force).
+pub async fn watch(current: impl Fn() -> Option<Arc<Revocation>>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Some(r) = state.policy().revocation.clone() {
+        if let Some(r) = current() {
             // A stat per second; reading and parsing only on change, off the runtime.
             let _ = tokio::task::spawn_blocking(move || r.refresh()).await;
         }

@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use tonic::{Request, Response};
 
-use crate::decision::{Decision, Deny, DenyKind, Reason};
-use crate::introspection::IntrospectError;
-use crate::policy::Policy;
-use crate::provider::Provider;
+use crate::decision::Decision;
 use crate::state::State;
-use crate::{check, response, telemetry};
+use crate::stores::Snapshot;
+use crate::{check, driver, response, telemetry};
 
 pub mod message;
 mod server;
@@ -35,13 +33,13 @@ impl CheckService {
         let (decision, policy) = match request.get_ref() {
             Incoming::Check(check) => decide(&self.state, check, budget).await,
             Incoming::Undecodable(e) => {
-                let policy = self.state.policy();
+                let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 telemetry::check(&decision, Duration::ZERO);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
-                let policy = self.state.policy();
+                let policy = self.state.snapshot();
                 let decision = match unread.deny() {
                     (deny, true) => check::unread(&policy, deny),
                     (deny, false) => Decision::Deny(deny),
@@ -54,108 +52,22 @@ impl CheckService {
     }
 }
 
-/// One Check, for either listener: decide against one policy snapshot, record it.
-/// `budget` is how long the caller waits (Envoy's `grpc-timeout`): an awaited
-/// introspection gives up in time for Valet, not Envoy, to answer.
+/// One Check, for either listener: decide against one snapshot (through the
+/// driver), record it. `budget` is how long the caller waits (Envoy's
+/// `grpc-timeout`).
 pub async fn decide(
     state: &State,
     req: &CheckRequest,
     budget: Option<Duration>,
-) -> (Decision, Arc<Policy>) {
+) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
-    let clock = state.clock();
-    let policy = state.policy();
-    let Some(mut permit) = state.admit() else {
-        return overloaded(policy, started);
-    };
-    let mut decision = check::check(&policy, req, clock.unix());
-    // A kid we do not know may be a rotation we have not seen yet: the one
-    // await on this path, bounded and rate-limited by the provider's key cell.
-    // Waiting costs no CPU, so it holds no admission slot (the key cell bounds
-    // how many wait); deciding again takes one.
-    if let Some((provider, kid)) = unknown_kid(&decision, &policy) {
-        drop(permit);
-        if !provider.keys.refetch_for(kid).await {
-            telemetry::check(&decision, started.elapsed());
-            return (decision, policy);
-        }
-        let Some(again) = state.admit() else {
-            return overloaded(policy, started);
-        };
-        permit = again;
-        let again = check::check(&policy, req, clock.unix());
-        if again.reason() == Reason::UnknownKey {
-            provider.keys.remember_unknown(kid);
-        }
-        decision = again;
-    }
-    // An opaque token not in the introspection cache: ask the IdP (one request
-    // for all Checks of that token, bounded by its timeout and circuit), then
-    // decide again from the cache.
-    if decision.reason() == Reason::IntrospectionUnavailable
-        && let Some((introspector, route)) = introspection_for(&decision, &policy)
-        && let Some(token) = check::token_of(&policy, req, route)
-    {
-        let client = crate::introspection::Client::of(req);
-        let asked = introspector.introspect(&token, clock.unix(), client);
-        // Keep a margin to encode the answer before the caller's deadline.
-        let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
-        let result = match left {
-            Some(left) => tokio::time::timeout(left, asked)
-                .await
-                .unwrap_or(Err(IntrospectError::Deadline)),
-            None => asked.await,
-        };
-        decision = match result {
-            Ok(answer) => check::check_introspected(&policy, req, clock.unix(), answer),
-            Err(e) => match decision {
-                Decision::Deny(mut d) => {
-                    d.description = e.to_string().into();
-                    d.detail = Some(e.label());
-                    Decision::Deny(d)
-                }
-                other => other,
-            },
-        };
-    }
-    drop(permit);
+    let snap = state.snapshot();
+    let decision = driver::decide(&snap, req, state.clock().unix(), budget, started, || {
+        state.admit()
+    })
+    .await;
     telemetry::check(&decision, started.elapsed());
-    (decision, policy)
-}
-
-/// Shed load with a clear answer rather than queue past Envoy's timeout.
-fn overloaded(policy: Arc<Policy>, started: Instant) -> (Decision, Arc<Policy>) {
-    let deny = Deny::new(
-        Reason::Overloaded,
-        DenyKind::Unavailable,
-        "too many Checks in flight",
-    );
-    let decision = Decision::Deny(deny);
-    telemetry::check(&decision, started.elapsed());
-    (decision, policy)
-}
-
-fn introspection_for<'a>(
-    decision: &'a Decision,
-    policy: &'a Policy,
-) -> Option<(&'a Arc<crate::introspection::Introspector>, &'a str)> {
-    let provider = match decision {
-        Decision::Deny(d) => d.provider.as_deref(),
-        Decision::Allow(a) => a.provider.as_deref(),
-    }?;
-    let introspector = policy.provider(provider)?.introspection.as_ref()?;
-    Some((introspector, decision.route()?))
-}
-
-fn unknown_kid<'a>(decision: &'a Decision, policy: &'a Policy) -> Option<(&'a Provider, &'a str)> {
-    let Decision::Deny(d) = decision else {
-        return None;
-    };
-    if d.reason != Reason::UnknownKey {
-        return None;
-    }
-    let provider = policy.provider(d.provider.as_deref()?)?;
-    Some((provider, d.kid.as_deref()?))
+    (decision, snap)
 }
 
 /// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).

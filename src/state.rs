@@ -1,6 +1,6 @@
-//! The one place that holds swapped state: the current policy snapshot and the
-//! status of the last reload. (Each provider's key set lives in its own cell,
-//! see `jwks::KeyCell`.)
+//! The one place that holds swapped state: the current snapshot (compiled policy
+//! and its stores) and the status of the last reload. (Each provider's key set
+//! lives in its own cell, see `jwks::KeyCell`.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +11,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 use crate::clock::Clock;
-use crate::policy::Policy;
+use crate::stores::Snapshot;
 
 pub struct State {
-    policy: ArcSwap<Policy>,
+    snapshot: ArcSwap<Snapshot>,
     reload: ArcSwap<ReloadStatus>,
     /// Set on SIGTERM: readiness goes false while Checks are still answered.
     draining: AtomicBool,
@@ -39,9 +39,9 @@ pub struct ReloadStatus {
 }
 
 impl State {
-    pub fn new(policy: Policy, status: ReloadStatus) -> Self {
+    pub fn new(snapshot: Snapshot, status: ReloadStatus) -> Self {
         State {
-            policy: ArcSwap::from_pointee(policy),
+            snapshot: ArcSwap::from_pointee(snapshot),
             reload: ArcSwap::from_pointee(status),
             draining: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
@@ -49,13 +49,14 @@ impl State {
         }
     }
 
-    /// One snapshot per Check: load once at the top, pass the reference down.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
+    /// One snapshot (policy and stores) per Check: load once at the top, pass
+    /// the reference down.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
-    pub fn store_policy(&self, policy: Policy) {
-        self.policy.store(Arc::new(policy));
+    pub fn store_snapshot(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
     }
 
     pub fn with_clock(mut self, clock: Clock) -> Self {
@@ -87,7 +88,7 @@ impl State {
 
     /// Ready: not draining, and every provider a route uses has keys.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.policy().providers_without_keys().is_empty()
+        !self.is_draining() && self.snapshot().providers_without_keys().is_empty()
     }
 
     pub fn reload_status(&self) -> Arc<ReloadStatus> {

@@ -13,18 +13,20 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use proptest::prelude::*;
 use valet::decision::Decision;
-use valet::policy::Policy;
+use valet::stores::Snapshot;
 
 const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    algorithms: [RS256, ES256, EdDSA, HS256]\n    tokens_from: [{ header: authorization, prefix: 'Bearer ' }, { cookie: at }, { query: at }]\nroutes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n  - name: tpl\n    match: { methods: [GET], path_template: '/o/{id}/items/{item}' }\n    require: { scopes: [a] }\n  - name: re\n    match: { hosts: ['*.example.com'], path_regex: '/v[0-9]+/.*' }\n    require: { any_scopes: [a, b] }\n  - name: all\n    match: { path_prefix: / }\n    require: { claims: { 'x.y': [1, true, 'z'] } }\n";
 
-fn policy() -> &'static Policy {
-    static P: OnceLock<Policy> = OnceLock::new();
+fn policy() -> &'static Snapshot {
+    static P: OnceLock<Snapshot> = OnceLock::new();
     P.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let cfg = valet::config::parse(POLICY, &dir.join("valet.yaml")).unwrap();
+        let snap = valet::load::parse(POLICY, &dir.join("valet.yaml"))
+            .unwrap()
+            .into_snapshot();
         let set = valet::jwks::KeySet::parse(jwks().to_string().as_bytes()).unwrap();
-        cfg.policy.providers[0].keys.publish(set, 1);
-        cfg.policy
+        snap.stores.keys[0].publish(set, 1);
+        snap
     })
 }
 
@@ -177,7 +179,7 @@ proptest! {
     /// Arbitrary config text: an error with a position, or a policy; never a panic.
     #[test]
     fn arbitrary_configs_are_answered(text in "\\PC{0,400}") {
-        match valet::config::parse(&text, Path::new("/x/valet.yaml")) {
+        match valet::load::parse(&text, Path::new("/x/valet.yaml")) {
             Ok(_) => {}
             Err(valet::config::LoadError::Invalid(errors)) => {
                 prop_assert!(!errors.is_empty());
@@ -196,7 +198,7 @@ proptest! {
         let i = idx % text.len();
         if text.is_char_boundary(i) {
             text.insert_str(i, &junk);
-            let _ = valet::config::parse(&text, Path::new("/x/valet.yaml"));
+            let _ = valet::load::parse(&text, Path::new("/x/valet.yaml"));
         }
     }
 }

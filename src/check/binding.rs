@@ -3,9 +3,6 @@
 //! the holder of that certificate or key. Runs after verification, per request
 //! (the verified-token cache holds claims, never a binding decision).
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use aws_lc_rs::digest::{SHA256, digest};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -14,18 +11,10 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::replay::{ReplayCache, Spend};
-use crate::provider::{algorithm_name, default_algorithms, is_hmac};
+pub use crate::policy::{Binding, Dpop};
+use crate::provider::is_hmac;
 use crate::request::{Request, normalize, split_query};
-
-/// What a route asks of the token's binding (`require.binding`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Binding {
-    /// Bound to a certificate or a DPoP key, either.
-    Any,
-    Mtls,
-    Dpop,
-}
+use crate::stores::replay::{ReplayCache, Spend};
 
 /// How the token was presented: `Authorization: Bearer` (or any non-DPoP source)
 /// or `Authorization: DPoP` with a `DPoP` proof header.
@@ -73,62 +62,8 @@ impl BindingError {
     }
 }
 
-/// DPoP settings (`dpop:` in the policy) and the replay cache they own.
-pub struct Dpop {
-    /// How old a proof's `iat` may be.
-    pub max_age: Duration,
-    /// How far in the future a proof's `iat` may be (clocks differ).
-    pub skew: Duration,
-    pub algorithms: Vec<Algorithm>,
-    /// `jti`s of accepted proofs, per key, kept for the acceptance window.
-    pub replay: Arc<ReplayCache>,
-}
-
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
-pub const DEFAULT_SKEW: Duration = Duration::from_secs(5);
-pub const DEFAULT_REPLAY_ENTRIES: u64 = 100_000;
-
-impl Dpop {
-    pub fn new(
-        max_age: Duration,
-        skew: Duration,
-        algorithms: Vec<Algorithm>,
-        entries: u64,
-    ) -> Self {
-        Dpop {
-            max_age,
-            skew,
-            algorithms,
-            // A proof accepted now with `iat` up to `skew` ahead stays acceptable
-            // for max_age + 2 × skew; +1s: `now` is whole seconds.
-            replay: Arc::new(ReplayCache::new(
-                max_age + skew + skew + Duration::from_secs(1),
-                entries,
-            )),
-        }
-    }
-
-    /// The algorithms, space-separated, for the `algs` of a DPoP challenge.
-    pub fn algs(&self) -> String {
-        self.algorithms
-            .iter()
-            .map(|a| algorithm_name(*a))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl Default for Dpop {
-    fn default() -> Self {
-        let algs = default_algorithms()
-            .into_iter()
-            .filter(|a| !is_hmac(*a))
-            .collect();
-        Dpop::new(DEFAULT_MAX_AGE, DEFAULT_SKEW, algs, DEFAULT_REPLAY_ENTRIES)
-    }
-}
-
 /// Checks the binding of verified `claims` against the request. `now` is Unix seconds.
+#[allow(clippy::too_many_arguments)]
 pub fn check(
     req: &Request,
     token: &str,
@@ -136,6 +71,7 @@ pub fn check(
     claims: &Map<String, Value>,
     required: Option<Binding>,
     dpop: &Dpop,
+    replay: &ReplayCache,
     now: u64,
 ) -> Result<(), BindingError> {
     let cnf = claims.get("cnf").and_then(Value::as_object);
@@ -193,10 +129,7 @@ pub fn check(
     }
     // Last: only a proof whose request passed every binding check uses up its jti.
     if let Some(proved) = spend {
-        match dpop
-            .replay
-            .spend(ReplayCache::id(&proved.thumbprint, &proved.jti), now)
-        {
+        match replay.spend(ReplayCache::id(&proved.thumbprint, &proved.jti), now) {
             Spend::Fresh => {}
             Spend::Replayed => {
                 return Err(BindingError::InvalidProof(

@@ -2,8 +2,7 @@
 //! verification, requirement, decision. No protobuf out, no metrics, no I/O.
 
 pub mod binding;
-pub mod cache;
-pub mod replay;
+pub use crate::stores::cache;
 pub mod token;
 pub mod verify;
 
@@ -12,9 +11,10 @@ use serde_json::{Map, Value};
 
 use crate::decision::{Allow, Decision, Deny, DenyKind, Reason};
 use crate::policy::require::audience_contains;
-use crate::policy::{Access, DefaultAction, Policy, RequireError, Route};
+use crate::policy::{Access, DefaultAction, RequireError, Route};
 use crate::provider::TokenSource;
 use crate::request::Request;
+use crate::stores::Snapshot;
 use binding::{Binding, BindingError, Scheme};
 use token::{Token, TokenError};
 use verify::{Verified, VerifyError};
@@ -24,34 +24,63 @@ pub enum Identity {
     /// Find the token in the request and verify it: what every Envoy Check gets.
     /// `now` is Unix seconds.
     Token { now: u64 },
-    /// Like `Token`, with the introspection answer for the request's opaque token
-    /// already in hand (the service's second pass after asking the IdP).
-    Introspected {
-        now: u64,
-        answer: crate::introspection::Answer,
-    },
     /// Take these claims as verified, for policy tests and `explain --claims`:
     /// the route logic alone, no token, no keys, no clock.
     Claims(Map<String, Value>),
 }
 
-/// Decides one Check against one policy snapshot. `now` is Unix seconds.
-pub fn check(policy: &Policy, check: &CheckRequest, now: u64) -> Decision {
-    decide(policy, check, Identity::Token { now })
+/// Where deciding got to: an answer, or what it needs first.
+pub enum Step<'r> {
+    Done(Decision),
+    Need(Pending<'r>),
 }
 
-/// Decides again with the introspection answer the service just got for this
-/// request's token (not read back from the cache, which may already have let it go).
-pub fn check_introspected(
-    policy: &Policy,
-    check: &CheckRequest,
+/// What the core needs before it can go on; the driver gets it and resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// Keys of `provider` that hold `kid` (a rotation not seen yet, perhaps).
+    Keys { provider: usize, kid: String },
+    /// The introspection answer for the token, from `provider`'s endpoint.
+    Introspection { provider: usize },
+}
+
+/// A Check stopped at verification: its route and token are kept, so resuming
+/// does not build the request view, pick the route or read the token again.
+pub struct Pending<'r> {
+    pub need: Need,
+    route: usize,
+    token: Token<'r>,
     now: u64,
-    answer: crate::introspection::Answer,
-) -> Decision {
-    decide(policy, check, Identity::Introspected { now, answer })
+    /// The answer if the need cannot be met (`unknown_key`,
+    /// `introspection_unavailable`), dry run applied.
+    pub fallback: Decision,
 }
 
-pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Decision {
+impl Pending<'_> {
+    /// The token to introspect; never logged.
+    pub fn token(&self) -> &str {
+        self.token.value
+    }
+}
+
+/// Decides one Check against one snapshot with no I/O: a need is answered with
+/// its fallback. (The driver meets needs; this is for benches and tests.)
+pub fn check(snap: &Snapshot, check: &CheckRequest, now: u64) -> Decision {
+    let req = match view(snap, check) {
+        Ok(r) => r,
+        Err(d) => return d,
+    };
+    match start(snap, &req, Identity::Token { now }) {
+        Step::Done(d) => d,
+        Step::Need(p) => p.fallback,
+    }
+}
+
+/// The request view, built once per Check; a request that cannot be read, or
+/// that carries another spelling of an identity header, is answered here.
+// A denial is an answer, not an exception: it moves by value rather than through a Box.
+#[allow(clippy::result_large_err)]
+pub fn view<'c>(snap: &Snapshot, check: &'c CheckRequest) -> Result<Request<'c>, Decision> {
     let req = match Request::from_check(check) {
         Ok(r) => r,
         Err(e) => {
@@ -60,41 +89,150 @@ pub fn decide(policy: &Policy, check: &CheckRequest, identity: Identity) -> Deci
                 DenyKind::BadRequest,
                 e.to_string(),
             );
-            return dry_run(policy, None, Decision::Deny(deny));
+            return Err(dry_run(snap, None, Decision::Deny(deny)));
         }
     };
     // `x_user_id` reaches CGI, WSGI, PHP and Rack upstreams as `x-user-id`: a
     // request carrying another spelling of a header Valet sets is refused.
-    if let Some(twin) = identity_twin(policy, &req) {
+    if let Some(twin) = identity_twin(snap, &req) {
         let deny = Deny::new(
             Reason::MalformedRequest,
             DenyKind::BadRequest,
             format!("header {twin:?} is another spelling of an identity header"),
         );
-        return dry_run(policy, None, Decision::Deny(deny));
+        return Err(dry_run(snap, None, Decision::Deny(deny)));
     }
-    let route = policy.route_for(&req);
-    let decision = match route {
-        None => no_route(policy),
-        Some(route) => match decide_route(policy, &req, route, identity) {
-            Ok(allow) => Decision::Allow(allow),
-            Err(mut deny) => {
-                deny.route = Some(route.name.clone());
-                if wants_dpop_challenge(&req, route, &deny) {
-                    deny.dpop_algs = Some(policy.dpop.algs());
-                }
-                deny.resource_metadata =
-                    policy.resource_metadata_url(&route.name).map(str::to_owned);
-                Decision::Deny(deny)
-            }
-        },
+    Ok(req)
+}
+
+/// Route, token, verification, revocation, binding, requirement: a decision,
+/// or the need verification met first.
+#[allow(clippy::result_large_err)]
+pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) -> Step<'r> {
+    let Some(ri) = policy.route_index_for(req) else {
+        return Step::Done(dry_run(policy, None, no_route(policy)));
     };
-    dry_run(policy, route, decision)
+    let route = &policy.routes[ri];
+    let requirement = match &route.access {
+        Access::Anonymous => {
+            return Step::Done(routed(policy, req, ri, Ok(anonymous(policy, route))));
+        }
+        Access::Require(r) => r,
+    };
+    match identity {
+        Identity::Token { now } => {
+            let token = match token::extract(req, &requirement.sources, policy.max_token_bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    let deny = match e {
+                        TokenError::Missing => {
+                            Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token")
+                        }
+                        TokenError::Malformed(why) => {
+                            Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
+                        }
+                    };
+                    return Step::Done(routed(policy, req, ri, Err(deny)));
+                }
+            };
+            verify_step(policy, req, ri, token, now, None)
+        }
+        Identity::Claims(claims) => {
+            let result = trusted(policy, &requirement.providers, claims)
+                .and_then(|v| after_verify(policy, req, route, None, None, v));
+            Step::Done(routed(policy, req, ri, result))
+        }
+    }
+}
+
+/// Goes on from where `pending` stopped, once its need is met: keys refetched
+/// (`answer` None: the key cell has them now, or not), or the token introspected.
+pub fn resume<'r>(
+    policy: &'r Snapshot,
+    req: &Request<'r>,
+    pending: Pending<'r>,
+    answer: Option<crate::introspection::Answer>,
+) -> Step<'r> {
+    let Pending {
+        route, token, now, ..
+    } = pending;
+    verify_step(policy, req, route, token, now, answer.as_ref())
+}
+
+fn verify_step<'r>(
+    policy: &'r Snapshot,
+    req: &Request<'r>,
+    ri: usize,
+    token: Token<'r>,
+    now: u64,
+    given: Option<&crate::introspection::Answer>,
+) -> Step<'r> {
+    let route = &policy.routes[ri];
+    let Access::Require(requirement) = &route.access else {
+        unreachable!("verification is only reached on routes that require a token")
+    };
+    match verify::verify(token.value, policy, &requirement.providers, now, given) {
+        Ok(verified) => {
+            let result = after_verify(policy, req, route, Some(token), Some(now), verified);
+            Step::Done(routed(policy, req, ri, result))
+        }
+        Err(failed) => {
+            let need = match (failed.error, failed.provider, &failed.kid) {
+                (VerifyError::UnknownKey, Some(provider), Some(kid)) => Some(Need::Keys {
+                    provider,
+                    kid: kid.clone(),
+                }),
+                (VerifyError::IntrospectionPending, Some(provider), _) => {
+                    Some(Need::Introspection { provider })
+                }
+                _ => None,
+            };
+            let kind = match failed.error {
+                VerifyError::KeysUnavailable | VerifyError::IntrospectionPending => {
+                    DenyKind::Unavailable
+                }
+                _ => DenyKind::InvalidToken,
+            };
+            let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
+            d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
+            d.kid = failed.kid;
+            let fallback = routed(policy, req, ri, Err(d));
+            match need {
+                Some(need) => Step::Need(Pending {
+                    need,
+                    route: ri,
+                    token,
+                    now,
+                    fallback,
+                }),
+                None => Step::Done(fallback),
+            }
+        }
+    }
+}
+
+/// A route's answer, as the decision: a denial names its route and challenge.
+// A denial is an answer, not an exception: it moves by value rather than through a Box.
+#[allow(clippy::result_large_err)]
+fn routed(policy: &Snapshot, req: &Request, ri: usize, result: Result<Allow, Deny>) -> Decision {
+    let route = &policy.routes[ri];
+    let decision = match result {
+        Ok(allow) => Decision::Allow(allow),
+        Err(mut deny) => {
+            deny.route = Some(route.name.clone());
+            if wants_dpop_challenge(req, route, &deny) {
+                deny.dpop_algs = Some(policy.dpop.algs());
+            }
+            deny.resource_metadata = policy.resource_metadata_url_of(ri).map(str::to_owned);
+            Decision::Deny(deny)
+        }
+    };
+    dry_run(policy, Some(route), decision)
 }
 
 /// The answer to a CheckRequest that could not be decoded (a header value that
 /// is not UTF-8, a truncated field): a 400 like any unreadable request.
-pub fn undecodable(policy: &Policy, e: &prost::DecodeError) -> Decision {
+pub fn undecodable(policy: &Snapshot, e: &prost::DecodeError) -> Decision {
     let deny = Deny::new(
         Reason::MalformedRequest,
         DenyKind::BadRequest,
@@ -105,12 +243,12 @@ pub fn undecodable(policy: &Policy, e: &prost::DecodeError) -> Decision {
 
 /// A request Valet would not read to the end (too large, incomplete): denied
 /// like an undecodable one, dry-run included.
-pub fn unread(policy: &Policy, deny: Deny) -> Decision {
+pub fn unread(policy: &Snapshot, deny: Deny) -> Decision {
     dry_run(policy, None, Decision::Deny(deny))
 }
 
 /// A header whose name is an identity header's with `_` for some `-`.
-fn identity_twin<'a>(policy: &Policy, req: &Request<'a>) -> Option<&'a str> {
+fn identity_twin<'a>(policy: &Snapshot, req: &Request<'a>) -> Option<&'a str> {
     if policy.identity_headers.is_empty() {
         return None;
     }
@@ -125,66 +263,22 @@ fn identity_twin<'a>(policy: &Policy, req: &Request<'a>) -> Option<&'a str> {
     })
 }
 
-// A denial is an answer, not an exception: it moves by value rather than through a Box.
+/// After verification: revocation, binding, the route's requirement.
 #[allow(clippy::result_large_err)]
-fn decide_route(
-    policy: &Policy,
+fn after_verify(
+    policy: &Snapshot,
     req: &Request,
     route: &Route,
-    identity: Identity,
+    token: Option<Token>,
+    token_now: Option<u64>,
+    verified: Verified,
 ) -> Result<Allow, Deny> {
-    let requirement = match &route.access {
-        Access::Anonymous => return Ok(anonymous(policy, route)),
-        Access::Require(r) => r,
+    let Access::Require(requirement) = &route.access else {
+        unreachable!("verification is only reached on routes that require a token")
     };
-    let given = match &identity {
-        Identity::Introspected { answer, .. } => Some(answer.clone()),
-        _ => None,
-    };
-    // Bindings are checked for tokens (claims taken as given have no proof to check).
-    let token_now = match &identity {
-        Identity::Token { now } | Identity::Introspected { now, .. } => Some(*now),
-        Identity::Claims(_) => None,
-    };
-    let (token, verified) =
-        match identity {
-            Identity::Token { now } | Identity::Introspected { now, .. } => {
-                let token = token::extract(req, &requirement.sources, policy.max_token_bytes)
-                    .map_err(|e| match e {
-                        TokenError::Missing => {
-                            Deny::new(Reason::MissingToken, DenyKind::NoToken, "no token")
-                        }
-                        TokenError::Malformed(why) => {
-                            Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
-                        }
-                    })?;
-                let verified = verify::verify(
-                    token.value,
-                    policy,
-                    &requirement.providers,
-                    now,
-                    given.as_ref(),
-                )
-                .map_err(|failed| {
-                    let kind = match failed.error {
-                        VerifyError::KeysUnavailable | VerifyError::IntrospectionPending => {
-                            DenyKind::Unavailable
-                        }
-                        _ => DenyKind::InvalidToken,
-                    };
-                    let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
-                    d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
-                    d.kid = failed.kid;
-                    d
-                })?;
-                (Some(token), verified)
-            }
-            Identity::Claims(claims) => (None, trusted(policy, &requirement.providers, claims)?),
-        };
-
     // After verification, so a forged token cannot probe the list; before the
     // route's requirements, so a revoked token is 401 whatever the route wants.
-    if let Some(revocation) = &policy.revocation
+    if let Some(revocation) = &policy.stores.revocation
         && let Some(rule) = revocation.current().revoked(&verified.claims)
     {
         let mut d = Deny::new(
@@ -206,6 +300,7 @@ fn decide_route(
             &verified.claims,
             requirement.binding,
             &policy.dpop,
+            &policy.stores.replay,
             now,
         )
     {
@@ -249,19 +344,6 @@ fn decide_route(
     Ok(allow(policy, route, req, token, verified))
 }
 
-/// The token a route reads from this request, for the service to introspect
-/// after a Check came back `introspection_unavailable`.
-pub fn token_of(policy: &Policy, check: &CheckRequest, route: &str) -> Option<String> {
-    let req = Request::from_check(check).ok()?;
-    let route = &policy.routes[policy.index.by_name(route)?];
-    let Access::Require(r) = &route.access else {
-        return None;
-    };
-    token::extract(&req, &r.sources, policy.max_token_bytes)
-        .ok()
-        .map(|t| t.value.to_string())
-}
-
 /// A 401 answers with the DPoP scheme when the client used it, or when the
 /// route only takes DPoP-bound tokens (RFC 9449 §7.1).
 fn wants_dpop_challenge(req: &Request, route: &Route, deny: &Deny) -> bool {
@@ -286,7 +368,7 @@ fn wants_dpop_challenge(req: &Request, route: &Route, deny: &Deny) -> bool {
 /// (or the first allowed one when there is no `iss`), and its audiences apply.
 #[allow(clippy::result_large_err)]
 fn trusted(
-    policy: &Policy,
+    policy: &Snapshot,
     allowed: &[usize],
     claims: Map<String, Value>,
 ) -> Result<Verified, Deny> {
@@ -326,7 +408,7 @@ fn trusted(
 
 /// On a dry-run route (or with the global switch), a denial is recorded as what it
 /// would have been but the request passes, without identity.
-fn dry_run(policy: &Policy, route: Option<&Route>, decision: Decision) -> Decision {
+fn dry_run(policy: &Snapshot, route: Option<&Route>, decision: Decision) -> Decision {
     let on = policy.dry_run || route.is_some_and(|r| r.dry_run);
     match decision {
         Decision::Deny(d) if on => Decision::Allow(Allow {
@@ -359,7 +441,7 @@ fn describe(e: VerifyError) -> &'static str {
     }
 }
 
-fn no_route(policy: &Policy) -> Decision {
+fn no_route(policy: &Snapshot) -> Decision {
     match policy.default {
         DefaultAction::Deny => Decision::Deny(Deny::new(
             Reason::NoRoute,
@@ -374,7 +456,7 @@ fn no_route(policy: &Policy) -> Decision {
     }
 }
 
-fn anonymous(policy: &Policy, route: &Route) -> Allow {
+fn anonymous(policy: &Snapshot, route: &Route) -> Allow {
     Allow {
         route: Some(route.name.clone()),
         reason: Some(Reason::Anonymous),
@@ -384,7 +466,7 @@ fn anonymous(policy: &Policy, route: &Route) -> Allow {
 }
 
 fn allow(
-    policy: &Policy,
+    policy: &Snapshot,
     route: &Route,
     req: &Request,
     token: Option<Token>,
@@ -487,6 +569,83 @@ fn header_value(v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::without_cookie;
+    use super::{Identity, Need, Step, resume, start, view};
+    use crate::decision::{Decision, Reason};
+
+    const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    algorithms: [HS256]\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n";
+    const SECRET: &[u8] = b"secret-secret-secret-secret-secret";
+
+    fn token(kid: &str, now: u64) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(kid.into());
+        let claims = serde_json::json!({
+            "iss": "https://idp.test/", "aud": "orders-api", "sub": "alice",
+            "scope": "orders:read", "exp": now + 600,
+        });
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    fn keys(kid: &str) -> crate::jwks::KeySet {
+        use base64::Engine;
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+        let doc = format!(r#"{{"keys":[{{"kty":"oct","kid":"{kid}","alg":"HS256","k":"{k}"}}]}}"#);
+        crate::jwks::KeySet::parse(doc.as_bytes()).unwrap()
+    }
+
+    /// An unknown kid stops the core at verification with what it needs; once the
+    /// keys are in, it goes on from there, route and token kept.
+    #[test]
+    fn an_unknown_kid_is_a_need_and_resuming_finishes_the_check() {
+        let snap = crate::load::parse(POLICY, std::path::Path::new("/x/valet.yaml"))
+            .unwrap()
+            .into_snapshot();
+        snap.stores.keys[0].publish(keys("old"), 1);
+        let now = 1_700_000_000;
+        let req = crate::explain::RequestSpec {
+            method: "GET".into(),
+            path: "/orders/1".into(),
+            host: "api".into(),
+            headers: [(
+                "authorization".into(),
+                format!("Bearer {}", token("new", now)),
+            )]
+            .into(),
+            ..Default::default()
+        }
+        .to_check();
+        let v = view(&snap, &req).unwrap();
+        let Step::Need(pending) = start(&snap, &v, Identity::Token { now }) else {
+            panic!("an unknown kid needs keys");
+        };
+        assert_eq!(
+            pending.need,
+            Need::Keys {
+                provider: 0,
+                kid: "new".into()
+            }
+        );
+        assert_eq!(pending.fallback.reason(), Reason::UnknownKey);
+        snap.stores.keys[0].publish(keys("new"), 2);
+        match resume(&snap, &v, pending, None) {
+            Step::Done(Decision::Allow(a)) => {
+                assert_eq!(a.reason, Some(Reason::Verified));
+                assert_eq!(a.route.as_deref(), Some("orders"));
+            }
+            Step::Done(d) => panic!("{:?}", d.reason()),
+            Step::Need(p) => panic!("still needs {:?}", p.need),
+        }
+        // The I/O-free `check` answers a need with its fallback.
+        let other = token("newer", now);
+        let req = crate::explain::RequestSpec {
+            method: "GET".into(),
+            path: "/orders/1".into(),
+            headers: [("authorization".into(), format!("Bearer {other}"))].into(),
+            ..Default::default()
+        }
+        .to_check();
+        assert_eq!(super::check(&snap, &req, now).reason(), Reason::UnknownKey);
+    }
 
     #[test]
     fn removing_the_token_cookie_keeps_every_other_byte() {

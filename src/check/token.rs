@@ -6,9 +6,7 @@ use super::binding::Scheme;
 use crate::provider::TokenSource;
 use crate::request::Request;
 
-/// Real access tokens are a few KiB at most; anything larger is refused unread
-/// (the default of `limits.max_token_bytes`).
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub use crate::policy::MAX_TOKEN_BYTES;
 
 #[derive(Clone, Copy)]
 pub struct Token<'a> {

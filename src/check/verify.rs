@@ -10,12 +10,13 @@ use serde_json::{Map, Value};
 
 use std::sync::Arc;
 
-use super::cache::VerifiedCache;
 use crate::decision::Reason;
 use crate::introspection::Answer;
-use crate::policy::Policy;
+use crate::jwks::KeyCell;
 use crate::policy::require::audience_contains;
 use crate::provider::{Provider, algorithm_by_name};
+use crate::stores::Snapshot;
+use crate::stores::cache::VerifiedCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -83,7 +84,7 @@ pub struct Verified {
 }
 
 /// The first allowed provider that introspects, for tokens that are not JWTs.
-fn introspecting(policy: &Policy, allowed: &[usize]) -> Option<usize> {
+fn introspecting(policy: &Snapshot, allowed: &[usize]) -> Option<usize> {
     policy
         .providers
         .iter()
@@ -96,16 +97,19 @@ fn introspecting(policy: &Policy, allowed: &[usize]) -> Option<usize> {
 /// audience. A miss is `IntrospectionPending`: the service introspects and asks again.
 fn introspected(
     token: &str,
-    policy: &Policy,
+    policy: &Snapshot,
     index: usize,
     now: u64,
     given: Option<&Answer>,
 ) -> Result<Verified, VerifyError> {
     let provider = &policy.providers[index];
-    let Some(introspector) = &provider.introspection else {
+    if provider.introspection.is_none() {
         return Err(VerifyError::Malformed(
             "not a JWT (three dot-separated parts)",
         ));
+    }
+    let Some(introspector) = &policy.stores.introspectors[index] else {
+        return Err(VerifyError::IntrospectionPending);
     };
     let answer = match given {
         Some(a) => Some(a.clone()),
@@ -156,7 +160,7 @@ struct Header {
 /// Verifies `token` for one of `allowed` providers (indices; empty means any).
 pub fn verify(
     token: &str,
-    policy: &Policy,
+    policy: &Snapshot,
     allowed: &[usize],
     now: u64,
     introspected: Option<&Answer>,
@@ -181,7 +185,7 @@ pub fn verify(
 
 fn verify_inner(
     token: &str,
-    policy: &Policy,
+    policy: &Snapshot,
     allowed: &[usize],
     now: u64,
     given: Option<&Answer>,
@@ -189,14 +193,19 @@ fn verify_inner(
     seen_kid: &mut Option<String>,
 ) -> Result<Verified, VerifyError> {
     // A token seen before, verified by the key set in force, under this policy.
-    let hash = policy.cache.enabled().then(|| VerifiedCache::hash(token));
+    let hash = policy
+        .stores
+        .verified
+        .enabled()
+        .then(|| VerifiedCache::hash(token));
     if let Some(hash) = &hash
-        && let Some(hit) = policy.cache.get(hash, now)
+        && let Some(hit) = policy.stores.verified.get(hash, now)
         && (allowed.is_empty() || allowed.contains(&hit.provider))
         && policy
-            .providers
+            .stores
+            .keys
             .get(hit.provider)
-            .and_then(|p| p.keys.load())
+            .and_then(|k| k.load())
             .is_some_and(|k| k.id() == hit.keyset)
     {
         *seen_provider = Some(hit.provider);
@@ -263,7 +272,7 @@ fn verify_inner(
 
     // Refused unread when no provider the route takes could accept this `alg`.
     let takes = |p: &Provider| {
-        p.algorithms.contains(&alg) || p.introspection.as_ref().is_some_and(|i| i.settings.jwts)
+        p.algorithms.contains(&alg) || p.introspection.as_ref().is_some_and(|i| i.jwts)
     };
     let any_takes = policy
         .providers
@@ -294,11 +303,7 @@ fn verify_inner(
     };
     *seen_provider = Some(index);
     // The issuer asked for its JWTs to be introspected too (e.g. to see revocations).
-    if provider
-        .introspection
-        .as_ref()
-        .is_some_and(|i| i.settings.jwts)
-    {
+    if provider.introspection.as_ref().is_some_and(|i| i.jwts) {
         return introspected(token, policy, index, now, given);
     }
 
@@ -308,7 +313,14 @@ fn verify_inner(
         ));
     }
 
-    let keyset = check_signature(provider, header.kid.as_deref(), alg, token, signature_b64)?;
+    let keyset = check_signature(
+        provider,
+        &policy.stores.keys[index],
+        header.kid.as_deref(),
+        alg,
+        token,
+        signature_b64,
+    )?;
     let claims: Map<String, Value> = match decode_json(payload_b64) {
         Some(c) => c,
         None => return Err(VerifyError::Malformed("unreadable claims")),
@@ -321,7 +333,7 @@ fn verify_inner(
     if let Some(hash) = hash {
         // Until exp exactly (fractions dropped), and never for more than a day.
         let until = (exp.max(0.0) as u64).min(now + 86_400);
-        policy.cache.insert(
+        policy.stores.verified.insert(
             hash,
             token.len(),
             index,
@@ -399,12 +411,13 @@ fn decode_json<T: serde::de::DeserializeOwned>(b64: &str) -> Option<T> {
 
 fn check_signature(
     provider: &Provider,
+    cell: &KeyCell,
     kid: Option<&str>,
     alg: Algorithm,
     token: &str,
     signature_b64: &str,
 ) -> Result<u64, VerifyError> {
-    let keys = provider.keys.load().ok_or(VerifyError::KeysUnavailable)?;
+    let keys = cell.load().ok_or(VerifyError::KeysUnavailable)?;
     if keys.is_empty() {
         return Err(VerifyError::KeysUnavailable);
     }

@@ -24,7 +24,7 @@ pub struct FileConfig {
     pub revocation: Option<RevocationFile>,
     pub dpop: Option<DpopFile>,
     #[serde(default)]
-    pub protected_resources: Vec<crate::resource_metadata::ResourceFile>,
+    pub protected_resources: Vec<ResourceFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,4 +175,18 @@ pub struct RequireFile {
     pub claims: BTreeMap<String, serde_yaml::Value>,
     /// `mtls`, `dpop` or `any`: the token must be sender-constrained.
     pub binding: Option<String>,
+}
+
+/// One of `protected_resources` (RFC 9728 metadata).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceFile {
+    /// The resource identifier: an https URL without query or fragment.
+    pub resource: String,
+    /// Routes whose challenges point here; default: every route that needs a token.
+    pub routes: Option<Vec<String>>,
+    pub authorization_servers: Option<Vec<String>>,
+    pub scopes_supported: Option<Vec<String>>,
+    pub resource_name: Option<String>,
+    pub resource_documentation: Option<String>,
 }

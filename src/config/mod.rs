@@ -1,22 +1,17 @@
-//! Reading the YAML file: parse with serde (unknown keys rejected), then compile
-//! into a [`Policy`], collecting every problem with its file:line:column.
+//! Reading the YAML file: parse with serde (unknown keys rejected) into the
+//! file's structs, with positions to place every problem at file:line:column.
+//! Knows nothing of compiled policy: `load` runs both.
 
 pub mod file;
+pub mod listen;
 pub mod position;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::policy::{self, Listen, Policy};
 use file::FileConfig;
+pub use listen::{HttpProxy, Listen};
 use position::{Position, Positions};
-
-pub struct Config {
-    pub path: PathBuf,
-    pub listen: Listen,
-    pub policy: Policy,
-    pub warnings: Vec<ConfigError>,
-}
 
 /// One problem in the file, where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +53,6 @@ pub enum LoadError {
 /// Upper bound on the policy file; a larger one is refused before parsing.
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
-pub fn load(path: &Path) -> Result<Config, LoadError> {
-    let source = read_text(path, MAX_CONFIG_BYTES)?;
-    parse(&source, path)
-}
-
 /// A whole file as UTF-8 text, refused unread when larger than `max` bytes.
 pub fn read_text(path: &Path, max: u64) -> Result<String, LoadError> {
     let read_err = |source| LoadError::Read {
@@ -97,8 +87,9 @@ pub fn is_empty_yaml(source: &str) -> bool {
     )
 }
 
-/// Parses and compiles `source`; `path` names it in errors and anchors relative paths.
-pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
+/// Parses `source` into the file's structs and the index of its positions;
+/// `path` names it in errors.
+pub fn parse_file(source: &str, path: &Path) -> Result<(FileConfig, Positions), LoadError> {
     // An empty file is a truncated write, not a policy that denies everything.
     if is_empty_yaml(source) {
         return Err(whole_file(path, "the file is empty"));
@@ -107,24 +98,7 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, LoadError> {
         Ok(f) => f,
         Err(e) => return Err(LoadError::Invalid(vec![serde_error(&e, path)])),
     };
-    let positions = Positions::index(source);
-    let mut problems = Problems {
-        file: path,
-        positions: &positions,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
-    let base = path.parent().unwrap_or(Path::new("."));
-    let (listen, policy) = policy::compile(file, base, &mut problems);
-    if !problems.errors.is_empty() {
-        return Err(LoadError::Invalid(problems.errors));
-    }
-    Ok(Config {
-        path: path.to_path_buf(),
-        listen,
-        policy,
-        warnings: problems.warnings,
-    })
+    Ok((file, Positions::index(source)))
 }
 
 pub fn serde_error(e: &serde_yaml::Error, path: &Path) -> ConfigError {

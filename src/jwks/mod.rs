@@ -22,9 +22,7 @@ pub use refresh::{Supervisor, load_once};
 /// remembered: a flood of random kids must not grow memory without bound.
 const MAX_REMEMBERED_UNKNOWN: usize = 4096;
 
-/// Checks that may wait for a refetch at once, per provider (`jwks.unknown_kid_waiters`).
-/// A waiting Check holds no admission slot, only its request: this bounds that memory.
-pub const DEFAULT_UNKNOWN_KID_WAITERS: usize = 128;
+pub use crate::provider::DEFAULT_UNKNOWN_KID_WAITERS;
 
 /// The current key set of one provider (`None` until keys first load), when it
 /// was last confirmed, and the coordination of refetches on an unknown `kid`.

@@ -14,7 +14,6 @@ use tokio::task::JoinHandle;
 
 use super::{Fetched, Fetcher, KeyCell, KeySet, read_file};
 use crate::clock::Clock;
-use crate::policy::Policy;
 use crate::provider::{JwksSource, Provider, RemoteJwks, RemoteLocation};
 use crate::telemetry;
 
@@ -58,30 +57,27 @@ impl Supervisor {
         self
     }
 
-    /// Gives every provider of a freshly compiled `policy` its key cell: the cell of
-    /// an unchanged provider is kept (keys survive a reload), new providers get a
-    /// task and their first keys (file, or on-disk cache), removed ones are stopped.
-    /// Call before the policy is published.
-    pub fn adopt(&mut self, policy: &mut Policy) {
+    /// The key cell of every provider of a freshly compiled policy, in order: the
+    /// cell of an unchanged provider (same name, issuer and `jwks`) is kept (keys
+    /// survive a reload), new providers get a task and their first keys (file, or
+    /// on-disk cache), removed ones are stopped. Call before the policy is published.
+    pub fn adopt(&mut self, providers: &[Arc<Provider>]) -> Vec<Arc<KeyCell>> {
         let mut kept = HashMap::new();
-        for provider in &mut policy.providers {
+        let mut cells = Vec::with_capacity(providers.len());
+        for provider in providers {
             let identity = (provider.issuer.clone(), provider.jwks.clone());
             let task = match self.tasks.remove(&provider.name) {
                 Some(t) if t.identity == identity => t,
                 _ => self.start(provider),
             };
-            match Arc::get_mut(provider) {
-                Some(p) => p.keys = task.cell.clone(),
-                None => {
-                    tracing::error!(provider = %provider.name, "provider shared before adoption")
-                }
-            }
+            cells.push(task.cell.clone());
             kept.insert(provider.name.clone(), task);
         }
         for (name, _) in self.tasks.drain() {
             tracing::info!(provider = %name, "provider removed: its key task stops");
         }
         self.tasks = kept;
+        cells
     }
 
     fn start(&self, provider: &Provider) -> Task {
@@ -155,10 +151,14 @@ fn publish(name: &str, cell: &KeyCell, set: KeySet, trigger: &'static str, confi
 /// Loads every provider's keys once, for the CLI (`explain --token`, `test`):
 /// files are read, remote sets fetched once. Failures are returned, not fatal:
 /// a provider without keys then decides `keys_unavailable`, which is the truth.
-pub async fn load_once(policy: &Policy, clock: &Clock) -> Vec<String> {
+pub async fn load_once(
+    providers: &[Arc<Provider>],
+    cells: &[Arc<KeyCell>],
+    clock: &Clock,
+) -> Vec<String> {
     let fetcher = Fetcher::new();
     let mut problems = Vec::new();
-    for p in &policy.providers {
+    for (p, cell) in providers.iter().zip(cells) {
         let result: Result<KeySet, String> = match &p.jwks {
             JwksSource::None => continue,
             JwksSource::File(path) => read_file(path).map_err(|e| e.to_string()),
@@ -182,7 +182,7 @@ pub async fn load_once(policy: &Policy, clock: &Clock) -> Vec<String> {
         };
         match result {
             Ok(set) => {
-                p.keys.publish(set, clock.unix());
+                cell.publish(set, clock.unix());
             }
             Err(e) => problems.push(format!("provider {}: {e}", p.name)),
         }

@@ -10,20 +10,17 @@ use std::time::Duration;
 use regex::RegexBuilder;
 use serde_yaml::Value as Yaml;
 
+use super::dpop::{self as binding, Binding, Dpop};
 use super::require::{ClaimRequirement, Requirement};
 use super::route::{Access, HostMatch, PathMatch, Route, TemplateSegment};
-use super::{DefaultAction, Listen, Policy};
-use crate::check::binding::{self, Binding, Dpop};
-use crate::check::cache::{self, VerifiedCache};
+use super::{CacheSettings, DefaultAction, Inputs, Listen, Policy};
 use crate::config::file::{
     FileConfig, IntrospectionFile, JwksFile, MatchFile, ProviderFile, RequireFile, RouteFile,
 };
 use crate::config::{Problems, parse_duration};
-use crate::introspection::{Introspector, Settings as IntrospectionSettings};
-use crate::jwks::KeyCell;
 use crate::provider::{
-    ClaimPath, JwksSource, Provider, RemoteJwks, RemoteLocation, TokenSource, algorithm_by_name,
-    default_algorithms,
+    ClaimPath, IntrospectionSettings, JwksSource, Provider, RemoteJwks, RemoteLocation,
+    TokenSource, algorithm_by_name, default_algorithms,
 };
 use crate::request::{host, normalize};
 
@@ -33,7 +30,14 @@ const DEFAULT_SKEW_SECS: u64 = 60;
 /// Compiled regexes are bounded so one route cannot eat the sidecar's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Policy) {
+/// Compiles the parsed file. Pure: what lies outside the file (secrets, whether
+/// the denylist reads) comes in `inputs`; every problem goes to `p`.
+pub fn compile(
+    file: FileConfig,
+    base: &Path,
+    inputs: &Inputs,
+    p: &mut Problems,
+) -> (Listen, Policy) {
     let listen = Listen {
         grpc: optional_addr(
             file.listen.grpc.as_deref(),
@@ -48,7 +52,7 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
             p,
         ),
         http: optional_addr(file.listen.http.as_deref(), None, "listen.http", p),
-        http_proxy: crate::http_authz::compile_proxy(&file.listen, p),
+        http_proxy: crate::config::listen::compile_proxy(&file.listen, p),
     };
     if listen.grpc.is_none() && listen.http.is_none() {
         p.error("listen", "turn on at least one of grpc and http");
@@ -88,7 +92,7 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
                 format!("duplicate provider name {:?}", pf.name),
             );
         }
-        providers.push(Arc::new(provider(pf, &at, base, p)));
+        providers.push(Arc::new(provider(pf, &at, base, inputs, p)));
     }
 
     let mut identity_headers: Vec<String> = Vec::new();
@@ -150,35 +154,37 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         );
     }
     let cache = match &file.cache {
-        None => VerifiedCache::new(cache::DEFAULT_MAX_ENTRIES, cache::DEFAULT_MAX_BYTES),
-        Some(c) => VerifiedCache::new(
-            c.max_entries.unwrap_or(cache::DEFAULT_MAX_ENTRIES),
-            c.max_bytes.unwrap_or(cache::DEFAULT_MAX_BYTES),
-        ),
+        None => CacheSettings::default(),
+        Some(c) => CacheSettings {
+            max_entries: c.max_entries.unwrap_or(CacheSettings::DEFAULT_MAX_ENTRIES),
+            max_bytes: c.max_bytes.unwrap_or(CacheSettings::DEFAULT_MAX_BYTES),
+        },
     };
     let max_token_bytes = file
         .limits
         .as_ref()
         .and_then(|l| l.max_token_bytes)
-        .unwrap_or(crate::check::token::MAX_TOKEN_BYTES);
+        .unwrap_or(super::MAX_TOKEN_BYTES);
     if !(256..=1024 * 1024).contains(&max_token_bytes) {
         p.error("limits.max_token_bytes", "must be between 256 and 1048576");
     }
-    let revocation = file.revocation.and_then(|r| {
-        match crate::revocation::Revocation::load(base.join(&r.file)) {
-            Ok(r) => Some(Arc::new(r)),
-            Err(crate::config::LoadError::Invalid(errors)) => {
-                p.errors.extend(errors);
-                None
-            }
-            Err(e) => {
-                p.error("revocation.file", e.to_string());
-                None
-            }
+    let revocation = file.revocation.and_then(|r| match &inputs.denylist {
+        Some(Ok(())) => Some(base.join(&r.file)),
+        Some(Err(crate::config::LoadError::Invalid(errors))) => {
+            p.errors.extend(errors.iter().cloned());
+            None
+        }
+        Some(Err(e)) => {
+            p.error("revocation.file", e.to_string());
+            None
+        }
+        None => {
+            p.error("revocation.file", "the denylist was not read");
+            None
         }
     });
     let dpop = dpop_settings(file.dpop, p);
-    let (protected_resources, route_resource) = crate::resource_metadata::compile(
+    let (protected_resources, route_resource) = super::resource_metadata::compile(
         file.protected_resources,
         &routes,
         &providers,
@@ -355,7 +361,13 @@ fn header_name(name: &str, at: &str, p: &mut Problems) -> String {
     lower
 }
 
-fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provider {
+fn provider(
+    pf: ProviderFile,
+    at: &str,
+    base: &Path,
+    inputs: &Inputs,
+    p: &mut Problems,
+) -> Provider {
     check_name(&pf.name, &format!("{at}.name"), p);
     if pf.issuer.is_empty() {
         p.error(format!("{at}.issuer"), "must not be empty");
@@ -384,17 +396,11 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
             JwksSource::None
         }
     };
-    let introspection = pf.introspection.as_ref().and_then(|i| {
+    let introspection = pf.introspection.as_ref().map(|i| {
         let at = format!("{at}.introspection");
-        let mut settings = introspection_settings(i, &at, base, p);
+        let mut settings = introspection_settings(i, &at, base, inputs, p);
         settings.jwts |= matches!(jwks, JwksSource::None);
-        match Introspector::new(&pf.name, &pf.issuer, settings) {
-            Ok(i) => Some(Arc::new(i)),
-            Err(e) => {
-                p.error(at, e);
-                None
-            }
-        }
+        settings
     });
 
     let algorithms = match &pf.algorithms {
@@ -507,7 +513,6 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         claims_to_headers,
         forward_token: pf.forward_token,
         jwks,
-        keys: Arc::new(KeyCell::default()),
         introspection,
     }
 }
@@ -516,6 +521,7 @@ fn introspection_settings(
     f: &IntrospectionFile,
     at: &str,
     base: &Path,
+    inputs: &Inputs,
     p: &mut Problems,
 ) -> IntrospectionSettings {
     let mut duration = |value: &Option<String>, name: &str, default: Duration| {
@@ -543,17 +549,24 @@ fn introspection_settings(
         p.error(format!("{at}.client_id"), "must not be empty");
     }
     let path = base.join(&f.client_secret_file);
-    let client_secret = match std::fs::read_to_string(&path) {
+    let client_secret = match inputs.secrets.get(&path) {
         // Secret files usually end with a newline the secret does not have.
-        Ok(s) if !s.trim().is_empty() => s.trim_end_matches(['\n', '\r']).to_string(),
-        Ok(_) => {
+        Some(Ok(s)) if !s.trim().is_empty() => s.trim_end_matches(['\n', '\r']).to_string(),
+        Some(Ok(_)) => {
             p.error(format!("{at}.client_secret_file"), "the file is empty");
             String::new()
         }
-        Err(e) => {
+        Some(Err(e)) => {
             p.error(
                 format!("{at}.client_secret_file"),
                 format!("cannot read {}: {e}", path.display()),
+            );
+            String::new()
+        }
+        None => {
+            p.error(
+                format!("{at}.client_secret_file"),
+                format!("{} was not read", path.display()),
             );
             String::new()
         }
@@ -728,7 +741,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
     }
     let unknown_kid_waiters = j
         .unknown_kid_waiters
-        .unwrap_or(crate::jwks::DEFAULT_UNKNOWN_KID_WAITERS);
+        .unwrap_or(crate::provider::DEFAULT_UNKNOWN_KID_WAITERS);
     if !(1..=100_000).contains(&unknown_kid_waiters) {
         p.error(format!("{at}.unknown_kid_waiters"), "between 1 and 100000");
     }

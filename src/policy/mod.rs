@@ -1,15 +1,23 @@
 //! The compiled policy: providers, routes in file order, and the default action.
-//! Immutable once built; a reload builds a new one and swaps it whole.
+//! Data only, immutable once built: `compile` reads no file, builds no cache and
+//! starts no task (the loader reads what it needs and passes it in; runtime
+//! state lives in `stores`, beside it). A reload builds a new one and swaps it
+//! whole.
 
 mod compile;
+pub mod dpop;
 pub mod index;
 pub mod require;
+pub mod resource_metadata;
 pub mod route;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use crate::config::Listen;
 pub use compile::compile;
+pub use dpop::{Binding, Dpop};
 pub use require::{RequireError, Requirement};
 pub use route::{Access, Mismatch, Route};
 
@@ -20,6 +28,40 @@ use crate::request::Request;
 pub enum DefaultAction {
     Deny,
     Allow,
+}
+
+/// Real access tokens are a few KiB at most; anything larger is refused unread
+/// (the default of `limits.max_token_bytes`).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// What `compile` needs from outside the policy file, read by the loader: the
+/// client secret files (by path as written, joined to the base) and whether the
+/// denylist could be read (its problems are placed like the file's own).
+#[derive(Default)]
+pub struct Inputs {
+    pub secrets: HashMap<PathBuf, Result<String, String>>,
+    pub denylist: Option<Result<(), crate::config::LoadError>>,
+}
+
+/// `cache:` — bounds of the verified-token cache; `max_entries: 0` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    pub max_entries: u64,
+    pub max_bytes: u64,
+}
+
+impl CacheSettings {
+    pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+    pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_entries: Self::DEFAULT_MAX_ENTRIES,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 pub struct Policy {
@@ -35,31 +77,19 @@ pub struct Policy {
     pub required_providers: Vec<usize>,
     /// Every route in dry-run: nothing is denied, everything is recorded.
     pub dry_run: bool,
-    /// Verified tokens of this policy's providers; a new policy starts empty.
-    pub cache: crate::check::cache::VerifiedCache,
+    /// Bounds of the verified-token cache (`cache:`).
+    pub cache: CacheSettings,
     /// Longer tokens are refused unread (`malformed_token`).
     pub max_token_bytes: usize,
     pub index: index::RouteIndex,
-    /// The emergency denylist, checked after verification.
-    pub revocation: Option<Arc<crate::revocation::Revocation>>,
-    /// DPoP proof settings and the replay cache of accepted proofs.
-    pub dpop: crate::check::binding::Dpop,
+    /// The emergency denylist's file, checked after verification (the list
+    /// itself is read by the loader and kept in the stores).
+    pub revocation: Option<PathBuf>,
+    /// DPoP proof settings.
+    pub dpop: Dpop,
     /// RFC 9728 metadata documents, and per route (by index) its resource.
-    pub protected_resources: Vec<crate::resource_metadata::ProtectedResource>,
+    pub protected_resources: Vec<resource_metadata::ProtectedResource>,
     pub route_resource: Vec<Option<usize>>,
-}
-
-/// Process settings read once at start; a reload cannot change them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listen {
-    /// Envoy's ext_authz gRPC (and grpc.health.v1); `off` disables it.
-    pub grpc: Option<SocketAddr>,
-    pub admin: Option<SocketAddr>,
-    /// The same decisions over plain HTTP (Envoy http_service, nginx auth_request,
-    /// Traefik forwardAuth); off unless set.
-    pub http: Option<SocketAddr>,
-    /// Which proxy calls `http` (`listen.http_proxy`): the one header family trusted.
-    pub http_proxy: crate::http_authz::HttpProxy,
 }
 
 impl Policy {
@@ -70,58 +100,24 @@ impl Policy {
     /// that should only ever be chosen by name says so with
     /// `match: { context: { valet_route: NAME } }`.
     pub fn route_for(&self, req: &Request) -> Option<&Route> {
+        self.route_index_for(req).map(|i| &self.routes[i])
+    }
+
+    /// The same route, as its index into `routes`.
+    pub fn route_index_for(&self, req: &Request) -> Option<usize> {
         self.index
             .candidates(&req.path)
-            .map(|i| &self.routes[i])
-            .find(|r| r.matches(req))
-    }
-
-    /// Names of required providers that have no keys yet; empty when ready.
-    pub fn providers_without_keys(&self) -> Vec<&str> {
-        self.required_providers
-            .iter()
-            .map(|i| &self.providers[*i])
-            .filter(|p| p.jwks != crate::provider::JwksSource::None)
-            .filter(|p| p.keys.load().is_none_or(|k| k.is_empty()))
-            .map(|p| p.name.as_str())
-            .collect()
-    }
-
-    /// Takes over what must outlive a reload: the denylist of the same file keeps
-    /// its watch state (and its last good list if the file is broken now).
-    pub fn inherit(&mut self, old: &Policy) {
-        if let (Some(new), Some(old)) = (&self.revocation, &old.revocation)
-            && new.path == old.path
-        {
-            self.revocation = Some(old.clone());
-        }
-        // An unchanged introspection endpoint keeps its cache and circuit state.
-        for provider in &mut self.providers {
-            let old_one = old
-                .provider(&provider.name)
-                .and_then(|o| o.introspection.clone())
-                .filter(|o| o.issuer == provider.issuer);
-            if let (Some(p), Some(old_one)) = (Arc::get_mut(provider), old_one)
-                && p.introspection
-                    .as_ref()
-                    .is_some_and(|n| n.settings == old_one.settings)
-            {
-                p.introspection = Some(old_one);
-            }
-        }
-        // Proofs accepted under the old policy must stay spent.
-        let (new, old) = (&self.dpop.replay, &old.dpop.replay);
-        if new.ttl() == old.ttl() && new.capacity() == old.capacity() {
-            self.dpop.replay = old.clone();
-        } else {
-            new.adopt(old);
-        }
+            .find(|i| self.routes[*i].matches(req))
     }
 
     /// The RFC 9728 metadata URL a route's challenges point to.
     pub fn resource_metadata_url(&self, route: &str) -> Option<&str> {
-        let i = self.index.by_name(route)?;
-        let r = (*self.route_resource.get(i)?)?;
+        self.resource_metadata_url_of(self.index.by_name(route)?)
+    }
+
+    /// The same, for the route at index `route`.
+    pub fn resource_metadata_url_of(&self, route: usize) -> Option<&str> {
+        let r = (*self.route_resource.get(route)?)?;
         Some(self.protected_resources[r].metadata_url.as_str())
     }
 

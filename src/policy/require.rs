@@ -19,7 +19,7 @@ pub struct Requirement {
     /// order, without repeats.
     pub sources: Vec<TokenSource>,
     /// The token must be bound to a certificate or DPoP key (`require.binding`).
-    pub binding: Option<crate::check::binding::Binding>,
+    pub binding: Option<super::Binding>,
 }
 
 #[derive(Debug)]

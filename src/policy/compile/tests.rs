@@ -1,6 +1,7 @@
 use std::path::Path;
 
-use crate::config::{ConfigError, LoadError, parse};
+use crate::config::{ConfigError, LoadError};
+use crate::load::parse;
 
 const JWKS_DIR: &str = "/nonexistent";
 

@@ -4,28 +4,14 @@
 //! servers issue tokens for it and how to present them, and the URL that 401
 //! challenges point to with `resource_metadata=`. Built when the policy loads.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::check::binding::Binding;
+use super::{Access, Binding, Route};
 use crate::config::Problems;
-use crate::policy::{Access, Route};
+use crate::config::file::ResourceFile;
 use crate::provider::{Provider, TokenSource, algorithm_name};
 
 pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResourceFile {
-    /// The resource identifier: an https URL without query or fragment.
-    pub resource: String,
-    /// Routes whose challenges point here; default: every route that needs a token.
-    pub routes: Option<Vec<String>>,
-    pub authorization_servers: Option<Vec<String>>,
-    pub scopes_supported: Option<Vec<String>>,
-    pub resource_name: Option<String>,
-    pub resource_documentation: Option<String>,
-}
 
 #[derive(Debug)]
 pub struct ProtectedResource {
@@ -207,7 +193,7 @@ mod tests {
         let src = format!(
             "providers:\n  - name: corp\n    issuer: https://idp.example.com/\n    audiences: [a]\n    jwks: {{ file: {jwks} }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read], binding: dpop }}\n  - name: pub\n    match: {{ path: /health }}\n    anonymous: true\n  - name: admin\n    match: {{ path_prefix: /admin }}\n    require: {{ any_scopes: [admin] }}\nprotected_resources:\n  - resource: https://api.example.com/orders\n    resource_name: Orders\n    routes: [orders]\n  - resource: https://api.example.com\n"
         );
-        let cfg = crate::config::parse(&src, std::path::Path::new("/tmp/v.yaml")).unwrap();
+        let cfg = crate::load::parse(&src, std::path::Path::new("/tmp/v.yaml")).unwrap();
         let r = &cfg.policy.protected_resources;
         assert_eq!(
             r[0].metadata_url,
@@ -243,7 +229,7 @@ mod tests {
             "https://api.example.com/orders",
             "https://api.example.com/o?x=1#f",
         );
-        let err = crate::config::parse(&bad, std::path::Path::new("/tmp/v.yaml"))
+        let err = crate::load::parse(&bad, std::path::Path::new("/tmp/v.yaml"))
             .err()
             .unwrap()
             .to_string();

@@ -1,0 +1,148 @@
+//! The driver: runs the core (`check`) for one Check and does the I/O it asks
+//! for — a key refetch for an unknown `kid`, an introspection for an opaque
+//! token — then resumes it at that step. The gRPC service, HTTP mode and the
+//! CLI (`valet explain`, `valet test`) all decide through here, so all pick
+//! routes, read tokens and wait the same way.
+
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+
+use crate::check::{self, Identity, Need, Step};
+use crate::decision::{Decision, Deny, DenyKind, Reason};
+use crate::introspection::{Client, IntrospectError};
+use crate::stores::Snapshot;
+
+/// Decides `req` against `snap`. `budget` is how long the caller waits (Envoy's
+/// `grpc-timeout`), counted from `started`: an awaited introspection gives up
+/// in time for Valet, not Envoy, to answer. `admit` hands out an admission slot
+/// for the CPU-bound parts (None: overloaded); waiting holds none.
+pub async fn decide<P>(
+    snap: &Snapshot,
+    req: &CheckRequest,
+    now: u64,
+    budget: Option<Duration>,
+    started: Instant,
+    admit: impl Fn() -> Option<P>,
+) -> Decision {
+    let Some(permit) = admit() else {
+        return overloaded();
+    };
+    let mut permit = Some(permit);
+    let view = match check::view(snap, req) {
+        Ok(v) => v,
+        Err(d) => return d,
+    };
+    let mut step = check::start(snap, &view, Identity::Token { now });
+    let mut refetched = false;
+    let decision = loop {
+        let pending = match step {
+            Step::Done(d) => break d,
+            Step::Need(p) => p,
+        };
+        match pending.need.clone() {
+            // A kid we do not know may be a rotation we have not seen yet: the
+            // one await on this path, bounded and rate-limited by the
+            // provider's key cell. Waiting costs no CPU, so it holds no
+            // admission slot (the key cell bounds how many wait); going on
+            // takes one. (A dry-run route answers at once, as it always has.)
+            Need::Keys { provider, kid } => {
+                let cell = &snap.stores.keys[provider];
+                if refetched {
+                    cell.remember_unknown(&kid);
+                    break pending.fallback;
+                }
+                if !matches!(pending.fallback, Decision::Deny(_)) {
+                    break pending.fallback;
+                }
+                refetched = true;
+                permit = None;
+                if !cell.refetch_for(&kid).await {
+                    break pending.fallback;
+                }
+                match admit() {
+                    Some(p) => permit = Some(p),
+                    None => break overloaded(),
+                }
+                step = check::resume(snap, &view, pending, None);
+            }
+            // An opaque token not in the introspection cache: ask the IdP (one
+            // request for all Checks of that token, bounded by its timeout and
+            // circuit), then go on with its answer.
+            Need::Introspection { provider } => {
+                let Some(introspector) = snap.stores.introspectors[provider].clone() else {
+                    break pending.fallback;
+                };
+                let asked = introspector.introspect(pending.token(), now, Client::of(req));
+                // Keep a margin to encode the answer before the caller's deadline.
+                let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
+                let result = match left {
+                    Some(left) => tokio::time::timeout(left, asked)
+                        .await
+                        .unwrap_or(Err(IntrospectError::Deadline)),
+                    None => asked.await,
+                };
+                match result {
+                    Ok(answer) => match check::resume(snap, &view, pending, Some(answer)) {
+                        Step::Done(d) => break d,
+                        Step::Need(p) => break p.fallback,
+                    },
+                    Err(e) => {
+                        break match pending.fallback {
+                            Decision::Deny(mut d) => {
+                                d.description = e.to_string().into();
+                                d.detail = Some(e.label());
+                                Decision::Deny(d)
+                            }
+                            other => other,
+                        };
+                    }
+                }
+            }
+        }
+    };
+    drop(permit);
+    decision
+}
+
+/// Decides with claims taken as verified (`explain --claims`, policy tests):
+/// the route logic alone, no token, no keys, no clock, no I/O.
+pub fn decide_claims(
+    snap: &Snapshot,
+    req: &CheckRequest,
+    claims: serde_json::Map<String, serde_json::Value>,
+) -> Decision {
+    let view = match check::view(snap, req) {
+        Ok(v) => v,
+        Err(d) => return d,
+    };
+    match check::start(snap, &view, Identity::Claims(claims)) {
+        Step::Done(d) => d,
+        Step::Need(p) => p.fallback,
+    }
+}
+
+/// For the CLI (`explain`, `test`), where no runtime runs: the same decision,
+/// its I/O (key refetch, introspection) done on a runtime of its own.
+pub fn decide_blocking(snap: &Snapshot, req: &CheckRequest, identity: Identity) -> Decision {
+    let now = match identity {
+        Identity::Claims(claims) => return decide_claims(snap, req, claims),
+        Identity::Token { now } => now,
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(decide(snap, req, now, None, Instant::now(), || Some(()))),
+        Err(_) => check::check(snap, req, now),
+    }
+}
+
+/// Shed load with a clear answer rather than queue past Envoy's timeout.
+fn overloaded() -> Decision {
+    Decision::Deny(Deny::new(
+        Reason::Overloaded,
+        DenyKind::Unavailable,
+        "too many Checks in flight",
+    ))
+}

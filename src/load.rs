@@ -1,0 +1,74 @@
+//! Loading a policy file: read it, parse it (`config`), read what it points to
+//! (client secrets, the denylist), compile it (`policy::compile`, pure). The
+//! one place that runs both layers; `valet serve`, reloads and the CLI use it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, ConfigError, Listen, LoadError, Problems, file::FileConfig};
+use crate::policy::{self, Inputs, Policy};
+use crate::revocation::Revocation;
+use crate::stores::{Snapshot, Stores};
+
+/// A valid policy file, compiled, with what it read besides.
+pub struct Loaded {
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub policy: Policy,
+    /// The denylist the policy names, as just read.
+    pub revocation: Option<Revocation>,
+    pub warnings: Vec<ConfigError>,
+}
+
+impl Loaded {
+    /// The policy with stores of its own and no key tasks (keys are published
+    /// by the caller): for the CLI, tests and benches.
+    pub fn into_snapshot(self) -> Snapshot {
+        let stores = Stores::detached(&self.policy, self.revocation);
+        Snapshot::new(self.policy, stores)
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let source = config::read_text(path, config::MAX_CONFIG_BYTES)?;
+    parse(&source, path)
+}
+
+/// Parses and compiles `source`; `path` names it in errors and anchors relative paths.
+pub fn parse(source: &str, path: &Path) -> Result<Loaded, LoadError> {
+    let (file, positions) = config::parse_file(source, path)?;
+    let mut problems = Problems::new(path, &positions);
+    let base = path.parent().unwrap_or(Path::new("."));
+    let (inputs, revocation) = read_inputs(&file, base);
+    let (listen, policy) = policy::compile(file, base, &inputs, &mut problems);
+    if !problems.errors.is_empty() {
+        return Err(LoadError::Invalid(problems.errors));
+    }
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        listen,
+        policy,
+        revocation,
+        warnings: problems.warnings,
+    })
+}
+
+/// Every file the policy points to besides key sets: client secrets and the denylist.
+fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>) {
+    let mut secrets = HashMap::new();
+    for p in &file.providers {
+        if let Some(i) = &p.introspection {
+            let path = base.join(&i.client_secret_file);
+            let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+            secrets.insert(path, read);
+        }
+    }
+    let (denylist, revocation) = match &file.revocation {
+        None => (None, None),
+        Some(r) => match Revocation::load(base.join(&r.file)) {
+            Ok(list) => (Some(Ok(())), Some(list)),
+            Err(e) => (Some(Err(e)), None),
+        },
+    };
+    (Inputs { secrets, denylist }, revocation)
+}

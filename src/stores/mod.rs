@@ -1,0 +1,177 @@
+//! Runtime state beside the compiled policy: each provider's key cell and
+//! introspector (caches, circuit, gate), the verified-token cache, the DPoP
+//! replay cache and the denylist. A [`Snapshot`] pairs one policy with its
+//! stores; it is what `State` swaps and what a Check reads.
+//!
+//! A reload builds new stores with [`Stores::carry`], keeping what is unchanged
+//! by a stable identity:
+//!
+//! | store | kept across a reload when | else |
+//! |---|---|---|
+//! | key cell (and its task) | same provider name, issuer and `jwks` source (`jwks::Supervisor`) | new cell, keys fetched again |
+//! | introspector: answers, circuit, gate | same provider name, issuer and introspection settings | new, empty |
+//! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source and introspection, in the same order | new, empty |
+//! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
+//! | denylist | same file | the list just read |
+
+pub mod cache;
+pub mod replay;
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use crate::introspection::Introspector;
+use crate::jwks::KeyCell;
+use crate::policy::{CacheSettings, Policy};
+use crate::provider::{JwksSource, Provider};
+use crate::revocation::Revocation;
+use cache::VerifiedCache;
+use replay::ReplayCache;
+
+pub struct Stores {
+    /// By provider index, like `Policy::providers`.
+    pub keys: Vec<Arc<KeyCell>>,
+    pub introspectors: Vec<Option<Arc<Introspector>>>,
+    pub verified: Arc<VerifiedCache>,
+    /// `jti`s of accepted DPoP proofs, per key, kept for the acceptance window.
+    pub replay: Arc<ReplayCache>,
+    pub revocation: Option<Arc<Revocation>>,
+}
+
+/// One compiled policy and the stores that go with it.
+pub struct Snapshot {
+    pub policy: Policy,
+    pub stores: Stores,
+}
+
+impl Deref for Snapshot {
+    type Target = Policy;
+    fn deref(&self) -> &Policy {
+        &self.policy
+    }
+}
+
+impl Snapshot {
+    pub fn new(policy: Policy, stores: Stores) -> Self {
+        Snapshot { policy, stores }
+    }
+
+    /// Names of required providers that have no keys yet; empty when ready.
+    pub fn providers_without_keys(&self) -> Vec<&str> {
+        self.policy
+            .required_providers
+            .iter()
+            .filter(|i| self.policy.providers[**i].jwks != JwksSource::None)
+            .filter(|i| self.stores.keys[**i].load().is_none_or(|k| k.is_empty()))
+            .map(|i| self.policy.providers[*i].name.as_str())
+            .collect()
+    }
+}
+
+impl Stores {
+    /// Fresh stores for `policy`: `keys` from whoever loads keys (one cell per
+    /// provider, in order), `revocation` the list the loader just read.
+    pub fn new(policy: &Policy, keys: Vec<Arc<KeyCell>>, revocation: Option<Revocation>) -> Self {
+        Self::carry(policy, keys, revocation, None)
+    }
+
+    /// Stores for `policy` with no key tasks: empty cells the caller publishes
+    /// to (the CLI, tests, benches).
+    pub fn detached(policy: &Policy, revocation: Option<Revocation>) -> Self {
+        let keys = policy
+            .providers
+            .iter()
+            .map(|_| Arc::new(KeyCell::default()))
+            .collect();
+        Self::new(policy, keys, revocation)
+    }
+
+    /// Stores for a reloaded `policy`, keeping from `old` what is unchanged (see
+    /// the table above).
+    pub fn carry(
+        policy: &Policy,
+        keys: Vec<Arc<KeyCell>>,
+        revocation: Option<Revocation>,
+        old: Option<&Snapshot>,
+    ) -> Self {
+        let introspectors = policy
+            .providers
+            .iter()
+            .map(|p| {
+                let settings = p.introspection.as_ref()?;
+                let kept = old.and_then(|o| {
+                    let i = o.policy.providers.iter().position(|q| q.name == p.name)?;
+                    o.stores.introspectors[i]
+                        .clone()
+                        .filter(|i| i.issuer == p.issuer && &i.settings == settings)
+                });
+                kept.or_else(
+                    || match Introspector::new(&p.name, &p.issuer, settings.clone()) {
+                        Ok(i) => Some(Arc::new(i)),
+                        Err(e) => {
+                            // Only when the HTTP client cannot be built: its tokens
+                            // are answered introspection_unavailable.
+                            tracing::error!(provider = %p.name, "introspection off: {e}");
+                            None
+                        }
+                    },
+                )
+            })
+            .collect();
+        let verified = old
+            .filter(|o| {
+                o.policy.cache == policy.cache
+                    && same_verifiers(&o.policy.providers, &policy.providers)
+            })
+            .map(|o| o.stores.verified.clone())
+            .unwrap_or_else(|| Arc::new(verified_cache(policy.cache)));
+        let replay = Arc::new(ReplayCache::new(
+            policy.dpop.replay_window(),
+            policy.dpop.replay_entries,
+        ));
+        // Proofs accepted under the old policy must stay spent.
+        let replay = match old.map(|o| &o.stores.replay) {
+            Some(o) if o.ttl() == replay.ttl() && o.capacity() == replay.capacity() => o.clone(),
+            Some(o) => {
+                replay.adopt(o);
+                replay
+            }
+            None => replay,
+        };
+        // The denylist of the same file keeps its watch state (and its last good
+        // list if the file is broken now).
+        let revocation = match (revocation, old.and_then(|o| o.stores.revocation.as_ref())) {
+            (Some(new), Some(old)) if new.path == old.path => Some(old.clone()),
+            (new, _) => new.map(Arc::new),
+        };
+        Stores {
+            keys,
+            introspectors,
+            verified,
+            replay,
+            revocation,
+        }
+    }
+}
+
+fn verified_cache(c: CacheSettings) -> VerifiedCache {
+    VerifiedCache::new(c.max_entries, c.max_bytes)
+}
+
+/// Entries name providers by index and hold claims verified under a provider's
+/// settings: the cache is kept only if every provider verifies the same way.
+fn same_verifiers(old: &[Arc<Provider>], new: &[Arc<Provider>]) -> bool {
+    old.len() == new.len()
+        && old.iter().zip(new).all(|(a, b)| {
+            a.name == b.name
+                && a.issuer == b.issuer
+                && a.audiences == b.audiences
+                && a.algorithms == b.algorithms
+                && a.clock_skew_secs == b.clock_skew_secs
+                && a.jwks == b.jwks
+                && a.introspection == b.introspection
+        })
+}
+
+#[cfg(test)]
+mod tests;

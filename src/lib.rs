@@ -13,6 +13,8 @@ pub mod driver;
 pub mod envoy_config;
 pub mod explain;
 pub mod http_authz;
+#[cfg(test)]
+mod layers;
 pub mod introspection;
 pub mod jwks;
 pub mod load;

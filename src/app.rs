@@ -12,19 +12,36 @@ use tonic_health::ServingStatus;
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::conn::{self, Gate, Limits};
+use crate::http_authz;
 use crate::jwks::Supervisor;
 use crate::reload::{self, Reloader};
 use crate::service::message::{Budget, MessageLimits};
 use crate::service::{CheckServer, CheckService};
 use crate::state::State;
-use crate::{http_authz, telemetry};
+use crate::telemetry::{self, Telemetry};
 
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+/// Serves one Valet. Its metrics are its own (see [`Telemetry`]): everything it
+/// runs, and every task it starts, is polled under its recorder.
 pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
-    let metrics = telemetry::install().map_err(std::io::Error::other)?;
-    tokio::spawn(telemetry::upkeep(metrics.clone()));
+    let telemetry = Telemetry::new();
+    // The first Valet of a process also takes events emitted outside any scope.
+    telemetry.install_global();
+    telemetry
+        .scope(serve_with(telemetry.clone(), config, shutdown, limits))
+        .await
+}
+
+async fn serve_with(
+    telemetry: Telemetry,
+    config: Config,
+    shutdown: Shutdown,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let metrics = telemetry.handle().clone();
+    telemetry::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -45,15 +62,19 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     }
     let status = reload::initial_status(&config.path);
     telemetry::policy_loaded(status.generation, status.loaded_at);
-    let state = Arc::new(State::new(policy, status).with_max_in_flight(shutdown.max_in_flight));
+    let state = Arc::new(
+        State::new(policy, status)
+            .with_max_in_flight(shutdown.max_in_flight)
+            .with_telemetry(telemetry),
+    );
     let reloader = Reloader::new(
         config.path.clone(),
         config.listen.clone(),
         state.clone(),
         keys,
     );
-    tokio::spawn(reloader.run());
-    tokio::spawn(crate::revocation::watch(state.clone()));
+    telemetry::spawn(reloader.run());
+    telemetry::spawn(crate::revocation::watch(state.clone()));
 
     // Each Check listener's connection cap, below the descriptor limit with room
     // kept for the admin port and everything else.
@@ -79,11 +100,11 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
             metrics,
         });
         let gate = Gate::new("admin", conn::ADMIN_MAX_CONNECTIONS);
-        tokio::spawn(admin::serve(listener, admin, gate));
+        telemetry::spawn(admin::serve(listener, admin, gate));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(state.clone(), health));
+    telemetry::spawn(report_health(state.clone(), health));
 
     // SIGTERM: not ready at once, keep answering for `drain` (Envoy in the same pod
     // is draining too and still asks), then stop accepting and let in-flight
@@ -92,7 +113,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     {
         let state = state.clone();
         let drain = shutdown.drain;
-        tokio::spawn(async move {
+        telemetry::spawn(async move {
             shutdown_signal().await;
             state.start_draining();
             tracing::info!(
@@ -114,7 +135,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
             Gate::new("http", cap),
         );
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move {
+        telemetry::spawn(async move {
             tokio::select! {
                 _ = http => {}
                 _ = stop => {}

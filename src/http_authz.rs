@@ -36,7 +36,6 @@ use crate::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
 use crate::state::State;
-use crate::telemetry;
 
 /// Which proxy calls the HTTP port (`listen.http_proxy`), hence which one family of
 /// headers describes the original request.
@@ -147,7 +146,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
     loop {
         let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let state = state.clone();
-        tokio::spawn(async move {
+        crate::telemetry::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
@@ -170,7 +169,7 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
             // Counted like any other Check; never decided on a guess.
             let deny = Deny::new(Reason::MalformedRequest, DenyKind::BadRequest, why);
             let decision = Decision::Deny(deny);
-            telemetry::check(&decision, started.elapsed());
+            state.telemetry().check(&decision, started.elapsed());
             let Decision::Deny(deny) = decision else {
                 unreachable!()
             };

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
 use tonic::{Request, Response};
 
+use crate::check;
 use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::introspection::IntrospectError;
 use crate::policy::Policy;
 use crate::provider::Provider;
+use crate::response::Answer;
 use crate::state::State;
-use crate::{check, response, telemetry};
 
 pub mod message;
 mod server;
@@ -30,14 +31,14 @@ impl CheckService {
     /// The answer to one Check, a denial included; a request that could not be
     /// decoded is a 400 `malformed_request` like any unreadable request, one
     /// over the size cap a 413 `request_too_large`.
-    pub async fn answer(&self, request: Request<Incoming>) -> Response<CheckResponse> {
+    pub async fn answer(&self, request: Request<Incoming>) -> Response<Answer> {
         let budget = grpc_timeout(request.metadata());
         let (decision, policy) = match request.get_ref() {
             Incoming::Check(check) => decide(&self.state, check, budget).await,
             Incoming::Undecodable(e) => {
                 let policy = self.state.policy();
                 let decision = check::undecodable(&policy, e);
-                telemetry::check(&decision, Duration::ZERO);
+                self.state.telemetry().check(&decision, Duration::ZERO);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -46,11 +47,11 @@ impl CheckService {
                     (deny, true) => check::unread(&policy, deny),
                     (deny, false) => Decision::Deny(deny),
                 };
-                telemetry::check(&decision, Duration::ZERO);
+                self.state.telemetry().check(&decision, Duration::ZERO);
                 (decision, policy)
             }
         };
-        Response::new(response::to_check_response(decision, &policy.realm))
+        Response::new(Answer::of(decision, &policy.realm))
     }
 }
 
@@ -65,7 +66,7 @@ pub async fn decide(
     let started = Instant::now();
     let policy = state.policy();
     let Some(mut permit) = state.admit() else {
-        return overloaded(policy, started);
+        return overloaded(state, policy, started);
     };
     let mut decision = check::check(&policy, req, unix_now());
     // A kid we do not know may be a rotation we have not seen yet: the one
@@ -75,11 +76,11 @@ pub async fn decide(
     if let Some((provider, kid)) = unknown_kid(&decision, &policy) {
         drop(permit);
         if !provider.keys.refetch_for(kid).await {
-            telemetry::check(&decision, started.elapsed());
+            state.telemetry().check(&decision, started.elapsed());
             return (decision, policy);
         }
         let Some(again) = state.admit() else {
-            return overloaded(policy, started);
+            return overloaded(state, policy, started);
         };
         permit = again;
         let again = check::check(&policy, req, unix_now());
@@ -118,19 +119,19 @@ pub async fn decide(
         };
     }
     drop(permit);
-    telemetry::check(&decision, started.elapsed());
+    state.telemetry().check(&decision, started.elapsed());
     (decision, policy)
 }
 
 /// Shed load with a clear answer rather than queue past Envoy's timeout.
-fn overloaded(policy: Arc<Policy>, started: Instant) -> (Decision, Arc<Policy>) {
+fn overloaded(state: &State, policy: Arc<Policy>, started: Instant) -> (Decision, Arc<Policy>) {
     let deny = Deny::new(
         Reason::Overloaded,
         DenyKind::Unavailable,
         "too many Checks in flight",
     );
     let decision = Decision::Deny(deny);
-    telemetry::check(&decision, started.elapsed());
+    state.telemetry().check(&decision, started.elapsed());
     (decision, policy)
 }
 

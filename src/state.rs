@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 use crate::policy::Policy;
+use crate::telemetry::Telemetry;
 
 pub struct State {
     policy: ArcSwap<Policy>,
@@ -19,6 +20,8 @@ pub struct State {
     draining: AtomicBool,
     /// Checks in flight, bounded: past the bound a Check is answered `overloaded`.
     in_flight: Arc<Semaphore>,
+    /// This Valet's metrics.
+    telemetry: Telemetry,
 }
 
 /// What the admin port reports about the policy in force.
@@ -42,7 +45,17 @@ impl State {
             reload: ArcSwap::from_pointee(status),
             draining: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            telemetry: Telemetry::new(),
         }
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// One snapshot per Check: load once at the top, pass the reference down.

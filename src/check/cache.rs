@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
+use prost::bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::telemetry;
@@ -23,8 +24,10 @@ pub struct Entry {
     pub provider: usize,
     /// The id of the key set that verified the token: another set means re-verify.
     pub keyset: u64,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub claims: Arc<Map<String, Value>>,
+    /// The claims as Envoy's dynamic metadata, encoded when the token verified.
+    pub metadata: Option<Bytes>,
     /// Unix seconds; the entry is gone at this instant.
     pub exp: u64,
     weight: u32,
@@ -33,6 +36,9 @@ pub struct Entry {
 pub struct VerifiedCache {
     cache: Option<Cache<TokenHash, Arc<Entry>>>,
     min_weight: u32,
+    /// `valet_verify_cache_total` (hit, miss), made on first use under the
+    /// Valet's recorder.
+    counters: std::sync::OnceLock<[metrics::Counter; 2]>,
 }
 
 struct UntilExp;
@@ -95,6 +101,7 @@ impl VerifiedCache {
             return VerifiedCache {
                 cache: None,
                 min_weight: 1,
+                counters: Default::default(),
             };
         }
         // One capacity, two bounds: each entry weighs at least max_bytes/max_entries,
@@ -114,6 +121,7 @@ impl VerifiedCache {
         VerifiedCache {
             cache: Some(cache),
             min_weight,
+            counters: Default::default(),
         }
     }
 
@@ -134,13 +142,14 @@ impl VerifiedCache {
 
     pub fn get(&self, key: &TokenHash, now: u64) -> Option<Arc<Entry>> {
         let cache = self.cache.as_ref()?;
+        let [hit, miss] = self.counters.get_or_init(telemetry::verify_cache_counters);
         match cache.get(key) {
             Some(e) if now < e.exp => {
-                telemetry::verify_cache(true);
+                hit.increment(1);
                 Some(e)
             }
             _ => {
-                telemetry::verify_cache(false);
+                miss.increment(1);
                 None
             }
         }
@@ -153,8 +162,9 @@ impl VerifiedCache {
         token_len: usize,
         provider: usize,
         keyset: u64,
-        kid: Option<String>,
+        kid: Option<Arc<str>>,
         claims: Arc<Map<String, Value>>,
+        metadata: Option<Bytes>,
         exp: u64,
         now: u64,
     ) {
@@ -166,13 +176,15 @@ impl VerifiedCache {
         // wire and ten times larger parsed. `token_len` only sets a floor.
         let held = ENTRY_OVERHEAD
             + kid.as_ref().map_or(0, |k| heap(k.len()))
-            + claims_heap_bytes(&claims).max(token_len);
+            + claims_heap_bytes(&claims).max(token_len)
+            + metadata.as_ref().map_or(0, |m| heap(m.len()));
         let bytes = held.min(u32::MAX as usize) as u32;
         let entry = Entry {
             provider,
             keyset,
             kid,
             claims,
+            metadata,
             exp,
             weight: bytes.max(self.min_weight),
         };
@@ -208,7 +220,7 @@ mod tests {
         let now = crate::service::unix_now();
         let c = VerifiedCache::new(10, 1024 * 1024);
         let k = VerifiedCache::hash("a.b.c");
-        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
         assert!(c.get(&k, now).is_some());
         assert!(c.get(&k, now + 100).is_none(), "gone at exp exactly");
         c.insert(
@@ -218,6 +230,7 @@ mod tests {
             1,
             None,
             claims(),
+            None,
             now,
             now,
         );
@@ -233,6 +246,7 @@ mod tests {
                 1,
                 None,
                 claims(),
+                None,
                 now + 100,
                 now,
             );
@@ -252,6 +266,7 @@ mod tests {
                 1,
                 None,
                 claims(),
+                None,
                 now + 100,
                 now,
             );
@@ -280,7 +295,7 @@ mod tests {
         let wide = Arc::new(wide);
         for i in 0..100 {
             let k = VerifiedCache::hash(&format!("w{i}"));
-            c.insert(k, json, 0, 1, None, wide.clone(), now + 100, now);
+            c.insert(k, json, 0, 1, None, wide.clone(), None, now + 100, now);
         }
         let fits = (1024 * 1024) / weight;
         assert!(c.entries() as usize <= fits, "{} > {fits}", c.entries());
@@ -291,7 +306,7 @@ mod tests {
         let now = crate::service::unix_now();
         let c = VerifiedCache::new(0, 0);
         let k = VerifiedCache::hash("x");
-        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
         assert!(c.get(&k, now).is_none());
         assert!(!c.enabled());
     }

@@ -317,10 +317,12 @@ fn trusted(
         d.provider = Some(provider.name.clone());
         return Err(d);
     }
+    let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims: std::sync::Arc::new(claims),
+        metadata,
     })
 }
 
@@ -335,7 +337,7 @@ fn dry_run(policy: &Policy, route: Option<&Route>, decision: Decision) -> Decisi
             dry_run: true,
             provider: d.provider,
             kid: d.kid,
-            remove_headers: policy.identity_headers.clone(),
+            identity_headers: policy.identity_headers.clone(),
             ..Default::default()
         }),
         other => other,
@@ -368,7 +370,7 @@ fn no_route(policy: &Policy) -> Decision {
         )),
         DefaultAction::Allow => Decision::Allow(Allow {
             reason: Some(Reason::NoRoute),
-            remove_headers: policy.identity_headers.clone(),
+            identity_headers: policy.identity_headers.clone(),
             ..Default::default()
         }),
     }
@@ -378,7 +380,7 @@ fn anonymous(policy: &Policy, route: &Route) -> Allow {
     Allow {
         route: Some(route.name.clone()),
         reason: Some(Reason::Anonymous),
-        remove_headers: policy.identity_headers.clone(),
+        identity_headers: policy.identity_headers.clone(),
         ..Default::default()
     }
 }
@@ -397,13 +399,8 @@ fn allow(
             set_headers.push((header.clone(), value));
         }
     }
-    // Envoy applies removals after sets, so never remove what we set.
-    let mut remove_headers: Vec<String> = policy
-        .identity_headers
-        .iter()
-        .filter(|h| !set_headers.iter().any(|(s, _)| s == *h))
-        .cloned()
-        .collect();
+    // The identity headers are removed but for those set (see `Allow::removed_headers`).
+    let mut remove_headers: Vec<String> = Vec::new();
     let mut remove_query = Vec::new();
     if let Some(token) = token.filter(|_| !provider.forward_token) {
         if token.scheme == Scheme::Dpop {
@@ -433,6 +430,8 @@ fn allow(
         remove_headers,
         remove_query,
         claims: Some(verified.claims),
+        claims_metadata: verified.metadata,
+        identity_headers: policy.identity_headers.clone(),
         dry_run: false,
     }
 }

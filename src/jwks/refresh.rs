@@ -26,7 +26,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// The running key tasks, by provider name. Owned by whoever publishes policies.
 #[derive(Default)]
 pub struct Supervisor {
-    tasks: HashMap<String, Task>,
+    tasks: HashMap<Arc<str>, Task>,
     fetcher: Fetcher,
 }
 
@@ -85,7 +85,12 @@ impl Supervisor {
                 let cell = Arc::new(KeyCell::default());
                 let stamp = file_stamp(path);
                 load_file(&name, path, &cell, "startup");
-                let handle = tokio::spawn(watch_file(name, path.clone(), cell.clone(), stamp));
+                let handle = crate::telemetry::spawn(watch_file(
+                    name.to_string(),
+                    path.clone(),
+                    cell.clone(),
+                    stamp,
+                ));
                 Task {
                     identity,
                     cell,
@@ -107,8 +112,8 @@ impl Supervisor {
                 if let Some(dir) = &cfg.cache_dir {
                     load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell);
                 }
-                let handle = tokio::spawn(refresh_remote(
-                    name,
+                let handle = crate::telemetry::spawn(refresh_remote(
+                    name.to_string(),
                     provider.issuer.clone(),
                     cfg.clone(),
                     cell.clone(),

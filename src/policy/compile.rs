@@ -199,7 +199,7 @@ pub fn compile(file: FileConfig, base: &Path, p: &mut Problems) -> (Listen, Poli
         providers,
         default,
         realm,
-        identity_headers,
+        identity_headers: identity_headers.into(),
     };
     (listen, policy)
 }
@@ -498,7 +498,7 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         .collect();
 
     Provider {
-        name: pf.name,
+        name: pf.name.into(),
         issuer: pf.issuer,
         audiences: pf.audiences,
         algorithms,
@@ -509,6 +509,8 @@ fn provider(pf: ProviderFile, at: &str, base: &Path, p: &mut Problems) -> Provid
         jwks,
         keys: Arc::new(KeyCell::default()),
         introspection,
+        metadata_claims: crate::provider::MetadataClaims::from_config(pf.metadata_claims),
+        signature_counters: Default::default(),
     }
 }
 
@@ -803,7 +805,7 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         }
     };
     Route {
-        name: rf.name,
+        name: rf.name.into(),
         hosts: m.0,
         methods: m.1,
         path: m.2,
@@ -992,7 +994,7 @@ fn requirement(
         .iter()
         .enumerate()
         .filter_map(|(j, name)| {
-            let idx = providers.iter().position(|pr| &pr.name == name);
+            let idx = providers.iter().position(|pr| *pr.name == **name);
             if idx.is_none() {
                 p.error(
                     format!("{at}.providers[{j}]"),

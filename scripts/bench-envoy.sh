@@ -704,6 +704,18 @@ if awk -v f="$foreign_pct" 'BEGIN {exit !(f > 5)}'; then
     echo
     echo "**Warning: other processes used ${foreign_pct}% of the CPU during the measurement: these numbers are disturbed.**"
 fi
+# The budget of issue 15: Valet (cached token) through Envoy at 0.95x the no-op
+# ext_authz floor's throughput or better, as the median of per-round ratios. Envoy's
+# CPU per request beside it: the steadier figure, as Envoy pays to read the answer.
+if [[ " ${scenarios[*]} " == *" valet "* && " ${scenarios[*]} " == *" noop "* ]]; then
+    through=$(ratios valet noop | median)
+    envoy_cpu=$(awk -v a="$(col valet 7 | median)" -v b="$(col noop 7 | median)" \
+        'BEGIN {if (b > 0) printf "%.3f", a / b; else print "-"}')
+    verdict=$(awk -v r="$through" 'BEGIN {print (r >= 0.95 ? "holds" : sprintf("MISSED by %.0f%%", (1 - r / 0.95) * 100))}')
+    echo
+    echo "budget: Valet cached through Envoy / no-op floor = $through (>= 0.95: $verdict);" \
+        "Envoy CPU per request, Valet / no-op: $envoy_cpu"
+fi
 echo
 echo "per run (scenario round req/s succeeded p50 p99 envoy_cpu_us authz_cpu_us failed):"
 grep -v ' warmup ' "$work/results" | sed 's/^/    /'

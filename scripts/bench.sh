@@ -20,6 +20,12 @@
 # Reported: median req/s over rounds, the median of per-round ratios to noop,
 # median p50/p99 latency (h2load --log-file), server CPU µs per Check
 # (/proc/PID/stat utime+stime), and Valet's RSS idle and after the load.
+# Then the budgets (issue 15), each a ratio within this run:
+#   cached Check      valet-allow req/s >= 0.8x noop's, CPU/Check <= 1.25x noop's
+#   uncached RS256    valet-nocache CPU/Check <= noop's + 1.2x a bare RS256 verify
+#                     (examples/verify_rs256 on the server's core, once per round)
+#   idle RSS          <= 12 MiB
+# BUDGETS_STRICT=1 makes a missed budget fail the script.
 # h2load counts any HTTP 200 as success, so one response per body is decoded
 # first, and Valet's own counters are compared with h2load's afterwards.
 set -euo pipefail
@@ -181,6 +187,8 @@ for r in $(seq "$ROUNDS"); do
     for s in "${scenarios[@]}"; do
         load "$s" "${addr_of[$s]}" "${pid_of[$s]}" "${body_of[$s]}" "$DURATION" "r$r"
     done
+    taskset -c "$SERVER_CPU" "$bin/examples/verify_rs256" --loops 1000 |
+        awk -v r="r$r" '{print r, $2}' >>"$work/verify"
 done
 rss_loaded=$(rss_kib "$VALET_PID")
 nocache_rss_loaded=$(rss_kib "$NOCACHE_PID")
@@ -228,3 +236,43 @@ grep -v ' warmup ' "$work/results" | sed 's/^/  /'
 echo
 echo "valet RSS (VmRSS): idle ${rss_idle} KiB, after load ${rss_loaded} KiB;" \
     "cache off: idle ${nocache_rss_idle} KiB, after load ${nocache_rss_loaded} KiB"
+
+# budget NAME VALUE OP LIMIT: one line, holds or misses (and by how much).
+missed=0
+budget() {
+    local name=$1 value=$2 op=$3 limit=$4 ok
+    ok=$(awk -v v="$value" -v l="$limit" -v op="$op" 'BEGIN {print (op == ">=" ? v >= l : v <= l)}')
+    if (( ok )); then
+        printf '  %-44s %10s %s %-10s holds\n' "$name" "$value" "$op" "$limit"
+    else
+        printf '  %-44s %10s %s %-10s MISSED by %s%%\n' "$name" "$value" "$op" "$limit" \
+            "$(awk -v v="$value" -v l="$limit" 'BEGIN {printf "%.0f", (v > l ? v / l - 1 : 1 - v / l) * 100}')"
+        missed=1
+    fi
+}
+# per_round A B COL: the median over rounds of A's COL divided by B's.
+per_round() {
+    awk -v a="$1" -v b="$2" -v c="$3" '$2 != "warmup" {v[$1 " " $2] = $c; tags[$2]}
+        END {for (t in tags) if (v[b " " t] > 0) printf "%.3f\n", v[a " " t] / v[b " " t]}' \
+        "$work/results" | median
+}
+verify_us=$(awk '{print $2}' "$work/verify" | median)
+noop_cpu=$(col noop 7 | median)
+nocache_cpu=$(col valet-nocache 7 | median)
+echo
+echo "budgets (bare RS256 verify on cpu $SERVER_CPU: ${verify_us} µs, median of rounds):"
+budget "cached Check throughput / noop" "$(per_round valet-allow noop 3)" ">=" 0.8
+budget "cached Check CPU/Check / noop" "$(per_round valet-allow noop 7)" "<=" 1.25
+budget "uncached RS256 CPU/Check µs (noop + 1.2 verify)" "$nocache_cpu" "<=" \
+    "$(awk -v n="$noop_cpu" -v v="$verify_us" 'BEGIN {printf "%.1f", n + 1.2 * v}')"
+budget "idle RSS MiB" "$(awk -v k="$rss_idle" 'BEGIN {printf "%.1f", k / 1024}')" "<=" 12
+if [[ -n ${BASELINE:-} ]]; then
+    echo "A/B against $BASELINE (median of per-round ratios, this build / baseline):"
+    printf '  %-44s %10s\n' "cached req/s" "$(per_round valet-allow baseline-allow 3)" \
+        "cached CPU/Check" "$(per_round valet-allow baseline-allow 7)" \
+        "uncached req/s" "$(per_round valet-nocache baseline-nocache 3)" \
+        "uncached CPU/Check" "$(per_round valet-nocache baseline-nocache 7)"
+fi
+if [[ ${BUDGETS_STRICT:-0} == 1 ]] && (( missed )); then
+    die "a budget was missed"
+fi

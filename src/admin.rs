@@ -27,7 +27,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, gate: Gate) {
     loop {
         let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let admin = admin.clone();
-        tokio::spawn(async move {
+        crate::telemetry::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let admin = admin.clone();

@@ -12,6 +12,7 @@ use tonic_health::ServingStatus;
 use crate::admin::{self, Admin};
 use crate::clock::Clock;
 use crate::conn::{self, Gate, Limits};
+use crate::http_authz;
 use crate::jwks::Supervisor;
 use crate::load::Loaded;
 use crate::reload::{self, Reloader};
@@ -19,7 +20,7 @@ use crate::service::message::{Budget, MessageLimits};
 use crate::service::{CheckServer, CheckService};
 use crate::state::State;
 use crate::stores::{Snapshot, Stores};
-use crate::{http_authz, telemetry};
+use crate::telemetry::{self, Telemetry};
 
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -29,15 +30,32 @@ pub async fn serve(config: Loaded, shutdown: Shutdown, limits: Limits) -> std::i
 }
 
 /// `serve` on a given time source: an in-process test passes `Clock::tokio()` and
-/// moves time with `tokio::time::advance` instead of sleeping.
+/// moves time with `tokio::time::advance` instead of sleeping. Its metrics are its
+/// own (see [`Telemetry`]): everything it runs, and every task it starts, is polled
+/// under its recorder.
 pub async fn serve_with_clock(
     config: Loaded,
     shutdown: Shutdown,
     limits: Limits,
     clock: Clock,
 ) -> std::io::Result<()> {
-    let metrics = telemetry::install().map_err(std::io::Error::other)?;
-    tokio::spawn(telemetry::upkeep(metrics.clone()));
+    let telemetry = Telemetry::new();
+    // The first Valet of a process also takes events emitted outside any scope.
+    telemetry.install_global();
+    telemetry
+        .scope(serve_scoped(telemetry.clone(), config, shutdown, limits, clock))
+        .await
+}
+
+async fn serve_scoped(
+    telemetry: Telemetry,
+    config: Loaded,
+    shutdown: Shutdown,
+    limits: Limits,
+    clock: Clock,
+) -> std::io::Result<()> {
+    let metrics = telemetry.handle().clone();
+    telemetry::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -62,7 +80,8 @@ pub async fn serve_with_clock(
     let state = Arc::new(
         State::new(Snapshot::new(policy, stores), status)
             .with_clock(clock)
-            .with_max_in_flight(shutdown.max_in_flight),
+            .with_max_in_flight(shutdown.max_in_flight)
+            .with_telemetry(telemetry),
     );
     let reloader = Reloader::new(
         config.path.clone(),
@@ -70,10 +89,10 @@ pub async fn serve_with_clock(
         state.clone(),
         keys,
     );
-    tokio::spawn(reloader.run());
+    telemetry::spawn(reloader.run());
     {
         let state = state.clone();
-        tokio::spawn(crate::revocation::watch(move || {
+        telemetry::spawn(crate::revocation::watch(move || {
             state.snapshot().stores.revocation.clone()
         }));
     }
@@ -102,11 +121,11 @@ pub async fn serve_with_clock(
             metrics,
         });
         let gate = Gate::new("admin", conn::ADMIN_MAX_CONNECTIONS);
-        tokio::spawn(admin::serve(listener, admin, gate));
+        telemetry::spawn(admin::serve(listener, admin, gate));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(state.clone(), health));
+    telemetry::spawn(report_health(state.clone(), health));
 
     // SIGTERM: not ready at once, keep answering for `drain` (Envoy in the same pod
     // is draining too and still asks), then stop accepting and let in-flight
@@ -115,7 +134,7 @@ pub async fn serve_with_clock(
     {
         let state = state.clone();
         let drain = shutdown.drain;
-        tokio::spawn(async move {
+        telemetry::spawn(async move {
             shutdown_signal().await;
             state.start_draining();
             tracing::info!(
@@ -137,7 +156,7 @@ pub async fn serve_with_clock(
             Gate::new("http", cap),
         );
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move {
+        telemetry::spawn(async move {
             tokio::select! {
                 _ = http => {}
                 _ = stop => {}

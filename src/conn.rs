@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -217,7 +217,7 @@ pub async fn serve_grpc(
     gate: Gate,
     stop: watch::Receiver<bool>,
 ) {
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut h2 = hyper::server::conn::http2::Builder::new(crate::telemetry::Executor);
     h2.timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -236,7 +236,7 @@ pub async fn serve_grpc(
                     limits: limits.clone(),
                     stop: stop.clone(),
                 };
-                tokio::spawn(conn.serve(tcp, slot));
+                telemetry::spawn(conn.serve(tcp, slot));
             }
             _ = accepting.wait_for(|s| *s) => break,
         }
@@ -249,7 +249,7 @@ pub async fn serve_grpc(
 }
 
 struct Connection {
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2: hyper::server::conn::http2::Builder<crate::telemetry::Executor>,
     routes: Routes,
     limits: Arc<Limits>,
     stop: watch::Receiver<bool>,

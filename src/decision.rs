@@ -2,6 +2,7 @@
 //! public API: it is the `reason` of `valet_check_total`, of logs and of the body.
 
 use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -127,6 +128,118 @@ impl DenyKind {
     }
 }
 
+/// A route's name as decisions carry it: shared, never copied per Check, with
+/// the route's `valet_check_total` handles beside it (filled on first use by
+/// telemetry, so that counting a Check takes no lock and no lookup).
+#[derive(Clone)]
+pub struct RouteName(Arc<RouteLabel>);
+
+struct RouteLabel {
+    name: Box<str>,
+    counters: CheckCounters,
+}
+
+/// One counter handle per reason × allow/deny × dry-run, made once each.
+pub struct CheckCounters(Box<[OnceLock<metrics::Counter>]>);
+
+impl Default for CheckCounters {
+    fn default() -> Self {
+        CheckCounters(
+            (0..Reason::ALL.len() * 4)
+                .map(|_| OnceLock::new())
+                .collect(),
+        )
+    }
+}
+
+impl CheckCounters {
+    pub fn cell(&self, slot: usize) -> &OnceLock<metrics::Counter> {
+        &self.0[slot]
+    }
+}
+
+impl RouteName {
+    pub fn as_str(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn counters(&self) -> &CheckCounters {
+        &self.0.counters
+    }
+}
+
+impl From<String> for RouteName {
+    fn from(name: String) -> Self {
+        RouteName(Arc::new(RouteLabel {
+            name: name.into(),
+            counters: CheckCounters::default(),
+        }))
+    }
+}
+
+impl From<&str> for RouteName {
+    fn from(name: &str) -> Self {
+        RouteName::from(name.to_owned())
+    }
+}
+
+impl std::ops::Deref for RouteName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for RouteName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for RouteName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for RouteName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RouteName {}
+
+impl PartialEq<str> for RouteName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for RouteName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl serde::Serialize for RouteName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 #[derive(Debug)]
 pub enum Decision {
     Allow(Allow),
@@ -135,32 +248,39 @@ pub enum Decision {
 
 #[derive(Debug, Default)]
 pub struct Allow {
-    pub route: Option<String>,
+    pub route: Option<RouteName>,
     /// `anonymous`, `verified`, or `no_route` under `default: allow`.
     pub reason: Option<Reason>,
-    pub provider: Option<String>,
-    pub kid: Option<String>,
+    pub provider: Option<Arc<str>>,
+    pub kid: Option<Arc<str>>,
     /// Set on the upstream request, overwriting what the client sent.
     pub set_headers: Vec<(String, String)>,
+    /// The policy's identity headers, shared: removed from the upstream request
+    /// unless `set_headers` sets them (see [`Allow::removed_headers`]).
+    pub identity_headers: Arc<[String]>,
+    /// Removed besides the identity headers (the token's header, `dpop`, `cookie`).
     pub remove_headers: Vec<String>,
     pub remove_query: Vec<String>,
     /// Verified claims, for Envoy's dynamic metadata.
-    pub claims: Option<std::sync::Arc<Map<String, Value>>>,
+    pub claims: Option<Arc<Map<String, Value>>>,
+    /// The provider's `metadata_claims` of `claims`, encoded once per verified
+    /// token as the protobuf `Struct` of dynamic metadata's `claims` field.
+    pub claims_metadata: Option<prost::bytes::Bytes>,
     /// A denial let through by `dry_run`: `reason` is what it would have been.
     pub dry_run: bool,
 }
 
 #[derive(Debug)]
 pub struct Deny {
-    pub route: Option<String>,
+    pub route: Option<RouteName>,
     pub reason: Reason,
     pub kind: DenyKind,
     /// Short, fixed text: never includes the token or a claim value.
     pub description: Cow<'static, str>,
     /// For `insufficient_scope`: the scopes the route asks for.
     pub scope: Option<String>,
-    pub provider: Option<String>,
-    pub kid: Option<String>,
+    pub provider: Option<Arc<str>>,
+    pub kid: Option<Arc<str>>,
     /// A fixed word for logs that narrows the reason (which denylist rule, which
     /// DPoP check): never a value from the request.
     pub detail: Option<&'static str>,
@@ -180,14 +300,35 @@ impl Decision {
     }
 
     pub fn route(&self) -> Option<&str> {
+        self.route_name().map(RouteName::as_str)
+    }
+
+    pub fn route_name(&self) -> Option<&RouteName> {
         match self {
-            Decision::Allow(a) => a.route.as_deref(),
-            Decision::Deny(d) => d.route.as_deref(),
+            Decision::Allow(a) => a.route.as_ref(),
+            Decision::Deny(d) => d.route.as_ref(),
         }
+    }
+
+    /// The route's `valet_check_total` handles; None when no route matched.
+    pub fn route_counters(&self) -> Option<&CheckCounters> {
+        self.route_name().map(RouteName::counters)
     }
 
     pub fn is_allow(&self) -> bool {
         matches!(self, Decision::Allow(_))
+    }
+}
+
+impl Allow {
+    /// Every header removed from the upstream request: the identity headers not
+    /// set by this answer (Envoy applies removals after sets), then the rest.
+    pub fn removed_headers(&self) -> impl Iterator<Item = &str> {
+        self.identity_headers
+            .iter()
+            .filter(|h| !self.set_headers.iter().any(|(s, _)| s == *h))
+            .chain(&self.remove_headers)
+            .map(String::as_str)
     }
 }
 

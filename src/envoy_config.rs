@@ -365,7 +365,7 @@ pub fn istio_plan(policy: &Policy) -> IstioPlan {
             Ok(sets) => sets,
             Err(why) => {
                 plan.left
-                    .push((r.name.clone(), path_text(&r.path), why.to_string()));
+                    .push((r.name.to_string(), path_text(&r.path), why.to_string()));
                 continue;
             }
         };
@@ -374,7 +374,7 @@ pub fn istio_plan(policy: &Policy) -> IstioPlan {
             let (IstioPaths::Exact(p) | IstioPaths::Below(p)) = &set;
             if !istio_safe(p) {
                 plan.left.push((
-                    r.name.clone(),
+                    r.name.to_string(),
                     pattern,
                     "characters other than A-Z a-z 0-9 / - . _ ~ (Envoy may escape them \
                      before Istio compares)"
@@ -387,7 +387,7 @@ pub fn istio_plan(policy: &Policy) -> IstioPlan {
                 .find(|e| !e.is_anonymous() && may_match(&e.path, &set));
             if let Some(e) = earlier {
                 plan.left.push((
-                    r.name.clone(),
+                    r.name.to_string(),
                     pattern,
                     format!(
                         "earlier route {} ({}) may match there, and the first route that \
@@ -399,7 +399,7 @@ pub fn istio_plan(policy: &Policy) -> IstioPlan {
                 continue;
             }
             if !plan.skipped.iter().any(|(_, s)| *s == set) {
-                plan.skipped.push((r.name.clone(), set));
+                plan.skipped.push((r.name.to_string(), set));
             }
         }
     }

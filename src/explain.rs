@@ -273,11 +273,11 @@ fn describe_access(policy: &Policy, route: &Route) -> String {
         Access::Require(r) => r,
     };
     let providers: Vec<&str> = if req.providers.is_empty() {
-        policy.providers.iter().map(|p| p.name.as_str()).collect()
+        policy.providers.iter().map(|p| &*p.name).collect()
     } else {
         req.providers
             .iter()
-            .map(|i| policy.providers[*i].name.as_str())
+            .map(|i| &*policy.providers[*i].name)
             .collect()
     };
     let mut parts = vec![format!("a valid token from {}", providers.join(" or "))];

@@ -35,7 +35,6 @@ use crate::policy::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
 use crate::state::State;
-use crate::telemetry;
 
 /// The headers a proxy writes about the original request.
 struct Family {
@@ -80,7 +79,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
     loop {
         let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let state = state.clone();
-        tokio::spawn(async move {
+        crate::telemetry::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
@@ -103,7 +102,7 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
             // Counted like any other Check; never decided on a guess.
             let deny = Deny::new(Reason::MalformedRequest, DenyKind::BadRequest, why);
             let decision = Decision::Deny(deny);
-            telemetry::check(&decision, started.elapsed());
+            state.telemetry().check(&decision, started.elapsed());
             let Decision::Deny(deny) = decision else {
                 unreachable!()
             };

@@ -261,7 +261,7 @@ impl Introspector {
                     map.insert(k, rx.clone());
                     let this = self.clone();
                     let token = token.to_string();
-                    tokio::spawn(async move {
+                    crate::telemetry::spawn(async move {
                         let r = this.request(&token, now, slot.suspect()).await;
                         slot.set_outcome(match &r {
                             Ok(Answer::Active(_)) => Outcome::Active,

@@ -186,6 +186,10 @@ enum LogFormat {
 /// BSD sysexits EX_USAGE: the configuration is unusable.
 const EX_USAGE: u8 = 64;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -3,6 +3,7 @@
 //! its live key set and introspection state are in the stores (`stores`).
 
 use std::fmt;
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use jsonwebtoken::Algorithm;
 pub const DEFAULT_UNKNOWN_KID_WAITERS: usize = 128;
 
 pub struct Provider {
-    pub name: String,
+    pub name: Arc<str>,
     pub issuer: String,
     /// The token's `aud` must contain one of these; empty means not checked.
     pub audiences: Vec<String>,
@@ -27,6 +28,58 @@ pub struct Provider {
     /// RFC 7662 introspection, for opaque tokens (and JWTs if it says so); its
     /// caches and circuit are the stores' `Introspector`.
     pub introspection: Option<IntrospectionSettings>,
+    /// Which verified claims go to Envoy's dynamic metadata.
+    pub metadata_claims: MetadataClaims,
+}
+
+/// What Envoy's access logs and RBAC rules most often read: who (`sub`,
+/// `client_id`/`azp`), for what (`aud`, `scope`/`scp`), from whom (`iss`), until when (`exp`).
+pub const DEFAULT_METADATA_CLAIMS: &[&str] = &[
+    "sub",
+    "iss",
+    "aud",
+    "scope",
+    "scp",
+    "client_id",
+    "azp",
+    "exp",
+];
+
+/// The claims of a verified token Valet puts in dynamic metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataClaims {
+    All,
+    /// Top-level claim names; empty: no `claims` field at all.
+    Only(Vec<String>),
+}
+
+impl MetadataClaims {
+    /// `metadata_claims` as written: absent is the default list, `["*"]` all.
+    pub fn from_config(names: Option<Vec<String>>) -> Self {
+        match names {
+            None => MetadataClaims::Only(
+                DEFAULT_METADATA_CLAIMS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
+            Some(n) if n.iter().any(|c| c == "*") => MetadataClaims::All,
+            Some(n) => MetadataClaims::Only(n),
+        }
+    }
+
+    pub fn includes(&self, claim: &str) -> bool {
+        match self {
+            MetadataClaims::All => true,
+            MetadataClaims::Only(names) => names.iter().any(|n| n == claim),
+        }
+    }
+}
+
+impl Default for MetadataClaims {
+    fn default() -> Self {
+        MetadataClaims::from_config(None)
+    }
 }
 
 impl fmt::Debug for Provider {

@@ -82,7 +82,7 @@ impl Reloader {
         // Compiling a large policy takes milliseconds (1,000 routes: ~130 ms): off the
         // runtime that answers Checks.
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || load::load(&path))
+        let loaded = crate::telemetry::spawn_blocking(move || load::load(&path))
             .await
             .unwrap_or_else(|e| {
                 Err(LoadError::Read {

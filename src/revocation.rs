@@ -175,7 +175,7 @@ pub async fn watch(current: impl Fn() -> Option<Arc<Revocation>>) {
         tick.tick().await;
         if let Some(r) = current() {
             // A stat per second; reading and parsing only on change, off the runtime.
-            let _ = tokio::task::spawn_blocking(move || r.refresh()).await;
+            let _ = crate::telemetry::spawn_blocking(move || r.refresh()).await;
         }
     }
 }

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
 use tonic::{Request, Response};
 
 use crate::decision::Decision;
 use crate::state::State;
 use crate::stores::Snapshot;
-use crate::{check, driver, response, telemetry};
+use crate::response::Answer;
+use crate::{check, driver};
 
 pub mod message;
 mod server;
@@ -28,14 +29,14 @@ impl CheckService {
     /// The answer to one Check, a denial included; a request that could not be
     /// decoded is a 400 `malformed_request` like any unreadable request, one
     /// over the size cap a 413 `request_too_large`.
-    pub async fn answer(&self, request: Request<Incoming>) -> Response<CheckResponse> {
+    pub async fn answer(&self, request: Request<Incoming>) -> Response<Answer> {
         let budget = grpc_timeout(request.metadata());
         let (decision, policy) = match request.get_ref() {
             Incoming::Check(check) => decide(&self.state, check, budget).await,
             Incoming::Undecodable(e) => {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
-                telemetry::check(&decision, Duration::ZERO);
+                self.state.telemetry().check(&decision, Duration::ZERO);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -44,11 +45,11 @@ impl CheckService {
                     (deny, true) => check::unread(&policy, deny),
                     (deny, false) => Decision::Deny(deny),
                 };
-                telemetry::check(&decision, Duration::ZERO);
+                self.state.telemetry().check(&decision, Duration::ZERO);
                 (decision, policy)
             }
         };
-        Response::new(response::to_check_response(decision, &policy.realm))
+        Response::new(Answer::of(decision, &policy.realm))
     }
 }
 
@@ -66,7 +67,7 @@ pub async fn decide(
         state.admit()
     })
     .await;
-    telemetry::check(&decision, started.elapsed());
+    state.telemetry().check(&decision, started.elapsed());
     (decision, snap)
 }
 

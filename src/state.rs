@@ -12,6 +12,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 use crate::clock::Clock;
 use crate::stores::Snapshot;
+use crate::telemetry::Telemetry;
 
 pub struct State {
     snapshot: ArcSwap<Snapshot>,
@@ -22,6 +23,8 @@ pub struct State {
     in_flight: Arc<Semaphore>,
     /// The time every Check, cache and status of this instance reads.
     clock: Clock,
+    /// This Valet's metrics.
+    telemetry: Telemetry,
 }
 
 /// What the admin port reports about the policy in force.
@@ -46,7 +49,17 @@ impl State {
             draining: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             clock: Clock::system(),
+            telemetry: Telemetry::new(),
         }
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// One snapshot (policy and stores) per Check: load once at the top, pass

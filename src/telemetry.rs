@@ -1,14 +1,26 @@
 //! Logs and metrics for each event, emitted together from one function each.
 //! Never a token, never a claim value: route, reason, provider and kid only.
+//!
+//! Each Valet has its own [`Telemetry`]: its own Prometheus recorder, so that
+//! several Valets in one process (the test suite) keep separate metrics. The hot
+//! path (a Check's counter and histogram) goes to handles resolved once and
+//! takes no lock. Every other event is emitted through the `metrics` macros
+//! while the Valet's futures are polled under [`Telemetry::scope`], which makes
+//! its recorder the thread's; tasks a Valet starts inherit it via [`spawn`].
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
-
-use crate::decision::{Decision, Reason};
+use crate::decision::{CheckCounters, Decision, Reason};
 
 pub const CHECK_TOTAL: &str = "valet_check_total";
 pub const CHECK_DURATION: &str = "valet_check_duration_seconds";
@@ -50,34 +62,199 @@ const INTROSPECTION_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Installs the Prometheus recorder for this process and describes every metric.
-/// Histograms buffer samples until rendered, so upkeep must run even when nobody
-/// scrapes: the caller spawns [`upkeep`].
-pub fn install() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.into()), CHECK_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .set_buckets_for_metric(
-            Matcher::Full(INTROSPECTION_DURATION.into()),
-            INTROSPECTION_BUCKETS,
-        )
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
-    describe();
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Counters exist from zero, so that the first failure is an increase alerts can see.
-    for listener in ["grpc", "http", "admin"] {
-        metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);
-    }
-    for result in ["success", "error"] {
-        metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
-        metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => result).increment(0);
-    }
-    metrics::counter!(DPOP_REPLAY_FULL).increment(0);
-    metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(0);
-    Ok(handle)
+/// One Valet's metrics: a recorder of its own and the handles of the hot path.
+#[derive(Clone)]
+pub struct Telemetry(Arc<Inner>);
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    check_duration: metrics::Histogram,
+    /// `valet_check_total` handles for Checks no route matched.
+    no_route: CheckCounters,
+    deny_log: DenyLog,
 }
+
+impl Telemetry {
+    /// A recorder with every metric described and the counters that must exist
+    /// from zero. Histograms buffer samples until rendered, so upkeep must run
+    /// even when nobody scrapes: the caller spawns [`upkeep`].
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Telemetry {
+        // Only empty bucket lists are refused, and these are constants.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.into()), CHECK_BUCKETS)
+            .expect("fixed buckets")
+            .set_buckets_for_metric(
+                Matcher::Full(INTROSPECTION_DURATION.into()),
+                INTROSPECTION_BUCKETS,
+            )
+            .expect("fixed buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let check_duration =
+            recorder.register_histogram(&Key::from_static_name(CHECK_DURATION), &META);
+        let telemetry = Telemetry(Arc::new(Inner {
+            recorder,
+            handle,
+            check_duration,
+            no_route: CheckCounters::default(),
+            deny_log: DenyLog::default(),
+        }));
+        telemetry.with(|| {
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // Counters exist from zero, so that the first failure is an increase alerts can see.
+            for listener in ["grpc", "http", "admin"] {
+                metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);
+            }
+            for result in ["success", "error"] {
+                metrics::counter!(POLICY_RELOAD_TOTAL, "result" => result).increment(0);
+                metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => result).increment(0);
+            }
+            metrics::counter!(DPOP_REPLAY_FULL).increment(0);
+            metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(0);
+        });
+        telemetry
+    }
+
+    /// The Prometheus text of this Valet's metrics.
+    pub fn handle(&self) -> &PrometheusHandle {
+        &self.0.handle
+    }
+
+    /// Runs `f` with this Valet's recorder as the thread's.
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.0.recorder, f)
+    }
+
+    /// `future`, polled with this Valet's recorder as the thread's: the events
+    /// it emits, and those of the tasks it [`spawn`]s, are this Valet's.
+    pub fn scope<F: Future>(&self, future: F) -> Scoped<F> {
+        Scoped {
+            telemetry: self.clone(),
+            future,
+        }
+    }
+
+    /// The Valet whose future is being polled on this thread, if any.
+    pub fn current() -> Option<Telemetry> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Makes this recorder the process's default too, for events emitted outside
+    /// any scope (none are known); the first Valet of a process wins.
+    pub fn install_global(&self) {
+        let _ = metrics::set_global_recorder(Global(self.clone()));
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Telemetry>> = const { RefCell::new(None) };
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled under a [`Telemetry`]'s recorder.
+    pub struct Scoped<F> {
+        telemetry: Telemetry,
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let telemetry: &Telemetry = this.telemetry;
+        let future = this.future;
+        let previous = CURRENT.with(|c| c.replace(Some(telemetry.clone())));
+        let out = metrics::with_local_recorder(&telemetry.0.recorder, || future.poll(cx));
+        CURRENT.with(|c| c.replace(previous));
+        out
+    }
+}
+
+/// `tokio::task::spawn_blocking`, keeping the caller's telemetry.
+pub fn spawn_blocking<F, T>(f: F) -> tokio::task::JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let telemetry = Telemetry::current();
+    tokio::task::spawn_blocking(move || match telemetry {
+        Some(t) => t.with(f),
+        None => f(),
+    })
+}
+
+/// hyper's executor for HTTP/2 streams: [`spawn`], so that each stream's task
+/// (a Check) keeps its connection's telemetry.
+#[derive(Clone, Copy, Default)]
+pub struct Executor;
+
+impl<F> hyper::rt::Executor<F> for Executor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        spawn(future);
+    }
+}
+
+/// `tokio::spawn`, keeping the spawning Valet's telemetry for the new task.
+pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match Telemetry::current() {
+        Some(t) => tokio::spawn(t.scope(future)),
+        None => tokio::spawn(future),
+    }
+}
+
+struct Global(Telemetry);
+
+impl Recorder for Global {
+    fn describe_counter(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.0.recorder.describe_counter(k, u, d)
+    }
+    fn describe_gauge(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.0.recorder.describe_gauge(k, u, d)
+    }
+    fn describe_histogram(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.0.recorder.describe_histogram(k, u, d)
+    }
+    fn register_counter(&self, k: &Key, m: &Metadata<'_>) -> Counter {
+        self.0.0.recorder.register_counter(k, m)
+    }
+    fn register_gauge(&self, k: &Key, m: &Metadata<'_>) -> metrics::Gauge {
+        self.0.0.recorder.register_gauge(k, m)
+    }
+    fn register_histogram(&self, k: &Key, m: &Metadata<'_>) -> metrics::Histogram {
+        self.0.0.recorder.register_histogram(k, m)
+    }
+}
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 pub async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -216,107 +393,115 @@ fn describe() {
     );
 }
 
-pub fn check(decision: &Decision, elapsed: Duration) {
-    let route = decision.route().unwrap_or(NO_ROUTE_LABEL);
-    let reason = decision.reason().label();
-    match decision {
-        Decision::Allow(a) if a.dry_run => {
-            tracing::info!(
-                route.name = route,
-                deny.reason = reason,
-                provider = a.provider.as_deref().unwrap_or(""),
-                kid = a.kid.as_deref().map(loggable_kid).unwrap_or(""),
-                "dry-run: would deny, allowed"
-            );
+impl Telemetry {
+    /// One Check answered: its counter, its duration, and (rate-limited for
+    /// denials) its log line. No lock, no allocation once the handles exist.
+    pub fn check(&self, decision: &Decision, elapsed: Duration) {
+        let route = decision.route().unwrap_or(NO_ROUTE_LABEL);
+        let reason = decision.reason().label();
+        match decision {
+            Decision::Allow(a) if a.dry_run => {
+                tracing::info!(
+                    route.name = route,
+                    deny.reason = reason,
+                    provider = a.provider.as_deref().unwrap_or(""),
+                    kid = a.kid.as_deref().map(loggable_kid).unwrap_or(""),
+                    "dry-run: would deny, allowed"
+                );
+            }
+            Decision::Allow(a) => {
+                tracing::debug!(
+                    route.name = route,
+                    reason,
+                    provider = a.provider.as_deref().unwrap_or(""),
+                    kid = a.kid.as_deref().unwrap_or(""),
+                    "allow"
+                );
+            }
+            Decision::Deny(d) if self.0.deny_log.allowed() => {
+                tracing::info!(
+                    route.name = route,
+                    deny.reason = reason,
+                    http.status = d.kind.http_status(),
+                    provider = d.provider.as_deref().unwrap_or(""),
+                    kid = d.kid.as_deref().map(loggable_kid).unwrap_or(""),
+                    detail = d.detail.unwrap_or(""),
+                    "deny"
+                );
+            }
+            Decision::Deny(_) => {}
         }
-        Decision::Allow(a) => {
-            tracing::debug!(
-                route.name = route,
-                reason,
-                provider = a.provider.as_deref().unwrap_or(""),
-                kid = a.kid.as_deref().unwrap_or(""),
-                "allow"
-            );
-        }
-        Decision::Deny(d) if deny_log_allowed() => {
-            tracing::info!(
-                route.name = route,
-                deny.reason = reason,
-                http.status = d.kind.http_status(),
-                provider = d.provider.as_deref().unwrap_or(""),
-                kid = d.kid.as_deref().map(loggable_kid).unwrap_or(""),
-                detail = d.detail.unwrap_or(""),
-                "deny"
-            );
-        }
-        Decision::Deny(_) => {}
+        self.check_counter(decision, route).increment(1);
+        self.0.check_duration.record(elapsed.as_secs_f64());
     }
-    check_counter(decision, route).increment(1);
-    CHECK_HISTOGRAM.record(elapsed.as_secs_f64());
-}
 
-static CHECK_HISTOGRAM: LazyLock<metrics::Histogram> =
-    LazyLock::new(|| metrics::histogram!(CHECK_DURATION));
-
-/// Slots per route: every reason, allow or deny, dry-run or not.
-const SLOTS: usize = Reason::ALL.len() * 4;
-
-/// Counter handles by route name, registered on first use and kept: building the
-/// labelled key and looking it up in the registry on every Check cost more than
-/// the Check's policy logic. Bounded by the route names policies ever had.
-static CHECK_COUNTERS: LazyLock<Mutex<HashMap<String, Vec<Option<metrics::Counter>>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-
-fn check_counter(decision: &Decision, route: &str) -> metrics::Counter {
-    let reason = decision.reason();
-    let allow = decision.is_allow();
-    let dry_run = matches!(decision, Decision::Allow(a) if a.dry_run);
-    let slot = reason as usize * 4 + usize::from(allow) * 2 + usize::from(dry_run);
-    let mut map = CHECK_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-    if !map.contains_key(route) {
-        map.insert(route.to_owned(), vec![None; SLOTS]);
-    }
-    let slots = map.get_mut(route).expect("inserted above");
-    slots[slot]
-        .get_or_insert_with(|| {
+    /// The handle for this decision's route × reason × allow × dry-run, from the
+    /// route's cells (made with the compiled policy, filled on first use).
+    fn check_counter<'a>(&'a self, decision: &'a Decision, route: &str) -> &'a Counter {
+        let reason = decision.reason();
+        let allow = decision.is_allow();
+        let dry_run = matches!(decision, Decision::Allow(a) if a.dry_run);
+        let slot = reason as usize * 4 + usize::from(allow) * 2 + usize::from(dry_run);
+        let cells = decision.route_counters().unwrap_or(&self.0.no_route);
+        cells.cell(slot).get_or_init(|| {
             let decision_label = if allow { "allow" } else { "deny" };
-            let route = route.to_owned();
+            let mut labels = vec![
+                Label::new("decision", decision_label),
+                Label::new("reason", reason.label()),
+                Label::new("route", route.to_owned()),
+            ];
             if dry_run {
                 // Allowed, so not part of the rejection rate; the reason says what would have been.
-                metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason.label(), "route" => route, "dry_run" => "true")
-            } else {
-                metrics::counter!(CHECK_TOTAL, "decision" => decision_label, "reason" => reason.label(), "route" => route)
+                labels.push(Label::new("dry_run", "true"));
             }
+            self.0
+                .recorder
+                .register_counter(&Key::from_parts(CHECK_TOTAL, labels), &META)
         })
-        .clone()
+    }
 }
+
+/// Slots per route: every reason, allow or deny, dry-run or not.
+pub const CHECK_SLOTS: usize = Reason::ALL.len() * 4;
 
 /// Deny lines per second before the rest are only counted: the traffic Valet
 /// rejects (a scanner, a broken client) must not be the most expensive to serve.
 const DENY_LOGS_PER_SEC: u32 = 100;
 
-static DENY_LOG: Mutex<(u64, u32, u64)> = Mutex::new((0, 0, 0));
+/// A per-second budget of deny lines, without a lock: at a second's turn a few
+/// lines more or less may pass, which is all a log budget needs.
+#[derive(Default)]
+struct DenyLog {
+    second: AtomicU64,
+    count: AtomicU32,
+    suppressed: AtomicU64,
+}
 
-fn deny_log_allowed() -> bool {
-    let now = crate::clock::system_unix();
-    let mut state = DENY_LOG.lock().unwrap_or_else(|e| e.into_inner());
-    let (second, _, suppressed) = &mut *state;
-    if *second != now {
-        if *suppressed > 0 {
-            tracing::info!(
-                suppressed = *suppressed,
-                "deny log lines suppressed (over {DENY_LOGS_PER_SEC}/s); valet_check_total counts them all"
-            );
+impl DenyLog {
+    fn allowed(&self) -> bool {
+        let now = crate::clock::system_unix();
+        let second = self.second.load(Ordering::Relaxed);
+        if second != now
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            if suppressed > 0 {
+                tracing::info!(
+                    suppressed,
+                    "deny log lines suppressed (over {DENY_LOGS_PER_SEC}/s); valet_check_total counts them all"
+                );
+            }
+            self.count.store(0, Ordering::Relaxed);
         }
-        *state = (now, 0, 0);
-    }
-    let (_, count, suppressed) = &mut *state;
-    if *count < DENY_LOGS_PER_SEC {
-        *count += 1;
-        true
-    } else {
-        *suppressed += 1;
-        false
+        if self.count.fetch_add(1, Ordering::Relaxed) < DENY_LOGS_PER_SEC {
+            true
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
     }
 }
 
@@ -382,27 +567,21 @@ pub const VERIFY_CACHE_TOTAL: &str = "valet_verify_cache_total";
 pub const VERIFY_CACHE_EVICTIONS: &str = "valet_verify_cache_evictions_total";
 pub const VERIFY_CACHE_ENTRIES: &str = "valet_verify_cache_entries";
 
-/// On every Check with a token: handles registered once, like the Check counters.
-static VERIFY_CACHE_HIT: LazyLock<metrics::Counter> =
-    LazyLock::new(|| metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "hit"));
-static VERIFY_CACHE_MISS: LazyLock<metrics::Counter> =
-    LazyLock::new(|| metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "miss"));
-
-pub fn verify_cache(hit: bool) {
-    let counter = if hit {
-        &VERIFY_CACHE_HIT
-    } else {
-        &VERIFY_CACHE_MISS
-    };
-    counter.increment(1);
+/// Hit and miss handles for one verified-token cache, registered on the
+/// recorder in scope at first use (the cache belongs to one Valet's policy).
+pub fn verify_cache_counters() -> [Counter; 2] {
+    [
+        metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "hit"),
+        metrics::counter!(VERIFY_CACHE_TOTAL, "result" => "miss"),
+    ]
 }
 
-/// One signature verification run (a cache hit, or a token refused before the
-/// crypto, runs none).
-pub fn signature_verified(provider: &str, valid: bool) {
-    let result = if valid { "valid" } else { "invalid" };
-    metrics::counter!(SIGNATURE_VERIFICATIONS, "provider" => provider.to_owned(), "result" => result)
-        .increment(1);
+/// Valid and invalid handles of one provider's signature checks (a cache hit,
+/// or a token refused before the crypto, runs none).
+pub fn signature_counters(provider: &str) -> [Counter; 2] {
+    ["valid", "invalid"].map(|result| {
+        metrics::counter!(SIGNATURE_VERIFICATIONS, "provider" => provider.to_owned(), "result" => result)
+    })
 }
 
 pub fn verify_cache_evicted() {
@@ -489,12 +668,9 @@ pub fn introspection_circuit(provider: &str, open: bool) {
     });
 }
 
-static DPOP_REPLAY_FULL_COUNTER: LazyLock<metrics::Counter> =
-    LazyLock::new(|| metrics::counter!(DPOP_REPLAY_FULL));
-
 /// A good DPoP proof refused: the replay cache is full of ids inside their window.
 pub fn dpop_replay_full() {
-    DPOP_REPLAY_FULL_COUNTER.increment(1);
+    metrics::counter!(DPOP_REPLAY_FULL).increment(1);
 }
 
 pub fn dpop_replay_entries(n: usize) {
@@ -516,9 +692,9 @@ pub fn connections_open(listener: &'static str, open: usize) {
 /// once a second per process: a flood must not become a log flood.
 pub fn connection_refused(listener: &'static str, cap: usize) {
     metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
-    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static LAST: AtomicU64 = AtomicU64::new(0);
     let now = crate::clock::system_unix();
-    if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+    if LAST.swap(now, Ordering::Relaxed) != now {
         tracing::warn!(
             listener,
             cap,

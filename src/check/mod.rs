@@ -6,6 +6,8 @@ pub use crate::stores::cache;
 pub mod token;
 pub mod verify;
 
+use std::sync::Arc;
+
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use serde_json::{Map, Value};
 
@@ -39,7 +41,7 @@ pub enum Step<'r> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
     /// Keys of `provider` that hold `kid` (a rotation not seen yet, perhaps).
-    Keys { provider: usize, kid: String },
+    Keys { provider: usize, kid: Arc<str> },
     /// The introspection answer for the token, from `provider`'s endpoint.
     Introspection { provider: usize },
 }
@@ -399,10 +401,12 @@ fn trusted(
         d.provider = Some(provider.name.clone());
         return Err(d);
     }
+    let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims: std::sync::Arc::new(claims),
+        metadata,
     })
 }
 
@@ -417,7 +421,7 @@ fn dry_run(policy: &Snapshot, route: Option<&Route>, decision: Decision) -> Deci
             dry_run: true,
             provider: d.provider,
             kid: d.kid,
-            remove_headers: policy.identity_headers.clone(),
+            identity_headers: policy.identity_headers.clone(),
             ..Default::default()
         }),
         other => other,
@@ -450,7 +454,7 @@ fn no_route(policy: &Snapshot) -> Decision {
         )),
         DefaultAction::Allow => Decision::Allow(Allow {
             reason: Some(Reason::NoRoute),
-            remove_headers: policy.identity_headers.clone(),
+            identity_headers: policy.identity_headers.clone(),
             ..Default::default()
         }),
     }
@@ -460,7 +464,7 @@ fn anonymous(policy: &Snapshot, route: &Route) -> Allow {
     Allow {
         route: Some(route.name.clone()),
         reason: Some(Reason::Anonymous),
-        remove_headers: policy.identity_headers.clone(),
+        identity_headers: policy.identity_headers.clone(),
         ..Default::default()
     }
 }
@@ -479,13 +483,8 @@ fn allow(
             set_headers.push((header.clone(), value));
         }
     }
-    // Envoy applies removals after sets, so never remove what we set.
-    let mut remove_headers: Vec<String> = policy
-        .identity_headers
-        .iter()
-        .filter(|h| !set_headers.iter().any(|(s, _)| s == *h))
-        .cloned()
-        .collect();
+    // The identity headers are removed but for those set (see `Allow::removed_headers`).
+    let mut remove_headers: Vec<String> = Vec::new();
     let mut remove_query = Vec::new();
     if let Some(token) = token.filter(|_| !provider.forward_token) {
         if token.scheme == Scheme::Dpop {
@@ -515,6 +514,8 @@ fn allow(
         remove_headers,
         remove_query,
         claims: Some(verified.claims),
+        claims_metadata: verified.metadata,
+        identity_headers: policy.identity_headers.clone(),
         dry_run: false,
     }
 }

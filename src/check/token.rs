@@ -94,6 +94,19 @@ fn strip_prefix<'v>(value: &'v str, prefix: &str) -> Option<&'v str> {
     }
 }
 
+/// The bytes of RFC 6750's b64token, as a table: every token byte is looked up
+/// (a chain of comparisons per byte was 3% of a cached Check).
+static B64TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    t
+};
+
 fn check_shape(raw: &str, max_bytes: usize) -> Result<&str, TokenError> {
     if raw.is_empty() {
         return Err(TokenError::Malformed("empty token"));
@@ -104,11 +117,7 @@ fn check_shape(raw: &str, max_bytes: usize) -> Result<&str, TokenError> {
     // RFC 6750 §2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
     // (opaque tokens may be standard base64; a JWT never has the extra characters).
     let body = raw.trim_end_matches('=');
-    if body.is_empty()
-        || !body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/')
-        })
-    {
+    if body.is_empty() || !body.bytes().all(|b| B64TOKEN[usize::from(b)]) {
         return Err(TokenError::Malformed(
             "token has characters outside base64url",
         ));

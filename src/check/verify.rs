@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 
 use std::sync::Arc;
 
+use prost::bytes::Bytes;
+
 use crate::decision::Reason;
 use crate::introspection::Answer;
 use crate::jwks::KeyCell;
@@ -72,15 +74,18 @@ impl VerifyError {
 pub struct Failed {
     pub error: VerifyError,
     pub provider: Option<usize>,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
 pub struct Verified {
     /// Index into the policy's providers.
     pub provider: usize,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub claims: Arc<Map<String, Value>>,
+    /// The provider's `metadata_claims` of `claims`, encoded for Envoy: once per
+    /// verified token (kept in the verified-token cache), not per Check.
+    pub metadata: Option<Bytes>,
 }
 
 /// The first allowed provider that introspects, for tokens that are not JWTs.
@@ -134,10 +139,12 @@ fn introspected(
     if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
         return Err(VerifyError::AudienceNotAllowed);
     }
+    let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims,
+        metadata,
     })
 }
 
@@ -190,7 +197,7 @@ fn verify_inner(
     now: u64,
     given: Option<&Answer>,
     seen_provider: &mut Option<usize>,
-    seen_kid: &mut Option<String>,
+    seen_kid: &mut Option<Arc<str>>,
 ) -> Result<Verified, VerifyError> {
     // A token seen before, verified by the key set in force, under this policy.
     let hash = policy
@@ -214,6 +221,7 @@ fn verify_inner(
             provider: hit.provider,
             kid: hit.kid.clone(),
             claims: hit.claims.clone(),
+            metadata: hit.metadata.clone(),
         });
     }
     // A JWS is three base64url parts without padding (RFC 7515 §2) and a JSON
@@ -244,7 +252,8 @@ fn verify_inner(
             Some(_) => "unreadable header",
         }));
     };
-    seen_kid.clone_from(&header.kid);
+    let kid: Option<Arc<str>> = header.kid.as_deref().map(Arc::from);
+    seen_kid.clone_from(&kid);
     if header.alg.eq_ignore_ascii_case("none") {
         return Err(VerifyError::UnsupportedAlgorithm(
             "unsigned tokens are not accepted",
@@ -329,6 +338,7 @@ fn verify_inner(
     if !provider.audiences.is_empty() && !audience_contains(&claims, &provider.audiences) {
         return Err(VerifyError::AudienceNotAllowed);
     }
+    let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
     let claims = Arc::new(claims);
     if let Some(hash) = hash {
         // Until exp exactly (fractions dropped), and never for more than a day.
@@ -338,16 +348,18 @@ fn verify_inner(
             token.len(),
             index,
             keyset,
-            header.kid.clone(),
+            kid.clone(),
             claims.clone(),
+            metadata.clone(),
             until,
             now,
         );
     }
     Ok(Verified {
         provider: index,
-        kid: header.kid,
+        kid,
         claims,
+        metadata,
     })
 }
 
@@ -440,9 +452,13 @@ fn check_signature(
     }
     // The signed message is everything before the last dot.
     let message = &token.as_bytes()[..token.len() - signature_b64.len() - 1];
-    let valid =
-        jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg).unwrap_or(false);
-    crate::telemetry::signature_verified(&provider.name, valid);
+    // The length was checked above, so this decodes into a fixed buffer.
+    let mut signature = [0u8; 1032];
+    let valid = match URL_SAFE_NO_PAD.decode_slice(signature_b64, &mut signature) {
+        Ok(n) => key.verify(alg, message, &signature[..n]),
+        Err(_) => false,
+    };
+    cell.count_signature(&provider.name, valid);
     if valid {
         Ok(keys.id())
     } else {

@@ -83,6 +83,8 @@ pub struct ProviderFile {
     pub claims_to_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub forward_token: bool,
+    /// Claims put in Envoy's dynamic metadata; `["*"]` for all. Default: [`crate::provider::DEFAULT_METADATA_CLAIMS`].
+    pub metadata_claims: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

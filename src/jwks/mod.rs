@@ -8,7 +8,7 @@ mod refresh;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -32,6 +32,9 @@ pub struct KeyCell {
     /// Unix seconds of the last successful load or 304; 0 = never.
     confirmed_at: AtomicU64,
     refetch: Option<Refetch>,
+    /// `valet_signature_verifications_total` (valid, invalid) for this
+    /// provider, made on first use under the Valet's recorder: no lookup per Check.
+    signature_counters: OnceLock<[metrics::Counter; 2]>,
 }
 
 /// Singleflight, rate-limited refetching for one remote provider.
@@ -66,6 +69,14 @@ struct RefetchState {
 }
 
 impl KeyCell {
+    /// Counts one signature check of `provider`'s tokens by this cell's keys.
+    pub fn count_signature(&self, provider: &str, valid: bool) {
+        let [valid_count, invalid_count] = self
+            .signature_counters
+            .get_or_init(|| crate::telemetry::signature_counters(provider));
+        if valid { valid_count } else { invalid_count }.increment(1);
+    }
+
     /// A cell whose keys are fetched over HTTP and can be refetched on demand.
     pub fn remote(provider: &str, min_refresh: Duration, wait: Duration, waiters: usize) -> Self {
         KeyCell {

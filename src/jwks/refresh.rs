@@ -26,7 +26,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// The running key tasks, by provider name. Owned by whoever publishes policies.
 #[derive(Default)]
 pub struct Supervisor {
-    tasks: HashMap<String, Task>,
+    tasks: HashMap<Arc<str>, Task>,
     fetcher: Fetcher,
     clock: Clock,
 }
@@ -89,8 +89,8 @@ impl Supervisor {
                 let cell = Arc::new(KeyCell::default());
                 let stamp = file_stamp(path);
                 load_file(&name, path, &cell, "startup", self.clock.unix());
-                let handle = tokio::spawn(watch_file(
-                    name,
+                let handle = crate::telemetry::spawn(watch_file(
+                    name.to_string(),
                     path.clone(),
                     cell.clone(),
                     stamp,
@@ -118,8 +118,8 @@ impl Supervisor {
                     let now = self.clock.unix();
                     load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell, now);
                 }
-                let handle = tokio::spawn(refresh_remote(
-                    name,
+                let handle = crate::telemetry::spawn(refresh_remote(
+                    name.to_string(),
                     provider.issuer.clone(),
                     cfg.clone(),
                     cell.clone(),

@@ -205,7 +205,7 @@ pub fn compile(
         providers,
         default,
         realm,
-        identity_headers,
+        identity_headers: identity_headers.into(),
     };
     (listen, policy)
 }
@@ -504,7 +504,7 @@ fn provider(
         .collect();
 
     Provider {
-        name: pf.name,
+        name: pf.name.into(),
         issuer: pf.issuer,
         audiences: pf.audiences,
         algorithms,
@@ -514,6 +514,7 @@ fn provider(
         forward_token: pf.forward_token,
         jwks,
         introspection,
+        metadata_claims: crate::provider::MetadataClaims::from_config(pf.metadata_claims),
     }
 }
 
@@ -816,7 +817,7 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         }
     };
     Route {
-        name: rf.name,
+        name: rf.name.into(),
         hosts: m.0,
         methods: m.1,
         path: m.2,
@@ -1005,7 +1006,7 @@ fn requirement(
         .iter()
         .enumerate()
         .filter_map(|(j, name)| {
-            let idx = providers.iter().position(|pr| &pr.name == name);
+            let idx = providers.iter().position(|pr| *pr.name == **name);
             if idx.is_none() {
                 p.error(
                     format!("{at}.providers[{j}]"),

@@ -22,7 +22,7 @@ impl RouteIndex {
     pub fn build(routes: &[Route]) -> Self {
         let mut index = RouteIndex::default();
         for (i, r) in routes.iter().enumerate() {
-            index.by_name.insert(r.name.clone(), i);
+            index.by_name.insert(r.name.to_string(), i);
             match first_segment(&r.path) {
                 Some(seg) => index.by_segment.entry(seg).or_default().push(i),
                 None => index.anywhere.push(i),

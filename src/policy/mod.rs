@@ -72,7 +72,7 @@ pub struct Policy {
     pub realm: String,
     /// Every header Valet sets on allow. Inbound copies are removed on every route,
     /// anonymous ones too, so a client can never smuggle its own `x-user-id`.
-    pub identity_headers: Vec<String>,
+    pub identity_headers: Arc<[String]>,
     /// Providers some route accepts tokens from: readiness waits for their keys.
     pub required_providers: Vec<usize>,
     /// Every route in dry-run: nothing is denied, everything is recorded.
@@ -122,6 +122,6 @@ impl Policy {
     }
 
     pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {
-        self.providers.iter().find(|p| p.name == name)
+        self.providers.iter().find(|p| &*p.name == name)
     }
 }

@@ -60,7 +60,7 @@ pub fn compile(
                 .iter()
                 .enumerate()
                 .filter_map(|(j, n)| {
-                    let found = routes.iter().position(|r| &r.name == n);
+                    let found = routes.iter().position(|r| r.name.as_str() == n.as_str());
                     if found.is_none() {
                         p.error(format!("{at}.routes[{j}]"), format!("unknown route {n:?}"));
                     }

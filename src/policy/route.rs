@@ -6,7 +6,8 @@ use super::require::Requirement;
 use crate::request::Request;
 
 pub struct Route {
-    pub name: String,
+    /// Shared with every decision on this route, with its counter handles.
+    pub name: crate::decision::RouteName,
     pub hosts: Vec<HostMatch>,
     /// Upper-case; empty means any method.
     pub methods: Vec<String>,

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use http_body_util::Full;
 use prost::Message;
 use prost::bytes::Bytes;
@@ -26,6 +26,7 @@ use tonic_prost::ProstEncoder;
 
 use super::CheckService;
 use super::message::{self, Budget, EMPTY_MESSAGE, MessageLimits, Unread};
+use crate::response::Answer;
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
@@ -105,8 +106,8 @@ where
 struct Unary(Arc<CheckService>);
 
 impl UnaryService<Incoming> for Unary {
-    type Response = CheckResponse;
-    type Future = BoxFuture<tonic::Response<CheckResponse>, Status>;
+    type Response = Answer;
+    type Future = BoxFuture<tonic::Response<Answer>, Status>;
 
     fn call(&mut self, request: tonic::Request<Incoming>) -> Self::Future {
         let service = self.0.clone();
@@ -124,9 +125,9 @@ impl UnaryService<Incoming> for Unary {
 struct CheckCodec;
 
 impl Codec for CheckCodec {
-    type Encode = CheckResponse;
+    type Encode = Answer;
     type Decode = Incoming;
-    type Encoder = ProstEncoder<CheckResponse>;
+    type Encoder = ProstEncoder<Answer>;
     type Decoder = CheckDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
+use prost::bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::telemetry;
@@ -23,8 +24,10 @@ pub struct Entry {
     pub provider: usize,
     /// The id of the key set that verified the token: another set means re-verify.
     pub keyset: u64,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub claims: Arc<Map<String, Value>>,
+    /// The claims as Envoy's dynamic metadata, encoded when the token verified.
+    pub metadata: Option<Bytes>,
     /// Unix seconds; the entry is gone at this instant.
     pub exp: u64,
     /// `exp` less the `now` of the insert: how long moka keeps the entry (a `get`
@@ -36,6 +39,9 @@ pub struct Entry {
 pub struct VerifiedCache {
     cache: Option<Cache<TokenHash, Arc<Entry>>>,
     min_weight: u32,
+    /// `valet_verify_cache_total` (hit, miss), made on first use under the
+    /// Valet's recorder.
+    counters: std::sync::OnceLock<[metrics::Counter; 2]>,
 }
 
 struct UntilExp;
@@ -97,6 +103,7 @@ impl VerifiedCache {
             return VerifiedCache {
                 cache: None,
                 min_weight: 1,
+                counters: Default::default(),
             };
         }
         // One capacity, two bounds: each entry weighs at least max_bytes/max_entries,
@@ -116,6 +123,7 @@ impl VerifiedCache {
         VerifiedCache {
             cache: Some(cache),
             min_weight,
+            counters: Default::default(),
         }
     }
 
@@ -136,13 +144,14 @@ impl VerifiedCache {
 
     pub fn get(&self, key: &TokenHash, now: u64) -> Option<Arc<Entry>> {
         let cache = self.cache.as_ref()?;
+        let [hit, miss] = self.counters.get_or_init(telemetry::verify_cache_counters);
         match cache.get(key) {
             Some(e) if now < e.exp => {
-                telemetry::verify_cache(true);
+                hit.increment(1);
                 Some(e)
             }
             _ => {
-                telemetry::verify_cache(false);
+                miss.increment(1);
                 None
             }
         }
@@ -155,8 +164,9 @@ impl VerifiedCache {
         token_len: usize,
         provider: usize,
         keyset: u64,
-        kid: Option<String>,
+        kid: Option<Arc<str>>,
         claims: Arc<Map<String, Value>>,
+        metadata: Option<Bytes>,
         exp: u64,
         now: u64,
     ) {
@@ -168,13 +178,15 @@ impl VerifiedCache {
         // wire and ten times larger parsed. `token_len` only sets a floor.
         let held = ENTRY_OVERHEAD
             + kid.as_ref().map_or(0, |k| heap(k.len()))
-            + claims_heap_bytes(&claims).max(token_len);
+            + claims_heap_bytes(&claims).max(token_len)
+            + metadata.as_ref().map_or(0, |m| heap(m.len()));
         let bytes = held.min(u32::MAX as usize) as u32;
         let entry = Entry {
             provider,
             keyset,
             kid,
             claims,
+            metadata,
             exp,
             ttl: Duration::from_secs(exp - now),
             weight: bytes.max(self.min_weight),
@@ -211,7 +223,7 @@ mod tests {
         let now = crate::clock::system_unix();
         let c = VerifiedCache::new(10, 1024 * 1024);
         let k = VerifiedCache::hash("a.b.c");
-        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
         assert!(c.get(&k, now).is_some());
         assert!(c.get(&k, now + 100).is_none(), "gone at exp exactly");
         c.insert(
@@ -221,6 +233,7 @@ mod tests {
             1,
             None,
             claims(),
+            None,
             now,
             now,
         );
@@ -236,6 +249,7 @@ mod tests {
                 1,
                 None,
                 claims(),
+                None,
                 now + 100,
                 now,
             );
@@ -255,6 +269,7 @@ mod tests {
                 1,
                 None,
                 claims(),
+                None,
                 now + 100,
                 now,
             );
@@ -283,7 +298,7 @@ mod tests {
         let wide = Arc::new(wide);
         for i in 0..100 {
             let k = VerifiedCache::hash(&format!("w{i}"));
-            c.insert(k, json, 0, 1, None, wide.clone(), now + 100, now);
+            c.insert(k, json, 0, 1, None, wide.clone(), None, now + 100, now);
         }
         let fits = (1024 * 1024) / weight;
         assert!(c.entries() as usize <= fits, "{} > {fits}", c.entries());
@@ -294,7 +309,7 @@ mod tests {
         let now = crate::clock::system_unix();
         let c = VerifiedCache::new(0, 0);
         let k = VerifiedCache::hash("x");
-        c.insert(k, 5, 0, 1, None, claims(), now + 100, now);
+        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
         assert!(c.get(&k, now).is_none());
         assert!(!c.enabled());
     }

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | key cell (and its task) | same provider name, issuer and `jwks` source (`jwks::Supervisor`) | new cell, keys fetched again |
 //! | introspector: answers, circuit, gate | same provider name, issuer and introspection settings | new, empty |
-//! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source and introspection, in the same order | new, empty |
+//! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source, introspection and `metadata_claims` (entries hold the encoded metadata), in the same order | new, empty |
 //! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
 //! | denylist | same file | the list just read |
 
@@ -63,7 +63,7 @@ impl Snapshot {
             .iter()
             .filter(|i| self.policy.providers[**i].jwks != JwksSource::None)
             .filter(|i| self.stores.keys[**i].load().is_none_or(|k| k.is_empty()))
-            .map(|i| self.policy.providers[*i].name.as_str())
+            .map(|i| &*self.policy.providers[*i].name)
             .collect()
     }
 }
@@ -170,6 +170,7 @@ fn same_verifiers(old: &[Arc<Provider>], new: &[Arc<Provider>]) -> bool {
                 && a.clock_skew_secs == b.clock_skew_secs
                 && a.jwks == b.jwks
                 && a.introspection == b.introspection
+                && a.metadata_claims == b.metadata_claims
         })
 }
 

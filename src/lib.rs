@@ -13,10 +13,10 @@ pub mod driver;
 pub mod envoy_config;
 pub mod explain;
 pub mod http_authz;
-#[cfg(test)]
-mod layers;
 pub mod introspection;
 pub mod jwks;
+#[cfg(test)]
+mod layers;
 pub mod load;
 pub mod policy;
 pub mod policy_test;

@@ -594,6 +594,44 @@ mod tests {
         crate::jwks::KeySet::parse(doc.as_bytes()).unwrap()
     }
 
+    fn get(path: &str, token: &str) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+        crate::explain::RequestSpec {
+            method: "GET".into(),
+            path: path.into(),
+            host: "api".into(),
+            headers: [("authorization".into(), format!("Bearer {token}"))].into(),
+            ..Default::default()
+        }
+        .to_check()
+    }
+
+    /// Tests move time rather than sleep: under tokio's paused clock, the
+    /// driver's `now` (from `Clock::tokio`) passes a token's `exp`, cached or not.
+    #[tokio::test(start_paused = true)]
+    async fn moved_time_expires_a_token_through_the_driver() {
+        let clock = crate::clock::Clock::tokio();
+        let snap = crate::load::parse(POLICY, std::path::Path::new("/x/valet.yaml"))
+            .unwrap()
+            .into_snapshot();
+        snap.stores.keys[0].publish(keys("k"), clock.unix());
+        let req = get("/orders/1", &token("k", clock.unix()));
+        let decide = || {
+            crate::driver::decide(
+                &snap,
+                &req,
+                clock.unix(),
+                None,
+                std::time::Instant::now(),
+                || Some(()),
+            )
+        };
+        assert_eq!(decide().await.reason(), Reason::Verified);
+        assert_eq!(decide().await.reason(), Reason::Verified, "from the cache");
+        // Past `exp` and the default 60 s of clock skew.
+        tokio::time::advance(std::time::Duration::from_secs(661)).await;
+        assert_eq!(decide().await.reason(), Reason::Expired);
+    }
+
     /// An unknown kid stops the core at verification with what it needs; once the
     /// keys are in, it goes on from there, route and token kept.
     #[test]

@@ -13,6 +13,7 @@ pub mod explain;
 pub mod http_authz;
 pub mod introspection;
 pub mod jwks;
+pub mod metrics_contract;
 pub mod policy;
 pub mod policy_test;
 pub mod provider;

@@ -28,9 +28,10 @@ import re
 import sys
 import tempfile
 
+import yaml
+
 import alert_tests
 import metric_contract
-import yaml
 from metric_contract import SCRAPE_LABELS
 from promql_shape import UNKNOWN, Shape, check_expr, self_test
 

@@ -11,6 +11,7 @@ checker trusts it.
 import re
 
 import promql_parser as pq
+
 from metric_contract import SCRAPE_LABELS, TARGET_LABELS
 
 

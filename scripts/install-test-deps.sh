@@ -166,7 +166,7 @@ fi
 
 # promtool, to check and unit-test the alert rules.
 apt_install promtool prometheus
-# shellcheck, for every shell script (scripts/lint.sh).
+# The shell linter, for every shell script (scripts/lint.sh).
 apt_install shellcheck shellcheck
 
 # The Python checkers' packages and ruff: one venv, pinned.

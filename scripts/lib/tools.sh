@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the check scripts: the tools they run, found or installed once.
 #   check_tools PREFIX [envoy]  sets PY (the pinned venv's python), VALET, and
 #   with `envoy` ENVOY.

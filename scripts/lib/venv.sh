@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts: a private Python venv holding pinned PyPI packages.
 #   ensure_venv VENV LOG_PREFIX REQUIREMENTS_FILE
 # Fast and offline when the venv already holds exactly these requirements (a stamp

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Lint the tooling (scripts/test.sh runs this): every shell script through
+# ShellCheck, and the Python checkers (scripts/*.py) through `ruff check` and
+# `ruff format --check` (ruff pinned in .tools/py-venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUFF=.tools/py-venv/bin/ruff
+if [ ! -x "$RUFF" ] || ! command -v shellcheck >/dev/null 2>&1; then
+    scripts/install-test-deps.sh >/dev/null
+fi
+"$RUFF" check --quiet scripts
+"$RUFF" format --check --quiet scripts
+# The longest script takes half the time: it gets a process of its own.
+slow=scripts/bench-envoy.sh
+shellcheck "$slow" &
+pid=$!
+rest=()
+for f in scripts/*.sh scripts/lib/*.sh .ci/run tests/fixtures/*.sh; do
+    [ "$f" = "$slow" ] || rest+=("$f")
+done
+shellcheck "${rest[@]}"
+wait "$pid"
+echo "lint: ruff and shellcheck OK"

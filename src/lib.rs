@@ -18,6 +18,7 @@ pub mod jwks;
 #[cfg(test)]
 mod layers;
 pub mod load;
+pub mod metrics_contract;
 pub mod policy;
 pub mod policy_test;
 pub mod provider;

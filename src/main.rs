@@ -115,6 +115,9 @@ enum Command {
         #[arg(long, default_value = "valet.local")]
         valet_service: String,
     },
+    /// Print the metric contract as JSON: every metric Valet exports, its type,
+    /// its labels (with their values where bounded) and its help text.
+    Metrics,
     /// Run policy test suites (YAML files of cases); exit 1 if any case fails.
     Test {
         /// The policy under test; default: each suite's `config:`.
@@ -207,6 +210,10 @@ fn main() -> ExitCode {
             &config, method, path, host, &headers, &context, token, claims,
         ),
         Command::Test { config, files } => run_tests(config.as_deref(), &files),
+        Command::Metrics => {
+            println!("{:#}", valet::metrics_contract::to_json());
+            ExitCode::SUCCESS
+        }
         Command::EnvoyConfig {
             config,
             format,

@@ -301,6 +301,10 @@ fn describe() {
         "Unix time the policy in force was loaded"
     );
     metrics::describe_gauge!(
+        POLICY_LAST_SUCCESSFUL,
+        "1 if the last policy load succeeded, 0 while the file on disk is invalid"
+    );
+    metrics::describe_gauge!(
         POLICY_GENERATION,
         "Generation of the policy in force, from 1"
     );

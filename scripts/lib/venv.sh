@@ -1,12 +1,12 @@
-# Sourced by the check scripts: a private Python venv holding pinned PyPI packages.
-#   ensure_venv VENV LOG_PREFIX REQUIREMENT...
+# shellcheck shell=bash
+# Sourced by the scripts: a private Python venv holding pinned PyPI packages.
+#   ensure_venv VENV LOG_PREFIX REQUIREMENTS_FILE
 # Fast and offline when the venv already holds exactly these requirements (a stamp
-# file records them); otherwise recreates it.
+# file keeps a copy of the file); otherwise recreates it.
 ensure_venv() {
-    local venv=$1 prefix=$2
-    shift 2
+    local venv=$1 prefix=$2 requirements=$3
     local stamp="$venv/.valet-requirements"
-    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$*" ]; then
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && cmp -s "$stamp" "$requirements"; then
         return 0
     fi
     local py="${PYTHON:-}" cand
@@ -21,8 +21,8 @@ ensure_venv() {
     fi
     mkdir -p "$(dirname "$venv")"
     rm -rf "$venv"
-    local pip_args=(install --quiet --disable-pip-version-check --no-input "$@")
-    echo "$prefix: creating venv $venv; pip install $*" >&2
+    local pip_args=(install --quiet --disable-pip-version-check --no-input -r "$requirements")
+    echo "$prefix: creating venv $venv; pip install -r $requirements" >&2
     # Seeding a venv with its own pip (ensurepip) takes several seconds; the host's
     # pip can install into a bare venv instead (pip >= 22.3: --python).
     if ! { "$py" -m venv --without-pip "$venv" >&2 &&
@@ -32,5 +32,5 @@ ensure_venv() {
         "$py" -m venv "$venv" >&2
         "$venv/bin/python" -m pip "${pip_args[@]}" >&2
     fi
-    printf '%s' "$*" >"$stamp"
+    cp "$requirements" "$stamp"
 }

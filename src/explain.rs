@@ -170,7 +170,7 @@ fn finish(mut out: String, policy: &Policy, decision: Decision) -> String {
                     .unwrap_or_default();
                 let _ = writeln!(out, "          verified by provider {p}{kid}");
             }
-            for (k, v) in &a.set_headers {
+            for (k, v) in a.headers_set() {
                 let _ = writeln!(out, "          upstream gets {k}: {v}");
             }
             for k in &a.remove_headers {

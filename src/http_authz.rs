@@ -183,7 +183,7 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
     match decision {
         Decision::Allow(a) => {
             let mut r = Response::new(Full::new(Bytes::new()));
-            for (k, v) in &a.set_headers {
+            for (k, v) in a.headers_set() {
                 if let (Ok(k), Ok(v)) = (k.parse::<hyper::header::HeaderName>(), v.parse()) {
                     r.headers_mut().insert(k, v);
                 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use prost::bytes::Bytes;
 
-use super::cache::VerifiedCache;
+use super::cache::{Extras, VerifiedCache};
 use crate::decision::Reason;
 use crate::introspection::Answer;
 use crate::policy::Policy;
@@ -85,6 +85,8 @@ pub struct Verified {
     /// The provider's `metadata_claims` of `claims`, encoded for Envoy: once per
     /// verified token (kept in the verified-token cache), not per Check.
     pub metadata: Option<Bytes>,
+    /// The provider's `claims_to_headers` of `claims`, also once per verified token.
+    pub headers: Arc<[(String, String)]>,
 }
 
 /// The first allowed provider that introspects, for tokens that are not JWTs.
@@ -136,11 +138,13 @@ fn introspected(
         return Err(VerifyError::AudienceNotAllowed);
     }
     let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
+    let headers = super::claim_headers(provider, &claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims,
         metadata,
+        headers,
     })
 }
 
@@ -213,6 +217,7 @@ fn verify_inner(
             kid: hit.kid.clone(),
             claims: hit.claims.clone(),
             metadata: hit.metadata.clone(),
+            headers: hit.headers.clone(),
         });
     }
     // A JWS is three base64url parts without padding (RFC 7515 §2) and a JSON
@@ -327,6 +332,7 @@ fn verify_inner(
         return Err(VerifyError::AudienceNotAllowed);
     }
     let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
+    let headers = super::claim_headers(provider, &claims);
     let claims = Arc::new(claims);
     if let Some(hash) = hash {
         // Until exp exactly (fractions dropped), and never for more than a day.
@@ -338,7 +344,10 @@ fn verify_inner(
             keyset,
             kid.clone(),
             claims.clone(),
-            metadata.clone(),
+            Extras {
+                metadata: metadata.clone(),
+                headers: headers.clone(),
+            },
             until,
             now,
         );
@@ -348,6 +357,7 @@ fn verify_inner(
         kid,
         claims,
         metadata,
+        headers,
     })
 }
 

@@ -173,7 +173,7 @@ fn finish(mut out: String, policy: &Policy, decision: Decision) -> String {
             for (k, v) in a.headers_set() {
                 let _ = writeln!(out, "          upstream gets {k}: {v}");
             }
-            for k in &a.remove_headers {
+            for k in a.removed_headers() {
                 let _ = writeln!(out, "          removed before the upstream: {k}");
             }
             for k in &a.remove_query {

@@ -190,9 +190,10 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
             }
             // Envoy removes these from the upstream request (the identity headers
             // Valet did not set, the token): a client's own x-user-id never passes.
+            let removed = a.removed_headers().collect::<Vec<_>>();
             if proxy == HttpProxy::Envoy
-                && !a.remove_headers.is_empty()
-                && let Ok(v) = HeaderValue::from_str(&a.remove_headers.join(","))
+                && !removed.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&removed.join(","))
             {
                 r.headers_mut().insert("x-envoy-auth-headers-to-remove", v);
             }

@@ -5,6 +5,7 @@
 #   scripts/bench.sh                     # 5 interleaved rounds of 4 s, ~2 minutes once built
 #   ROUNDS=3 DURATION=3 scripts/bench.sh
 #   BASELINE=/tmp/valet-old scripts/bench.sh   # A/B: also valet-allow on another binary
+#   NO_BUILD=1 BASELINE=... scripts/bench.sh    # the binaries in target/release as they are
 #
 # Scenarios, each run once per round in this order so drift hits all alike:
 #   noop           examples/noop_authz: answers OK without reading the request
@@ -49,7 +50,9 @@ fi
 command -v taskset >/dev/null || die "taskset (util-linux) is missing"
 command -v curl >/dev/null || die "curl is missing"
 
-cargo build --release --examples --bins
+# NO_BUILD=1: bench the binaries in target/release as they are (e.g. a build with
+# --features mimalloc, against BASELINE=the default build).
+[[ ${NO_BUILD:-0} == 1 ]] || cargo build --release --examples --bins
 
 work=$(mktemp -d)
 pids=()

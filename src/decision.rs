@@ -210,7 +210,8 @@ impl std::fmt::Debug for RouteName {
 
 impl std::fmt::Display for RouteName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        // Width and alignment apply, as for a str (`valet explain` aligns names).
+        f.pad(self.as_str())
     }
 }
 
@@ -253,7 +254,10 @@ pub struct Allow {
     pub reason: Option<Reason>,
     pub provider: Option<Arc<str>>,
     pub kid: Option<Arc<str>>,
-    /// Set on the upstream request, overwriting what the client sent.
+    /// The provider's `claims_to_headers` for the verified token, computed once
+    /// per verified token: set on the upstream request, overwriting what the client sent.
+    pub claim_headers: Arc<[(String, String)]>,
+    /// Set besides `claim_headers` (the `cookie` header without the token).
     pub set_headers: Vec<(String, String)>,
     /// The policy's identity headers, shared: removed from the upstream request
     /// unless `set_headers` sets them (see [`Allow::removed_headers`]).
@@ -326,9 +330,17 @@ impl Allow {
     pub fn removed_headers(&self) -> impl Iterator<Item = &str> {
         self.identity_headers
             .iter()
-            .filter(|h| !self.set_headers.iter().any(|(s, _)| s == *h))
+            .filter(|h| !self.headers_set().any(|(s, _)| s == h.as_str()))
             .chain(&self.remove_headers)
             .map(String::as_str)
+    }
+
+    /// Every header set on the upstream request, overwriting what the client sent.
+    pub fn headers_set(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.claim_headers
+            .iter()
+            .chain(&self.set_headers)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 

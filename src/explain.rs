@@ -182,10 +182,10 @@ fn finish(mut out: String, policy: &Snapshot, decision: Decision) -> String {
                     .unwrap_or_default();
                 let _ = writeln!(out, "          verified by provider {p}{kid}");
             }
-            for (k, v) in &a.set_headers {
+            for (k, v) in a.headers_set() {
                 let _ = writeln!(out, "          upstream gets {k}: {v}");
             }
-            for k in &a.remove_headers {
+            for k in a.removed_headers() {
                 let _ = writeln!(out, "          removed before the upstream: {k}");
             }
             for k in &a.remove_query {

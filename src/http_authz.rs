@@ -116,16 +116,17 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
     match decision {
         Decision::Allow(a) => {
             let mut r = Response::new(Full::new(Bytes::new()));
-            for (k, v) in &a.set_headers {
+            for (k, v) in a.headers_set() {
                 if let (Ok(k), Ok(v)) = (k.parse::<hyper::header::HeaderName>(), v.parse()) {
                     r.headers_mut().insert(k, v);
                 }
             }
             // Envoy removes these from the upstream request (the identity headers
             // Valet did not set, the token): a client's own x-user-id never passes.
+            let removed = a.removed_headers().collect::<Vec<_>>();
             if proxy == HttpProxy::Envoy
-                && !a.remove_headers.is_empty()
-                && let Ok(v) = HeaderValue::from_str(&a.remove_headers.join(","))
+                && !removed.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&removed.join(","))
             {
                 r.headers_mut().insert("x-envoy-auth-headers-to-remove", v);
             }

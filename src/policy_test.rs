@@ -141,7 +141,13 @@ pub fn run(policy: &crate::stores::Snapshot, suite: &Suite, now: u64) -> (String
 
 fn compare(expect: &Expect, got: &Decision) -> Vec<String> {
     let (decision, status, headers) = match got {
-        Decision::Allow(a) => ("allow", 200, a.set_headers.clone()),
+        Decision::Allow(a) => (
+            "allow",
+            200,
+            a.headers_set()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         Decision::Deny(d) => ("deny", d.kind.http_status(), Vec::new()),
     };
     let reason = got.reason().label();

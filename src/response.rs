@@ -143,11 +143,7 @@ fn put_option(k: &str, v: &str, buf: &mut impl BufMut) {
 }
 
 fn ok_len(a: &Allow) -> usize {
-    let headers: usize = a
-        .set_headers
-        .iter()
-        .map(|(k, v)| ld_len(option_len(k, v)))
-        .sum();
+    let headers: usize = a.headers_set().map(|(k, v)| ld_len(option_len(k, v))).sum();
     let removed: usize = a.removed_headers().map(|h| ld_len(h.len())).sum();
     let query: usize = a.remove_query.iter().map(|q| ld_len(q.len())).sum();
     headers + removed + query
@@ -191,7 +187,7 @@ fn encode_allow(a: &Allow, buf: &mut impl BufMut) {
     // status: { code: 0 }, an empty message.
     put_ld(RESPONSE_STATUS, 0, buf);
     put_ld(RESPONSE_OK, ok_len(a), buf);
-    for (k, v) in &a.set_headers {
+    for (k, v) in a.headers_set() {
         put_option(k, v, buf);
     }
     for h in a.removed_headers() {
@@ -431,9 +427,8 @@ mod tests {
             status: Some(Status::default()),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: a
-                    .set_headers
-                    .iter()
-                    .map(|(k, v)| overwrite(k.clone(), v.clone()))
+                    .headers_set()
+                    .map(|(k, v)| overwrite(k.to_string(), v.to_string()))
                     .collect(),
                 headers_to_remove: a.removed_headers().map(str::to_owned).collect(),
                 query_parameters_to_remove: a.remove_query.clone(),

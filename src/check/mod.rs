@@ -402,11 +402,13 @@ fn trusted(
         return Err(d);
     }
     let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
+    let headers = claim_headers(provider, &claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims: std::sync::Arc::new(claims),
         metadata,
+        headers,
     })
 }
 
@@ -477,12 +479,7 @@ fn allow(
     verified: Verified,
 ) -> Allow {
     let provider = &policy.providers[verified.provider];
-    let mut set_headers = Vec::with_capacity(provider.claims_to_headers.len());
-    for (claim, header) in &provider.claims_to_headers {
-        if let Some(value) = claim.lookup(&verified.claims).and_then(header_value) {
-            set_headers.push((header.clone(), value));
-        }
-    }
+    let mut set_headers = Vec::new();
     // The identity headers are removed but for those set (see `Allow::removed_headers`).
     let mut remove_headers: Vec<String> = Vec::new();
     let mut remove_query = Vec::new();
@@ -515,9 +512,26 @@ fn allow(
         remove_query,
         claims: Some(verified.claims),
         claims_metadata: verified.metadata,
+        claim_headers: verified.headers,
         identity_headers: policy.identity_headers.clone(),
         dry_run: false,
     }
+}
+
+/// The provider's `claims_to_headers` of verified claims: computed once per
+/// verified token (the verified-token cache keeps them), not per Check.
+pub(crate) fn claim_headers(
+    provider: &crate::provider::Provider,
+    claims: &Map<String, Value>,
+) -> std::sync::Arc<[(String, String)]> {
+    provider
+        .claims_to_headers
+        .iter()
+        .filter_map(|(claim, header)| {
+            let value = claim.lookup(claims).and_then(header_value)?;
+            Some((header.clone(), value))
+        })
+        .collect()
 }
 
 /// The `cookie` header without the pairs named `name`; every other byte kept.

@@ -18,7 +18,7 @@ use crate::jwks::KeyCell;
 use crate::policy::require::audience_contains;
 use crate::provider::{Provider, algorithm_by_name};
 use crate::stores::Snapshot;
-use crate::stores::cache::VerifiedCache;
+use crate::stores::cache::{Extras, VerifiedCache};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -86,6 +86,8 @@ pub struct Verified {
     /// The provider's `metadata_claims` of `claims`, encoded for Envoy: once per
     /// verified token (kept in the verified-token cache), not per Check.
     pub metadata: Option<Bytes>,
+    /// The provider's `claims_to_headers` of `claims`, also once per verified token.
+    pub headers: Arc<[(String, String)]>,
 }
 
 /// The first allowed provider that introspects, for tokens that are not JWTs.
@@ -140,11 +142,13 @@ fn introspected(
         return Err(VerifyError::AudienceNotAllowed);
     }
     let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
+    let headers = super::claim_headers(provider, &claims);
     Ok(Verified {
         provider: index,
         kid: None,
         claims,
         metadata,
+        headers,
     })
 }
 
@@ -222,6 +226,7 @@ fn verify_inner(
             kid: hit.kid.clone(),
             claims: hit.claims.clone(),
             metadata: hit.metadata.clone(),
+            headers: hit.headers.clone(),
         });
     }
     // A JWS is three base64url parts without padding (RFC 7515 §2) and a JSON
@@ -339,6 +344,7 @@ fn verify_inner(
         return Err(VerifyError::AudienceNotAllowed);
     }
     let metadata = crate::response::claims_metadata(&claims, &provider.metadata_claims);
+    let headers = super::claim_headers(provider, &claims);
     let claims = Arc::new(claims);
     if let Some(hash) = hash {
         // Until exp exactly (fractions dropped), and never for more than a day.
@@ -350,7 +356,10 @@ fn verify_inner(
             keyset,
             kid.clone(),
             claims.clone(),
-            metadata.clone(),
+            Extras {
+                metadata: metadata.clone(),
+                headers: headers.clone(),
+            },
             until,
             now,
         );
@@ -360,6 +369,7 @@ fn verify_inner(
         kid,
         claims,
         metadata,
+        headers,
     })
 }
 

@@ -76,7 +76,12 @@ fn every_metric_name_in_the_sources_is_in_the_contract() {
 /// /metrics would serve. Run alone in a child process (below): telemetry keeps
 /// handles in statics, registered with whichever recorder was there first.
 fn exercise_and_render() -> String {
-    let handle = t::install().expect("the recorder installs");
+    let telemetry = t::Telemetry::new();
+    telemetry.with(|| exercise(&telemetry));
+    telemetry.handle().render()
+}
+
+fn exercise(telemetry: &t::Telemetry) {
     let allow = Decision::Allow(Allow {
         route: Some("orders".into()),
         reason: Some(Reason::Verified),
@@ -94,18 +99,21 @@ fn exercise_and_render() -> String {
         "no token",
     ));
     for d in [&allow, &dry_run, &deny] {
-        t::check(d, Duration::from_micros(50));
+        telemetry.check(d, Duration::from_micros(50));
     }
     t::jwks_provider_started("idp");
     t::jwks_loaded("idp", "startup", "success", 2, 1_700_000_000);
     t::jwks_failed("idp", "interval", &"unreachable");
     t::jwks_kids_changed("idp", &["k1"]);
     t::jwks_age("idp", 3);
-    t::verify_cache(true);
-    t::verify_cache(false);
+    for c in t::verify_cache_counters() {
+        c.increment(1);
+    }
     t::verify_cache_evicted();
     t::verify_cache_entries(1);
-    t::signature_verified("idp", true);
+    for c in t::signature_counters("idp") {
+        c.increment(1);
+    }
     t::policy_reloaded("file_change", 2, 3, 1, 1_700_000_000);
     t::policy_reload_failed();
     t::revocation_loaded(std::path::Path::new("deny.txt"), 1);
@@ -125,7 +133,6 @@ fn exercise_and_render() -> String {
     t::connections_open("grpc", 1);
     t::connection_refused("grpc", 1);
     t::connection_closed("grpc", "idle_timeout");
-    handle.render()
 }
 
 #[test]

@@ -28,12 +28,21 @@ pub struct Entry {
     pub claims: Arc<Map<String, Value>>,
     /// The claims as Envoy's dynamic metadata, encoded when the token verified.
     pub metadata: Option<Bytes>,
+    /// The provider's `claims_to_headers` of the claims.
+    pub headers: Arc<[(String, String)]>,
     /// Unix seconds; the entry is gone at this instant.
     pub exp: u64,
     /// `exp` less the `now` of the insert: how long moka keeps the entry (a `get`
     /// also compares `exp` with its own `now`, so moved time is honoured).
     ttl: Duration,
     weight: u32,
+}
+
+/// What a Check's answer takes from the claims, made once per verified token.
+#[derive(Default)]
+pub struct Extras {
+    pub metadata: Option<Bytes>,
+    pub headers: Arc<[(String, String)]>,
 }
 
 pub struct VerifiedCache {
@@ -166,7 +175,7 @@ impl VerifiedCache {
         keyset: u64,
         kid: Option<Arc<str>>,
         claims: Arc<Map<String, Value>>,
-        metadata: Option<Bytes>,
+        extras: Extras,
         exp: u64,
         now: u64,
     ) {
@@ -179,14 +188,20 @@ impl VerifiedCache {
         let held = ENTRY_OVERHEAD
             + kid.as_ref().map_or(0, |k| heap(k.len()))
             + claims_heap_bytes(&claims).max(token_len)
-            + metadata.as_ref().map_or(0, |m| heap(m.len()));
+            + extras.metadata.as_ref().map_or(0, |m| heap(m.len()))
+            + extras
+                .headers
+                .iter()
+                .map(|(k, v)| 2 * size_of::<String>() + heap(k.len()) + heap(v.len()))
+                .sum::<usize>();
         let bytes = held.min(u32::MAX as usize) as u32;
         let entry = Entry {
             provider,
             keyset,
             kid,
             claims,
-            metadata,
+            metadata: extras.metadata,
+            headers: extras.headers,
             exp,
             ttl: Duration::from_secs(exp - now),
             weight: bytes.max(self.min_weight),
@@ -223,7 +238,17 @@ mod tests {
         let now = crate::clock::system_unix();
         let c = VerifiedCache::new(10, 1024 * 1024);
         let k = VerifiedCache::hash("a.b.c");
-        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
+        c.insert(
+            k,
+            5,
+            0,
+            1,
+            None,
+            claims(),
+            Extras::default(),
+            now + 100,
+            now,
+        );
         assert!(c.get(&k, now).is_some());
         assert!(c.get(&k, now + 100).is_none(), "gone at exp exactly");
         c.insert(
@@ -233,7 +258,7 @@ mod tests {
             1,
             None,
             claims(),
-            None,
+            Extras::default(),
             now,
             now,
         );
@@ -249,7 +274,7 @@ mod tests {
                 1,
                 None,
                 claims(),
-                None,
+                Extras::default(),
                 now + 100,
                 now,
             );
@@ -269,7 +294,7 @@ mod tests {
                 1,
                 None,
                 claims(),
-                None,
+                Extras::default(),
                 now + 100,
                 now,
             );
@@ -298,7 +323,17 @@ mod tests {
         let wide = Arc::new(wide);
         for i in 0..100 {
             let k = VerifiedCache::hash(&format!("w{i}"));
-            c.insert(k, json, 0, 1, None, wide.clone(), None, now + 100, now);
+            c.insert(
+                k,
+                json,
+                0,
+                1,
+                None,
+                wide.clone(),
+                Extras::default(),
+                now + 100,
+                now,
+            );
         }
         let fits = (1024 * 1024) / weight;
         assert!(c.entries() as usize <= fits, "{} > {fits}", c.entries());
@@ -309,7 +344,17 @@ mod tests {
         let now = crate::clock::system_unix();
         let c = VerifiedCache::new(0, 0);
         let k = VerifiedCache::hash("x");
-        c.insert(k, 5, 0, 1, None, claims(), None, now + 100, now);
+        c.insert(
+            k,
+            5,
+            0,
+            1,
+            None,
+            claims(),
+            Extras::default(),
+            now + 100,
+            now,
+        );
         assert!(c.get(&k, now).is_none());
         assert!(!c.enabled());
     }

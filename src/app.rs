@@ -43,7 +43,13 @@ pub async fn serve_with_clock(
     // The first Valet of a process also takes events emitted outside any scope.
     telemetry.install_global();
     telemetry
-        .scope(serve_scoped(telemetry.clone(), config, shutdown, limits, clock))
+        .scope(serve_scoped(
+            telemetry.clone(),
+            config,
+            shutdown,
+            limits,
+            clock,
+        ))
         .await
 }
 

@@ -3,8 +3,8 @@
 //! its live key set and introspection state are in the stores (`stores`).
 
 use std::fmt;
-use std::sync::Arc;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;

@@ -8,9 +8,9 @@ use envoy_types::ext_authz::v3::pb::CheckRequest;
 use tonic::{Request, Response};
 
 use crate::decision::Decision;
+use crate::response::Answer;
 use crate::state::State;
 use crate::stores::Snapshot;
-use crate::response::Answer;
 use crate::{check, driver};
 
 pub mod message;

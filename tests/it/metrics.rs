@@ -1,6 +1,6 @@
 //! Operators' view: /metrics after a mixed run, bounded label sets, probes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -7,9 +7,8 @@
 //! Counts, not timings. Each test runs a few seconds; VALET_FLOOD_LONG=1 runs a
 //! bigger flood for longer.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

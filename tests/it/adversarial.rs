@@ -1,7 +1,7 @@
 //! The RFC 8725 checklist, as tokens an attacker would send: each is denied with
 //! the right reason, and the server keeps answering.
 
-mod common;
+use crate::common;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

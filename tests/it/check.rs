@@ -1,6 +1,6 @@
 //! Black-box: the real binary, real gRPC, Envoy's messages.
 
-mod common;
+use crate::common;
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};

@@ -1,7 +1,7 @@
 //! Remote JWKS against a real HTTP server on 127.0.0.1 that the test controls:
 //! rotations followed, outages survived, floods of unknown kids contained.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! route matching. Bounded so CI stays fast; failures are persisted by proptest in
 //! tests/fuzz.proptest-regressions and replayed on every run.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::OnceLock;

@@ -1,7 +1,7 @@
 //! HTTP mode: the same decisions for Envoy's http_service, nginx auth_request and
 //! Traefik forwardAuth, over plain HTTP.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -3,9 +3,8 @@
 //! discovery, verifies its JWT access tokens, follows its key rotation, and denies
 //! a token minted for another resource.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::time::Instant;
 

@@ -30,12 +30,9 @@
 //! `<repo>/.tools/traefik-venv/bin/traefik`): scripts/install-test-deps.sh
 //! installs them.
 
-#[path = "differential/cases.rs"]
 mod cases;
-mod common;
-#[path = "differential/proxy.rs"]
+use crate::common;
 mod proxy;
-#[path = "differential/wire.rs"]
 mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -351,9 +348,9 @@ async fn run(proxy_name: &str) {
     );
 
     let regressions = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/differential/regressions.txt"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/differential/regressions.txt"),
     )
-    .expect("tests/differential/regressions.txt");
+    .expect("tests/it/differential/regressions.txt");
     let mut all: Vec<Case> = cases::regressions(&regressions);
     let n_regressions = all.len();
     all.extend((0..n).map(|i| cases::generate(seed, i)));

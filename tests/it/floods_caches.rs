@@ -5,9 +5,8 @@
 //! random-kid flood during a slow JWKS fetch does not starve valid Checks.
 //! Counts and memory only, never durations. `VALET_FLOOD_LONG=1` runs bigger floods.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::path::Path;
 use std::sync::Arc;

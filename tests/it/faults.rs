@@ -3,7 +3,7 @@
 //! made unreadable, and junk arrives on the Check port. Not one valid Check may
 //! fail, each fault must be logged, and everything must recover when it ends.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! seconds); VALET_FLOOD_LONG=1 floods harder. Figures go to stderr
 //! (`--nocapture`) for the README's "Limits and floods".
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

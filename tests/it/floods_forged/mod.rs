@@ -4,8 +4,7 @@
 //! `valet_signature_verifications_total`, not timed), and a legitimate token
 //! still passes afterwards. `VALET_FLOOD_LONG=1` sends 500 of each instead of 30.
 
-mod common;
-#[path = "floods_forged/shapes.rs"]
+use crate::common;
 mod shapes;
 
 use std::time::Duration;

@@ -2,9 +2,8 @@
 //! and DPoP-bound (RFC 9449 `cnf.jkt`) tokens minted with real keys, here and by
 //! the real oidc-provider; every way a proof or a binding can be wrong.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use common::*;
 use idp::{CLIENT_CERT_PEM, CLIENT_CERT_X5T_S256, DpopKey, Idp, ORDERS, urlencode};

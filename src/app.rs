@@ -1,6 +1,8 @@
 //! Wiring: metrics, key tasks, the gRPC and admin servers, shutdown. Makes no
 //! decisions.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,48 @@ use crate::{http_authz, telemetry};
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+/// The binary's entry: binds the addresses of `listen:` and stops on SIGTERM/SIGINT.
 pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    serve_with(config, shutdown, limits, listeners, shutdown_signal()).await
+}
+
+/// The listeners Valet serves on, bound before it starts: by [`serve`] from the
+/// config's addresses, or by a caller that wants the ports first (a test on
+/// `127.0.0.1:0` running Valet in its own process).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub grpc: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address `listen:` names.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+            match addr {
+                Some(addr) => TcpListener::bind(addr).await.map(Some),
+                None => Ok(None),
+            }
+        }
+        Ok(Listeners {
+            admin: bind(config.listen.admin).await?,
+            http: bind(config.listen.http).await?,
+            grpc: bind(config.listen.grpc).await?,
+        })
+    }
+}
+
+/// Serves on `listeners` until `stop` completes, then drains and stops as on
+/// SIGTERM (`shutdown.drain`, then `shutdown.grace`). The same path as [`serve`].
+pub async fn serve_with(
+    config: Config,
+    shutdown: Shutdown,
+    limits: Limits,
+    listeners: Listeners,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let metrics = telemetry::install().map_err(std::io::Error::other)?;
     tokio::spawn(telemetry::upkeep(metrics.clone()));
     for w in &config.warnings {
@@ -59,7 +102,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     // kept for the admin port and everything else.
     let fds = conn::fd_limit();
     let check_listeners =
-        usize::from(config.listen.grpc.is_some()) + usize::from(config.listen.http.is_some());
+        usize::from(listeners.grpc.is_some()) + usize::from(listeners.http.is_some());
     let cap = conn::connection_cap(limits.max_connections, check_listeners, fds);
     if cap < limits.max_connections {
         tracing::warn!(
@@ -71,8 +114,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     }
     limits.log(cap, fds);
 
-    if let Some(addr) = config.listen.admin {
-        let listener = TcpListener::bind(addr).await?;
+    if let Some(listener) = listeners.admin {
         tracing::info!(admin = %listener.local_addr()?, "listening");
         let admin = Arc::new(Admin {
             state: state.clone(),
@@ -93,7 +135,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
         let state = state.clone();
         let drain = shutdown.drain;
         tokio::spawn(async move {
-            shutdown_signal().await;
+            stop.await;
             state.start_draining();
             tracing::info!(
                 drain_secs = drain.as_secs_f64(),
@@ -104,8 +146,7 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
         });
     }
 
-    if let Some(addr) = config.listen.http {
-        let listener = TcpListener::bind(addr).await?;
+    if let Some(listener) = listeners.http {
         tracing::info!(http = %listener.local_addr()?, "listening");
         let http = http_authz::serve(
             listener,
@@ -123,9 +164,8 @@ pub async fn serve(config: Config, shutdown: Shutdown, limits: Limits) -> std::i
     }
 
     let server = async {
-        match config.listen.grpc {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr).await?;
+        match listeners.grpc {
+            Some(listener) => {
                 tracing::info!(grpc = %listener.local_addr()?, "listening");
                 let messages = MessageLimits {
                     max_bytes: limits.max_message_bytes,

@@ -52,8 +52,16 @@ const INTROSPECTION_BUCKETS: &[f64] = &[
 
 /// Installs the Prometheus recorder for this process and describes every metric.
 /// Histograms buffer samples until rendered, so upkeep must run even when nobody
-/// scrapes: the caller spawns [`upkeep`].
+/// scrapes: the caller spawns [`upkeep`]. The recorder is process-wide: a second
+/// Valet in the same process (a test) gets the first one's handle and shares its
+/// metrics.
 pub fn install() -> Result<PrometheusHandle, String> {
+    static INSTALLED: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _once = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = INSTALLED.get() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.into()), CHECK_BUCKETS)
         .map_err(|e| e.to_string())?
@@ -76,7 +84,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     }
     metrics::counter!(DPOP_REPLAY_FULL).increment(0);
     metrics::counter!(DPOP_REPLAY_EVICTIONS).increment(0);
-    Ok(handle)
+    Ok(INSTALLED.get_or_init(|| handle).clone())
 }
 
 pub async fn upkeep(handle: PrometheusHandle) {

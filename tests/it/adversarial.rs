@@ -22,7 +22,7 @@ fn es256(header: &Value, claims: &Value) -> String {
 
 #[tokio::test]
 async fn the_rfc_8725_corpus() {
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     let mut c = v.client().await;
     let good = claims("");
     let ok_header = json!({"alg": "ES256", "kid": "ec256-1"});

@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 
 pub mod http1;
 pub mod idp;
+pub mod in_process;
 pub mod jwks_server;
 pub mod tools;
 
@@ -170,8 +171,14 @@ pub fn with_free_ports(config: &str) -> String {
     format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}")
 }
 
+/// Where a Valet runs: the real binary, or its server inside the test process.
+enum Run {
+    Process(Child),
+    InProcess(in_process::Server),
+}
+
 pub struct Valet {
-    child: Child,
+    run: Run,
     pub grpc: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
@@ -276,12 +283,57 @@ impl Valet {
             }
         };
         Valet {
-            child,
+            run: Run::Process(child),
             grpc,
             admin,
             http,
             logs,
             dir,
+        }
+    }
+
+    /// Valet's server in this process (`valet::app::serve_with`, as the binary
+    /// serves) with `config` (no `listen:` section) and the fixture JWKS beside it.
+    /// For tests about decisions, not about the process: no pid, no signals, and
+    /// [`Valet::metric`] refuses (metrics are process-wide until telemetry is
+    /// per instance).
+    pub fn in_process(config: &str) -> Valet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+        let path = dir.path().join("valet.yaml");
+        std::fs::write(&path, with_free_ports(config)).unwrap();
+        Self::in_process_at(dir, &path)
+    }
+
+    /// [`Valet::in_process`] on a config file the test laid out itself in `dir`.
+    pub fn in_process_at(dir: tempfile::TempDir, path: &Path) -> Valet {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let server = in_process::start(path, logs.clone());
+        Valet {
+            grpc: server.grpc.expect("a gRPC listener"),
+            admin: server.admin,
+            http: server.http,
+            run: Run::InProcess(server),
+            logs,
+            dir,
+        }
+    }
+
+    /// [`Valet::in_process`], waiting until it is ready.
+    pub async fn in_process_ready(config: &str) -> Valet {
+        let v = Self::in_process(config);
+        assert!(
+            v.wait_ready(200, Duration::from_secs(15)).await,
+            "valet not ready:\n{}",
+            v.logs()
+        );
+        v
+    }
+
+    fn child(&mut self) -> &mut Child {
+        match &mut self.run {
+            Run::Process(child) => child,
+            Run::InProcess(_) => panic!("an in-process Valet has no process"),
         }
     }
 
@@ -300,6 +352,10 @@ impl Valet {
 
     /// The value of one metric series on /metrics (name with labels, as rendered).
     pub async fn metric(&self, series: &str) -> Option<f64> {
+        assert!(
+            matches!(self.run, Run::Process(_)),
+            "metrics are process-wide: start this Valet as a process to read them"
+        );
         let (_, body) = self.admin_get("/metrics").await;
         body.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -332,6 +388,7 @@ impl Valet {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        assert!(matches!(self.run, Run::Process(_)), "no signals in process");
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -342,7 +399,7 @@ impl Valet {
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.child().try_wait() {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -351,7 +408,10 @@ impl Valet {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Run::Process(child) => child.id(),
+            Run::InProcess(_) => panic!("an in-process Valet has no pid of its own"),
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -373,8 +433,13 @@ impl Valet {
 
 impl Drop for Valet {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess(server) => server.stop(),
+        }
     }
 }
 

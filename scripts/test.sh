@@ -13,6 +13,18 @@ phase() {
     mark=$SECONDS
 }
 
+# CI builds once from scratch: incremental compilation only adds work there.
+if [[ ${CI:-} == true ]]; then
+    export CARGO_INCREMENTAL=0
+fi
+
+# Everything compiles (benches and examples too) while the installs below run:
+# they mostly wait on the network and the disk. Its output is shown when it is done.
+build_log="$(mktemp)"
+cargo test --locked --all-targets --no-run >"$build_log" 2>&1 &
+build=$!
+trap 'kill "$build" 2>/dev/null; rm -f "$build_log"' EXIT
+
 VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.
 VALET_NGINX="$(scripts/install-test-deps.sh --print nginx | tail -n1)"
@@ -20,6 +32,11 @@ VALET_TRAEFIK="$(scripts/install-test-deps.sh --print traefik | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
 export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_IDP_SERVER
 phase "installs"
+build_ok=0
+wait "$build" || build_ok=$?
+cat "$build_log"
+[[ $build_ok == 0 ]] || exit "$build_ok"
+phase "compile (the rest of it)"
 
 # Alert rules and the dashboard, parsed offline; the Kubernetes, Istio and Docker
 # recipes validated offline (schemas, envoy --mode validate, valet check-config).
@@ -27,10 +44,6 @@ scripts/check-observability.sh
 scripts/check-deploy.sh
 phase "offline checks"
 
-# Everything compiles (benches and examples too), then the tests run: compile and
-# run are timed apart.
-cargo test --locked --all-targets --no-run
-phase "compile"
 cargo test --locked --all-targets
 phase "tests"
 

@@ -161,6 +161,15 @@ pub fn rs256(scope: &str) -> String {
     token(Algorithm::RS256, &claims(scope))
 }
 
+/// Load tests (floods, faults under load, the differential runs) one at a time: on
+/// two cores, two of them side by side starve each other's servers and prove
+/// nothing, as they never met when each suite was its own binary. Other tests
+/// still run beside one. Hold the guard for the whole test.
+pub async fn one_load_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOAD.lock().await
+}
+
 // === Valet process ===
 
 /// `config` (which has no `listen:`) with both ports chosen by the kernel.
@@ -416,6 +425,18 @@ impl Valet {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`, without blocking the runtime.
+    pub async fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Waits until a log line contains `needle`.

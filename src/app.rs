@@ -1,6 +1,8 @@
 //! Wiring: metrics, key tasks, the gRPC and admin servers, shutdown. Makes no
 //! decisions.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,39 +27,84 @@ use crate::telemetry::{self, Telemetry};
 /// The service name Envoy's gRPC health checks and grpc_health_probe ask about.
 const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+/// The binary's entry: binds the addresses of `listen:` and stops on SIGTERM/SIGINT.
 pub async fn serve(config: Loaded, shutdown: Shutdown, limits: Limits) -> std::io::Result<()> {
-    serve_with_clock(config, shutdown, limits, Clock::system()).await
+    let listeners = Listeners::bind(&config).await?;
+    serve_with(
+        config,
+        shutdown,
+        limits,
+        listeners,
+        shutdown_signal(),
+        Clock::system(),
+    )
+    .await
 }
 
-/// `serve` on a given time source: an in-process test passes `Clock::tokio()` and
-/// moves time with `tokio::time::advance` instead of sleeping. Its metrics are its
-/// own (see [`Telemetry`]): everything it runs, and every task it starts, is polled
-/// under its recorder.
-pub async fn serve_with_clock(
+/// The listeners Valet serves on, bound before it starts: by [`serve`] from the
+/// config's addresses, or by a caller that wants the ports first (a test on
+/// `127.0.0.1:0` running Valet in its own process).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub grpc: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address `listen:` names.
+    pub async fn bind(config: &Loaded) -> std::io::Result<Listeners> {
+        async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+            match addr {
+                Some(addr) => TcpListener::bind(addr).await.map(Some),
+                None => Ok(None),
+            }
+        }
+        Ok(Listeners {
+            admin: bind(config.listen.admin).await?,
+            http: bind(config.listen.http).await?,
+            grpc: bind(config.listen.grpc).await?,
+        })
+    }
+}
+
+/// Serves on `listeners` until `stop` completes, then drains and stops as on
+/// SIGTERM (`shutdown.drain`, then `shutdown.grace`): the same path as [`serve`],
+/// on a given time source (an in-process test passes `Clock::tokio()` and moves
+/// time with `tokio::time::advance` instead of sleeping). Its metrics are its own
+/// (see [`Telemetry`]): everything it runs, and every task it starts, is polled
+/// under its recorder, so several Valets in one process keep apart.
+pub async fn serve_with(
     config: Loaded,
     shutdown: Shutdown,
     limits: Limits,
+    listeners: Listeners,
+    stop: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> std::io::Result<()> {
     let telemetry = Telemetry::new();
     // The first Valet of a process also takes events emitted outside any scope.
     telemetry.install_global();
-    telemetry
-        .scope(serve_scoped(
-            telemetry.clone(),
-            config,
-            shutdown,
-            limits,
-            clock,
-        ))
-        .await
+    let run = serve_scoped(
+        telemetry.clone(),
+        config,
+        shutdown,
+        limits,
+        listeners,
+        stop,
+        clock,
+    );
+    telemetry.scope(run).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_scoped(
     telemetry: Telemetry,
     config: Loaded,
     shutdown: Shutdown,
     limits: Limits,
+    listeners: Listeners,
+    stop: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> std::io::Result<()> {
     let metrics = telemetry.handle().clone();
@@ -107,7 +154,7 @@ async fn serve_scoped(
     // kept for the admin port and everything else.
     let fds = conn::fd_limit();
     let check_listeners =
-        usize::from(config.listen.grpc.is_some()) + usize::from(config.listen.http.is_some());
+        usize::from(listeners.grpc.is_some()) + usize::from(listeners.http.is_some());
     let cap = conn::connection_cap(limits.max_connections, check_listeners, fds);
     if cap < limits.max_connections {
         tracing::warn!(
@@ -119,8 +166,7 @@ async fn serve_scoped(
     }
     limits.log(cap, fds);
 
-    if let Some(addr) = config.listen.admin {
-        let listener = TcpListener::bind(addr).await?;
+    if let Some(listener) = listeners.admin {
         tracing::info!(admin = %listener.local_addr()?, "listening");
         let admin = Arc::new(Admin {
             state: state.clone(),
@@ -141,7 +187,7 @@ async fn serve_scoped(
         let state = state.clone();
         let drain = shutdown.drain;
         telemetry::spawn(async move {
-            shutdown_signal().await;
+            stop.await;
             state.start_draining();
             tracing::info!(
                 drain_secs = drain.as_secs_f64(),
@@ -152,8 +198,7 @@ async fn serve_scoped(
         });
     }
 
-    if let Some(addr) = config.listen.http {
-        let listener = TcpListener::bind(addr).await?;
+    if let Some(listener) = listeners.http {
         tracing::info!(http = %listener.local_addr()?, "listening");
         let http = http_authz::serve(
             listener,
@@ -171,9 +216,8 @@ async fn serve_scoped(
     }
 
     let server = async {
-        match config.listen.grpc {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr).await?;
+        match listeners.grpc {
+            Some(listener) => {
                 tracing::info!(grpc = %listener.local_addr()?, "listening");
                 let messages = MessageLimits {
                     max_bytes: limits.max_message_bytes,

@@ -4,9 +4,8 @@
 //! Needs Envoy: `VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`.
 //! `scripts/test.sh` installs it and exports `VALET_ENVOY`.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,14 +3,7 @@
 //! DPoP proof minting (RFC 9449) and the test client certificate for mTLS-bound
 //! tokens (RFC 8705).
 //!
-//! Self-contained (it does not use `tests/common/mod.rs`), so any test binary can
-//! include it:
-//!
-//! ```ignore
-//! #[path = "common/idp.rs"]
-//! mod idp;
-//! use idp::{DpopKey, Idp};
-//! ```
+//! Self-contained (it uses nothing else of `common`): `use crate::common::idp;`.
 //!
 //! What the IdP issues (see the header of tests/idp/server.mjs for the details):
 //! * [`Idp::token`]: RS256 JWT access tokens (`typ: at+jwt`) for a resource, client
@@ -20,7 +13,6 @@
 //! * [`Idp::dpop_token`]: DPoP-bound JWTs, `cnf.jkt` = the proof key's thumbprint.
 //! * [`Idp::mtls_token`]: JWTs with `cnf["x5t#S256"]` of a certificate the test passes
 //!   in a header (no TLS listener involved), e.g. [`CLIENT_CERT_PEM`].
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

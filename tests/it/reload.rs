@@ -1,7 +1,7 @@
 //! Policy hot reload under load: valid changes decide requests within seconds,
 //! invalid ones never do, and no Check fails meanwhile.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

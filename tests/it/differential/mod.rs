@@ -18,9 +18,9 @@
 //! oracle sets.
 //!
 //!   VALET_DIFF_SEED=N    replay a run (the seed is printed at the start)
-//!   VALET_DIFF_CASES=N   generated cases per proxy (default 6000, about 20 s each on
-//!                        2 cores with the three proxies side by side; a long run:
-//!                        VALET_DIFF_CASES=200000)
+//!   VALET_DIFF_CASES=N   generated cases per proxy (default 1500, a few seconds each
+//!                        on 2 cores with the three proxies side by side, every run a
+//!                        new seed; a long run: VALET_DIFF_CASES=200000)
 //!   VALET_DIFF_ONLY=c17,r3  only these cases (c: generated, r: regressions.txt line)
 //!   VALET_DIFF_CONNS=N   client connections (default 8)
 //!   VALET_DIFF_VERBOSE=1 one line per case: proxy status, upstream request line, Valet alone
@@ -30,12 +30,9 @@
 //! `<repo>/.tools/traefik-venv/bin/traefik`): scripts/install-test-deps.sh
 //! installs them.
 
-#[path = "differential/cases.rs"]
 mod cases;
-mod common;
-#[path = "differential/proxy.rs"]
+use crate::common;
 mod proxy;
-#[path = "differential/wire.rs"]
 mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -315,7 +312,7 @@ fn describe(seed: u64, o: &Outcome, d: &Disagreement) -> String {
          request (regressions.txt form): {head}\n    \
          proxy answered {reply}; upstream got {line:?} with identity {up:?}\n    \
          Valet alone: code={code} status={status} reason={reason:?} sets {want:?}\n    \
-         {detail}{sep}replay: {replay} cargo test --test differential -- --nocapture",
+         {detail}{sep}replay: {replay} cargo test --test it differential:: -- --nocapture",
         id = o.case.id,
         tags = o.case.tags,
         head = cases::escape(&o.case.head),
@@ -333,6 +330,7 @@ fn describe(seed: u64, o: &Outcome, d: &Disagreement) -> String {
 // === The run ===
 
 async fn run(proxy_name: &str) {
+    let _load = common::one_load_at_a_time().await;
     let started = Instant::now();
     let seed = env_u64("VALET_DIFF_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -341,7 +339,7 @@ async fn run(proxy_name: &str) {
             .as_nanos() as u64
             % 1_000_000_000
     });
-    let n = env_u64("VALET_DIFF_CASES").unwrap_or(6000);
+    let n = env_u64("VALET_DIFF_CASES").unwrap_or(1500);
     let conns = env_u64("VALET_DIFF_CONNS").unwrap_or(8).max(1) as usize;
     let only: Option<Vec<String>> = std::env::var("VALET_DIFF_ONLY")
         .ok()
@@ -351,9 +349,9 @@ async fn run(proxy_name: &str) {
     );
 
     let regressions = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/differential/regressions.txt"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/differential/regressions.txt"),
     )
-    .expect("tests/differential/regressions.txt");
+    .expect("tests/it/differential/regressions.txt");
     let mut all: Vec<Case> = cases::regressions(&regressions);
     let n_regressions = all.len();
     all.extend((0..n).map(|i| cases::generate(seed, i)));

@@ -2,7 +2,7 @@
 //! within about a second (measured), never flaps back, spares everyone else, and
 //! a broken denylist keeps the list in force.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

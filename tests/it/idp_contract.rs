@@ -2,11 +2,10 @@
 //! Valet's introspection and DPoP / mTLS tests rely on, checked against the IdP
 //! alone (no Valet): opaque tokens introspect (RFC 7662) active with the expected
 //! members and inactive once revoked (RFC 7009); a DPoP proof (RFC 9449) built by
-//! tests/common/idp.rs binds the token to the proof key's RFC 7638 thumbprint; a
+//! tests/it/common/idp.rs binds the token to the proof key's RFC 7638 thumbprint; a
 //! certificate header binds it to `x5t#S256` (RFC 8705).
 
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common::idp;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

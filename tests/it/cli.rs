@@ -1,6 +1,6 @@
 //! The policy author's tools: check-config, explain, test; dry-run; bad configs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

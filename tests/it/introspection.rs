@@ -4,9 +4,8 @@
 //! Checks of one token share one request, inactive answers are cached briefly,
 //! and a failing endpoint times out and opens the circuit.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,5 @@
 //! Forged-token shapes an attacker controls, and the policy they are sent
-//! against: shared by the flood test (tests/floods_forged.rs) and the cost bench
+//! against: shared by the flood test (tests/it/floods_forged/) and the cost bench
 //! (benches/forged.rs), so both speak of the same tokens.
 //!
 //! One provider per key set: `{alg}-{n}` holds `n` keys of one kind (kids set in
@@ -7,7 +7,6 @@
 //! keys, `strict` allows RS256 only but publishes an ES384 key too. Forgeries
 //! are tokens signed by a key of the set and then altered, so every signature
 //! has the right length and shape and only the crypto can tell it is wrong.
-#![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

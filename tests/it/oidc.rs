@@ -3,9 +3,8 @@
 //! discovery, verifies its JWT access tokens, follows its key rotation, and denies
 //! a token minted for another resource.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ async fn tokens_from_a_real_openid_provider() {
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"https://orders.example/\"]\n    jwks: {{ discovery: true }}\n    claims_to_headers: {{ client_id: x-client-id }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
         idp.issuer
     );
-    let v = Valet::start_ready(&config).await;
+    let v = Valet::in_process_ready(&config).await;
     let mut c = v.client().await;
 
     let t1 = idp.token(ORDERS, "orders:read").await;

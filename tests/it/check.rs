@@ -1,6 +1,6 @@
 //! Black-box: the real binary, real gRPC, Envoy's messages.
 
-mod common;
+use crate::common;
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -49,7 +49,7 @@ async fn valet() -> (
         tonic::transport::Channel,
     >,
 ) {
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     let c = v.client().await;
     (v, c)
 }
@@ -106,7 +106,7 @@ async fn every_algorithm_verifies() {
 
 #[tokio::test]
 async fn default_algorithms_exclude_hmac() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n",
     );
     let mut c = v.client().await;
@@ -596,7 +596,7 @@ async fn default_deny_and_default_allow() {
         (a.http_status, a.grpc_code, a.reason().as_str()),
         (403, 7, "no_route")
     );
-    let v = Valet::start(
+    let v = Valet::in_process(
         "routes:\n  - name: h\n    match: { path: /healthz }\n    anonymous: true\ndefault: allow\n",
     );
     let mut c = v.client().await;
@@ -632,7 +632,7 @@ async fn context_extensions_name_routes() {
 
 #[tokio::test]
 async fn tokens_from_cookies_and_query_are_removed_before_upstream() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         r#"
 providers:
   - name: corp
@@ -699,7 +699,7 @@ routes:
 
 #[tokio::test]
 async fn providers_restrict_issuers_per_route() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         r#"
 providers:
   - name: corp
@@ -732,7 +732,7 @@ routes:
 
 #[tokio::test]
 async fn providers_without_keys_answer_503_keys_unavailable() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: missing.json }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n",
     );
     assert!(v.wait_for_log("jwks load failed"));

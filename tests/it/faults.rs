@@ -3,7 +3,7 @@
 //! made unreadable, and junk arrives on the Check port. Not one valid Check may
 //! fail, each fault must be logged, and everything must recover when it ends.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +64,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idp_faults_under_load() {
+    let _load = common::one_load_at_a_time().await;
     let mut server = JwksServer::start(jwks_with(&["ec256-1"])).await;
     let v = Valet::start(&format!(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks:\n      uri: {}/jwks\n      refresh_interval: 1s\n      min_refresh: 1s\n      max_refresh: 1s\n      timeout: 300ms\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
@@ -72,15 +73,16 @@ async fn idp_faults_under_load() {
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
     let load = start_load(&v, "/orders").await;
 
+    // Each fault lasts until Valet has logged the failed refresh it causes.
     server.stop();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(v.logged("connection failed").await, "{}", v.logs());
     server.restart().await;
     server.set_mode(Mode::Slow(Duration::from_secs(2)));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(v.logged("timed out").await, "{}", v.logs());
     server.set_mode(Mode::Garbage);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(v.logged("not a JWKS document").await, "{}", v.logs());
     server.set_mode(Mode::Status(503));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(v.logged("HTTP 503").await, "{}", v.logs());
     // Recovery: a rotation published now is followed.
     server.set_mode(Mode::Ok);
     server.set_jwks(jwks_with(&["ec256-1", "rsa-1"]));
@@ -114,6 +116,7 @@ async fn idp_faults_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_file_faults_under_load() {
+    let _load = common::one_load_at_a_time().await;
     let base = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n";
     let v = Valet::start(base);
     let path = v.dir.path().join("valet.yaml");
@@ -171,6 +174,7 @@ async fn policy_file_faults_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_on_the_check_port_under_load() {
+    let _load = common::one_load_at_a_time().await;
     let v = Valet::start(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n",
     );

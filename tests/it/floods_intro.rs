@@ -7,9 +7,8 @@
 //! Counts, not timings. Each test runs a few seconds; VALET_FLOOD_LONG=1 runs a
 //! bigger flood for longer.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -231,6 +230,7 @@ async fn shed(v: &Valet) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_random_token_flood() {
+    let _load = common::one_load_at_a_time().await;
     let (workers, n) = if long() { (512, 400) } else { (160, 80) };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
@@ -262,6 +262,7 @@ async fn new_tokens_pass_during_a_random_token_flood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
+    let _load = common::one_load_at_a_time().await;
     let (workers, n) = if long() { (512, 200) } else { (160, 40) };
     // The IdP (or its gateway) admits 25 introspections a second and answers the
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
@@ -302,6 +303,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_answers_survive_a_flood_of_inactive_ones() {
+    let _load = common::one_load_at_a_time().await;
     let flood_tokens = if long() { 20_000 } else { 1_000 };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();

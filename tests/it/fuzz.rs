@@ -3,7 +3,7 @@
 //! route matching. Bounded so CI stays fast; failures are persisted by proptest in
 //! tests/fuzz.proptest-regressions and replayed on every run.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -66,10 +66,15 @@ proptest! {
         parts in proptest::collection::vec("[A-Za-z0-9_-]{0,40}", 3),
         cert in "(%[0-9A-Fa-f+]{0,3}|-----BEGIN CERTIFICATE-----|[A-Za-z0-9+/=\n]){0,30}",
     ) {
-        let mut claims = claims("a");
-        claims["cnf"] = serde_json::json!({"jkt": "abc", "x5t#S256": "def"});
-        claims["x"] = serde_json::json!({"y": 1});
-        let t = token(jsonwebtoken::Algorithm::RS256, &claims);
+        // One token for every case: the inputs are the proof and the certificate
+        // (an RSA signature per case is most of what an unoptimised build spends).
+        static TOKEN: OnceLock<String> = OnceLock::new();
+        let t = TOKEN.get_or_init(|| {
+            let mut claims = claims("a");
+            claims["cnf"] = serde_json::json!({"jkt": "abc", "x5t#S256": "def"});
+            claims["x"] = serde_json::json!({"y": 1});
+            token(jsonwebtoken::Algorithm::RS256, &claims)
+        });
         let structured = parts.join(".");
         for p in [proof.as_str(), structured.as_str()] {
             let req = get("/anything")
@@ -94,7 +99,8 @@ proptest! {
     /// A valid token with one byte changed anywhere never verifies.
     #[test]
     fn mutated_tokens_never_verify(pos in 0usize..10_000, byte in "[A-Za-z0-9_.-]") {
-        let good = token(jsonwebtoken::Algorithm::ES256, &claims("a"));
+        static GOOD: OnceLock<String> = OnceLock::new();
+        let good = GOOD.get_or_init(|| token(jsonwebtoken::Algorithm::ES256, &claims("a"))).clone();
         let pos = pos % good.len();
         let b = byte.as_bytes()[0];
         prop_assume!(good.as_bytes()[pos] != b);

@@ -1,6 +1,5 @@
 //! Black-box test support: the real `valet` binary on a free port, real gRPC with
 //! Envoy's message types, tokens signed with the fixture keys.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -23,6 +22,8 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 pub mod http1;
+pub mod idp;
+pub mod in_process;
 pub mod jwks_server;
 pub mod tools;
 
@@ -160,6 +161,15 @@ pub fn rs256(scope: &str) -> String {
     token(Algorithm::RS256, &claims(scope))
 }
 
+/// Load tests (floods, faults under load, the differential runs) one at a time: on
+/// two cores, two of them side by side starve each other's servers and prove
+/// nothing, as they never met when each suite was its own binary. Other tests
+/// still run beside one. Hold the guard for the whole test.
+pub async fn one_load_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOAD.lock().await
+}
+
 // === Valet process ===
 
 /// `config` (which has no `listen:`) with both ports chosen by the kernel.
@@ -170,8 +180,14 @@ pub fn with_free_ports(config: &str) -> String {
     format!("listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n{config}")
 }
 
+/// Where a Valet runs: the real binary, or its server inside the test process.
+enum Run {
+    Process(Child),
+    InProcess(in_process::Server),
+}
+
 pub struct Valet {
-    child: Child,
+    run: Run,
     pub grpc: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
@@ -276,12 +292,57 @@ impl Valet {
             }
         };
         Valet {
-            child,
+            run: Run::Process(child),
             grpc,
             admin,
             http,
             logs,
             dir,
+        }
+    }
+
+    /// Valet's server in this process (`valet::app::serve_with`, as the binary
+    /// serves) with `config` (no `listen:` section) and the fixture JWKS beside it.
+    /// For tests about decisions, not about the process: no pid, no signals, and
+    /// [`Valet::metric`] refuses (metrics are process-wide until telemetry is
+    /// per instance).
+    pub fn in_process(config: &str) -> Valet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+        let path = dir.path().join("valet.yaml");
+        std::fs::write(&path, with_free_ports(config)).unwrap();
+        Self::in_process_at(dir, &path)
+    }
+
+    /// [`Valet::in_process`] on a config file the test laid out itself in `dir`.
+    pub fn in_process_at(dir: tempfile::TempDir, path: &Path) -> Valet {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let server = in_process::start(path, logs.clone());
+        Valet {
+            grpc: server.grpc.expect("a gRPC listener"),
+            admin: server.admin,
+            http: server.http,
+            run: Run::InProcess(server),
+            logs,
+            dir,
+        }
+    }
+
+    /// [`Valet::in_process`], waiting until it is ready.
+    pub async fn in_process_ready(config: &str) -> Valet {
+        let v = Self::in_process(config);
+        assert!(
+            v.wait_ready(200, Duration::from_secs(15)).await,
+            "valet not ready:\n{}",
+            v.logs()
+        );
+        v
+    }
+
+    fn child(&mut self) -> &mut Child {
+        match &mut self.run {
+            Run::Process(child) => child,
+            Run::InProcess(_) => panic!("an in-process Valet has no process"),
         }
     }
 
@@ -300,6 +361,10 @@ impl Valet {
 
     /// The value of one metric series on /metrics (name with labels, as rendered).
     pub async fn metric(&self, series: &str) -> Option<f64> {
+        assert!(
+            matches!(self.run, Run::Process(_)),
+            "metrics are process-wide: start this Valet as a process to read them"
+        );
         let (_, body) = self.admin_get("/metrics").await;
         body.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -332,6 +397,7 @@ impl Valet {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        assert!(matches!(self.run, Run::Process(_)), "no signals in process");
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -342,7 +408,7 @@ impl Valet {
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.child().try_wait() {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -351,11 +417,26 @@ impl Valet {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Run::Process(child) => child.id(),
+            Run::InProcess(_) => panic!("an in-process Valet has no pid of its own"),
+        }
     }
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`, without blocking the runtime.
+    pub async fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Waits until a log line contains `needle`.
@@ -373,8 +454,13 @@ impl Valet {
 
 impl Drop for Valet {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess(server) => server.stop(),
+        }
     }
 }
 
@@ -462,7 +548,6 @@ impl Req {
 #[derive(Debug)]
 pub struct Answer {
     pub grpc_code: i32,
-    pub grpc_message: String,
     /// 200 for allow, else the denied response's status.
     pub http_status: i32,
     /// Headers set (allow) or sent back (deny), lower-case.
@@ -512,7 +597,6 @@ pub async fn check(client: &mut AuthorizationClient<Channel>, req: Req) -> Answe
     let status = response.status.unwrap_or_default();
     let mut answer = Answer {
         grpc_code: status.code,
-        grpc_message: status.message,
         http_status: 0,
         headers: HashMap::new(),
         remove: Vec::new(),

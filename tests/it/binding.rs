@@ -2,9 +2,8 @@
 //! and DPoP-bound (RFC 9449 `cnf.jkt`) tokens minted with real keys, here and by
 //! the real oidc-provider; every way a proof or a binding can be wrong.
 
-mod common;
-#[path = "common/idp.rs"]
-mod idp;
+use crate::common;
+use crate::common::idp;
 
 use common::*;
 use idp::{CLIENT_CERT_PEM, CLIENT_CERT_X5T_S256, DpopKey, Idp, ORDERS, urlencode};
@@ -37,7 +36,7 @@ const URL: &str = "https://api.example.com";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_bound_tokens_need_their_certificate() {
-    let v = Valet::start(CONFIG);
+    let v = Valet::in_process(CONFIG);
     let mut c = v.client().await;
     let cert = urlencode(CLIENT_CERT_PEM);
     let t = bound(json!({"x5t#S256": CLIENT_CERT_X5T_S256}));
@@ -92,7 +91,7 @@ async fn certificate_bound_tokens_need_their_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_proofs_are_checked_point_by_point() {
-    let v = Valet::start(CONFIG);
+    let v = Valet::in_process(CONFIG);
     let mut c = v.client().await;
     let key = DpopKey::generate();
     let t = bound(json!({"jkt": key.thumbprint()}));
@@ -236,7 +235,7 @@ async fn tokens_bound_by_a_real_openid_provider() {
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"{ORDERS}\"]\n    jwks: {{ discovery: true }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read], binding: any }}\n",
         idp.issuer
     );
-    let v = Valet::start_ready(&config).await;
+    let v = Valet::in_process_ready(&config).await;
     let mut c = v.client().await;
 
     let key = DpopKey::generate();

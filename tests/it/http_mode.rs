@@ -1,7 +1,7 @@
 //! HTTP mode: the same decisions for Envoy's http_service, nginx auth_request and
 //! Traefik forwardAuth, over plain HTTP.
 
-mod common;
+use crate::common;
 
 use common::*;
 
@@ -78,7 +78,7 @@ async fn traefik_forward_auth_is_read_from_x_forwarded_only() {
 
 #[tokio::test]
 async fn nginx_auth_request_is_read_from_x_original_only() {
-    let v = Valet::start(&behind("nginx"));
+    let v = Valet::in_process(&behind("nginx"));
     let read = format!("Bearer {}", rs256("orders:read"));
     let orig = |method: &'static str, uri: &'static str| {
         vec![
@@ -175,7 +175,7 @@ async fn a_token_header_that_is_not_utf8_is_not_dropped() {
         "    claims_to_headers: { sub: x-user-id }\n",
         "    claims_to_headers: { sub: x-user-id }\n    tokens_from: [{ header: x-token }, { cookie: session }]\n",
     );
-    let v = Valet::start(&policy);
+    let v = Valet::in_process(&policy);
     let good = rs256("orders:read");
     let url = format!("http://{}/orders/7", v.http.unwrap());
     let client = reqwest::Client::new();
@@ -206,7 +206,7 @@ async fn protected_resource_metadata_is_served_and_named_in_challenges() {
     let policy = format!(
         "{POLICY}protected_resources:\n  - resource: https://api.example.com/orders\n    routes: [read, write]\n    resource_documentation: https://docs.example.com/orders\n"
     );
-    let v = Valet::start(&policy);
+    let v = Valet::in_process(&policy);
     let r = ask(
         &v,
         "GET",

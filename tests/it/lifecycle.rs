@@ -1,7 +1,7 @@
 //! Start-up and shutdown: SIGTERM makes Valet unready first, keeps answering while
 //! Envoy drains, then exits 0.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

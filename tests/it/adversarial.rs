@@ -1,7 +1,7 @@
 //! The RFC 8725 checklist, as tokens an attacker would send: each is denied with
 //! the right reason, and the server keeps answering.
 
-mod common;
+use crate::common;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -22,7 +22,7 @@ fn es256(header: &Value, claims: &Value) -> String {
 
 #[tokio::test]
 async fn the_rfc_8725_corpus() {
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     let mut c = v.client().await;
     let good = claims("");
     let ok_header = json!({"alg": "ES256", "kid": "ec256-1"});

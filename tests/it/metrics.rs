@@ -1,6 +1,6 @@
 //! Operators' view: /metrics after a mixed run, bounded label sets, probes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -8,6 +8,8 @@ use common::*;
 use jsonwebtoken::Algorithm;
 use rand::Rng;
 use serde_json::json;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\nroutes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n";
 
@@ -65,14 +67,14 @@ async fn labels_stay_bounded_under_random_input() {
     for _ in 0..8 {
         clients.push(v.client().await);
     }
-    // ES256 signs fast enough for 10,000 distinct tokens in a test.
+    // 2,000 distinct random inputs: far more than the 96 series labels may make.
     let (key, _) = signing_key(Algorithm::ES256);
     let key = std::sync::Arc::new(key);
     let mut tasks = Vec::new();
     for (t, mut c) in clients.into_iter().enumerate() {
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..1250 {
+            for i in 0..250 {
                 let (path, kid, sub) = {
                     let mut r = rand::rng();
                     let prefix = ["/orders", "/healthz", "/x", ""][r.random_range(0..4)];
@@ -114,9 +116,9 @@ async fn labels_stay_bounded_under_random_input() {
         .iter()
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert_eq!(total, 10_000.0);
+    assert_eq!(total, 2_000.0);
     eprintln!(
-        "10,000 random Checks → {} valet_check_total series",
+        "2,000 random Checks → {} valet_check_total series",
         series.len()
     );
 }
@@ -134,36 +136,43 @@ async fn probes_and_grpc_health_tell_the_truth() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "envoy.service.auth.v3.Authorization".into(),
-        })
+    let mut health = HealthClient::new(channel);
+    assert!(
+        wait_health(
+            &mut health,
+            "envoy.service.auth.v3.Authorization",
+            ServingStatus::NotServing
+        )
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.status,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
 
     // The keys arrive: both turn ready.
     std::fs::write(v.dir.path().join("missing.json"), jwks().to_string()).unwrap();
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert!(wait_health(&mut health, "", ServingStatus::Serving).await);
     assert_eq!(v.admin_get("/nope").await.0, 404);
+}
+
+/// Polls gRPC health for `service` until it answers `want`: the reporter follows
+/// readiness on its own tick, so the answer changes a moment after /readyz does.
+async fn wait_health(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+    want: ServingStatus,
+) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        if let Ok(r) = health.check(request).await
+            && r.into_inner().status == want as i32
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 #[tokio::test]

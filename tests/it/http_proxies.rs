@@ -9,7 +9,7 @@
 //! `<repo>/.tools/envoy-venv/bin/envoy`). `scripts/test.sh` installs them all
 //! (scripts/install-test-deps.sh) and exports the three variables.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,0 +1,29 @@
+//! Every integration suite in one test binary (one link instead of one per suite),
+//! a module per suite: `cargo test --test it check::` runs one suite,
+//! `cargo test --test it check::tokens_expire` one test. Shared helpers are in
+//! `common`; fixtures stay in `tests/fixtures`, the OpenID provider in `tests/idp`.
+
+mod common;
+
+mod adversarial;
+mod binding;
+mod check;
+mod cli;
+mod differential;
+mod envoy;
+mod faults;
+mod floods_caches;
+mod floods_conn;
+mod floods_forged;
+mod floods_intro;
+mod fuzz;
+mod http_mode;
+mod http_proxies;
+mod idp_contract;
+mod introspection;
+mod jwks;
+mod lifecycle;
+mod metrics;
+mod oidc;
+mod reload;
+mod revocation;

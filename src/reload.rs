@@ -32,35 +32,43 @@ pub struct Reloader {
     keys: Supervisor,
     /// The bytes of the file last read, valid or not: unchanged bytes are not re-read.
     last_source: Option<Vec<u8>>,
+    /// File events and SIGHUP, armed in `new`: before Valet reports ready, so a
+    /// change written right after start is never missed.
+    events: mpsc::Receiver<&'static str>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Reloader {
+    /// Arms the file watcher and the SIGHUP handler at once (call it inside the
+    /// runtime); [`Reloader::run`] then acts on what they report.
     pub fn new(path: PathBuf, listen: Listen, state: Arc<State>, keys: Supervisor) -> Self {
         let last_source = std::fs::read(&path).ok();
+        let (tx, events) = mpsc::channel::<&'static str>(16);
+        let watcher = watch_dir(&path, tx.clone());
+        spawn_sighup(tx);
         Reloader {
             path,
             listen,
             state,
             keys,
             last_source,
+            events,
+            _watcher: watcher,
         }
     }
 
     pub async fn run(mut self) {
-        let (tx, mut rx) = mpsc::channel::<&'static str>(16);
-        let _watcher = watch_dir(&self.path, tx.clone());
-        spawn_sighup(tx.clone());
         let mut poll = tokio::time::interval(POLL);
         poll.tick().await;
         loop {
             let trigger = tokio::select! {
-                Some(t) = rx.recv() => t,
+                Some(t) = self.events.recv() => t,
                 _ = poll.tick() => "poll",
             };
             // Debounce: swallow the rest of the burst.
             tokio::time::sleep(DEBOUNCE).await;
             let mut trigger = trigger;
-            while let Ok(t) = rx.try_recv() {
+            while let Ok(t) = self.events.try_recv() {
                 if t == "sighup" {
                     trigger = t;
                 }

@@ -239,7 +239,13 @@ async fn a_restart_during_an_outage_serves_from_the_cache() {
     {
         let v = Valet::in_process(&config);
         assert!(v.wait_ready(200, Duration::from_secs(10)).await);
-        assert!(cache.path().join("corp.jwks.json").exists());
+        // The cache file is written after the keys are published (ready), not before.
+        let cached = cache.path().join("corp.jwks.json");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cached.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(cached.exists());
     }
     server.stop();
     let v = Valet::in_process(&config);

@@ -161,13 +161,14 @@ pub fn rs256(scope: &str) -> String {
     token(Algorithm::RS256, &claims(scope))
 }
 
-/// Load tests (floods, faults under load, the differential runs) one at a time: on
-/// two cores, two of them side by side starve each other's servers and prove
-/// nothing, as they never met when each suite was its own binary. Other tests
-/// still run beside one. Hold the guard for the whole test.
-pub async fn one_load_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOAD.lock().await
+/// Load tests (floods, faults under load, the differential runs) at most two at a
+/// time. The harness hands tests to its threads (one per core) in name order and
+/// the load suites are neighbours, so with one at a time the other thread mostly
+/// sat waiting for the lock; their assertions are counts and bounds, not
+/// durations, and hold with two side by side. Hold the guard for the whole test.
+pub async fn one_load_at_a_time() -> tokio::sync::SemaphorePermit<'static> {
+    static LOAD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    LOAD.acquire().await.unwrap()
 }
 
 // === Valet process ===

@@ -290,7 +290,7 @@ async fn a_check_request_prost_cannot_decode_is_a_deny_not_an_error() {
     use envoy_types::ext_authz::v3::pb::HttpResponse;
     use prost::Message;
 
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     // A header value that is not UTF-8: encode "\u{e9}\u{e9}" (C3 A9 C3 A9), then
     // turn those bytes into FF FE FF FE, which no `string` field may hold.
     let good = get("/")

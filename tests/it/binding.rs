@@ -274,7 +274,7 @@ async fn tokens_bound_by_a_real_openid_provider() {
 /// A DPoP proof spent before a policy reload stays spent after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spent_proofs_stay_spent_across_policy_reloads() {
-    let v = Valet::start(CONFIG);
+    let v = Valet::in_process(CONFIG);
     let mut c = v.client().await;
     let key = DpopKey::generate();
     let t = bound(json!({"jkt": key.thumbprint()}));

@@ -786,8 +786,11 @@ async fn logs_never_carry_the_token() {
 
 #[tokio::test]
 async fn the_verified_token_cache_never_outlives_exp_nor_skips_the_route() {
-    let v = Valet::start(
+    // Valet's clock, moved past exp instead of sleeping until then.
+    let clock = valet::clock::Clock::system();
+    let v = Valet::in_process_on(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\n    clock_skew: 0s\nroutes:\n  - name: read\n    match: { methods: [GET], path_prefix: /orders }\n    require: { scopes: [orders:read] }\n  - name: write\n    match: { methods: [PUT], path_prefix: /orders }\n    require: { scopes: [orders:write] }\n",
+        clock.clone(),
     );
     let mut c = v.client().await;
     let mut cl = claims("orders:read");
@@ -810,7 +813,7 @@ async fn the_verified_token_cache_never_outlives_exp_nor_skips_the_route() {
         Some(1.0)
     );
     // Past exp the cached entry is gone and the token is expired.
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    clock.advance_unix(3);
     assert_eq!(
         check(&mut c, get("/orders").bearer(&t)).await.reason(),
         "expired"

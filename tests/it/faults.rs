@@ -114,6 +114,28 @@ async fn idp_faults_under_load() {
     }
 }
 
+/// Makes a change to the policy file and lasts until Valet has read it (its
+/// `valet_policy_reload_total{result}` moved) and 20 more valid Checks have run
+/// since: each fault is in force under load, however quick the machine.
+async fn fault_seen(v: &Valet, load: &Load, result: &str, change: impl FnOnce()) {
+    let series = format!("valet_policy_reload_total{{result=\"{result}\"}}");
+    let before = v.metric(&series).await.unwrap_or(0.0);
+    let ok = load.ok.load(Ordering::Relaxed);
+    change();
+    for _ in 0..1000 {
+        if v.metric(&series).await.unwrap_or(0.0) > before
+            && load.ok.load(Ordering::Relaxed) >= ok + 20
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "no {series} after a change to the policy file:\n{}",
+        v.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_file_faults_under_load() {
     let _load = common::one_load_at_a_time().await;
@@ -122,26 +144,32 @@ async fn policy_file_faults_under_load() {
     let path = v.dir.path().join("valet.yaml");
     let good = std::fs::read(&path).unwrap();
     let load = start_load(&v, "/orders").await;
-    let pause = || tokio::time::sleep(Duration::from_millis(500));
 
-    std::fs::remove_file(&path).unwrap();
-    pause().await;
-    std::fs::write(&path, &good).unwrap();
-    pause().await;
-    std::fs::write(&path, b"").unwrap();
-    pause().await;
-    std::fs::write(&path, &good[..good.len() / 2]).unwrap();
-    pause().await;
-    std::fs::write(&path, [0u8, 159, 146, 150, 0xff, 0xfe, 7, 0]).unwrap();
-    pause().await;
+    fault_seen(&v, &load, "error", || std::fs::remove_file(&path).unwrap()).await;
+    fault_seen(&v, &load, "success", || {
+        std::fs::write(&path, &good).unwrap()
+    })
+    .await;
+    fault_seen(&v, &load, "error", || std::fs::write(&path, b"").unwrap()).await;
+    let half = &good[..good.len() / 2];
+    fault_seen(&v, &load, "error", || std::fs::write(&path, half).unwrap()).await;
+    let binary = [0u8, 159, 146, 150, 0xff, 0xfe, 7, 0];
+    fault_seen(&v, &load, "error", || {
+        std::fs::write(&path, binary).unwrap()
+    })
+    .await;
     // Unreadable: as root chmod does not stop a read, so a directory takes its place,
     // then a dangling symlink.
-    std::fs::remove_file(&path).unwrap();
-    std::fs::create_dir(&path).unwrap();
-    pause().await;
-    std::fs::remove_dir(&path).unwrap();
-    std::os::unix::fs::symlink("/nonexistent/valet.yaml", &path).unwrap();
-    pause().await;
+    fault_seen(&v, &load, "error", || {
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+    })
+    .await;
+    fault_seen(&v, &load, "error", || {
+        std::fs::remove_dir(&path).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/valet.yaml", &path).unwrap();
+    })
+    .await;
     std::fs::remove_file(&path).unwrap();
     // Recovery: a valid, different policy takes effect.
     let changed = String::from_utf8(good.clone()).unwrap()

@@ -110,7 +110,7 @@ fn wide_tokens(range: std::ops::Range<usize>, members: usize) -> Vec<String> {
 async fn tokens_with_large_claims_keep_the_cache_within_max_bytes() {
     let _load = common::one_load_at_a_time().await;
     // Long: the default budget, as in the issue (293 MiB of RSS before).
-    let max_bytes = if long() { 16 * MIB } else { 2 * MIB };
+    let max_bytes = if long() { 16 * MIB } else { MIB };
     let v = Valet::start(&format!(
         "cache: {{ max_entries: 10000, max_bytes: {max_bytes} }}\nproviders:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n"
     ));
@@ -121,7 +121,7 @@ async fn tokens_with_large_claims_keep_the_cache_within_max_bytes() {
     let warm = flood(&v, 40, 4, move |i| get("/orders").bearer(&w[i])).await;
     assert_eq!(count(&warm, "verified"), 40, "{warm:?}");
     let before = vm(v.pid(), "VmRSS");
-    let n = if long() { 4000 } else { 450 };
+    let n = if long() { 4000 } else { 250 };
     let tokens = Arc::new(wide_tokens(0..n, members));
     assert!(tokens[0].len() < 16 * 1024, "under limits.max_token_bytes");
     let t = tokens.clone();
@@ -168,7 +168,7 @@ async fn a_dpop_proof_flood_refuses_new_proofs_rather_than_forget_spent_ones() {
     let (capacity, n) = if long() {
         (None, 150_000)
     } else {
-        (Some(1000u64), 1500)
+        (Some(300u64), 450)
     };
     let v = Valet::start(&dpop_config(capacity));
     let key = Arc::new(DpopKey::generate());

@@ -231,7 +231,7 @@ async fn shed(v: &Valet) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_random_token_flood() {
     let _load = common::one_load_at_a_time().await;
-    let (workers, n) = if long() { (512, 400) } else { (160, 80) };
+    let (workers, n) = if long() { (512, 400) } else { (64, 30) };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
     let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
@@ -263,7 +263,7 @@ async fn new_tokens_pass_during_a_random_token_flood() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
     let _load = common::one_load_at_a_time().await;
-    let (workers, n) = if long() { (512, 200) } else { (160, 40) };
+    let (workers, n) = if long() { (512, 200) } else { (64, 20) };
     // The IdP (or its gateway) admits 25 introspections a second and answers the
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
     let idp = Idp::start_with(&[("IDP_INTROSPECTION_RPS", "25")]);
@@ -304,7 +304,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_answers_survive_a_flood_of_inactive_ones() {
     let _load = common::one_load_at_a_time().await;
-    let flood_tokens = if long() { 20_000 } else { 1_000 };
+    let flood_tokens = if long() { 20_000 } else { 400 };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
     // A small cache, so that the flood is many times its size.

@@ -26,7 +26,7 @@ async fn ask(v: &Valet, method: &str, path: &str, headers: &[(&str, &str)]) -> r
 
 #[tokio::test]
 async fn traefik_forward_auth_is_read_from_x_forwarded_only() {
-    let v = Valet::start(&behind("traefik"));
+    let v = Valet::in_process(&behind("traefik"));
     let read = format!("Bearer {}", rs256("orders:read"));
     let fwd = |method: &'static str, uri: &'static str| {
         vec![
@@ -118,7 +118,7 @@ async fn nginx_auth_request_is_read_from_x_original_only() {
 #[tokio::test]
 async fn envoy_http_service_trusts_no_forwarded_header() {
     // No http_proxy: envoy, with a warning at startup.
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     assert!(
         v.wait_for_log("listen.http_proxy is not set"),
         "no warning:\n{}",

@@ -39,7 +39,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn opaque_tokens_are_introspected_and_cached() {
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
-    let v = Valet::start_ready_in(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir).await;
+    let v =
+        Valet::in_process_ready_in(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir).await;
     let mut c = v.client().await;
 
     let t = idp.opaque_token("orders:read").await;
@@ -148,7 +149,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
 async fn dpop_bound_opaque_tokens_need_their_proof() {
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
-    let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
+    let v = Valet::in_process_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let mut c = v.client().await;
     let key = DpopKey::generate();
     let t = idp
@@ -183,7 +184,7 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
         "      timeout: 200ms\n      failure_threshold: 3\n      open_for: 1s\n",
     )
     .replace(&idp.introspection().0, &format!("{}/jwks", bad.url()));
-    let v = Valet::start_ready_in(&cfg, dir).await;
+    let v = Valet::in_process_ready_in(&cfg, dir).await;
     let mut c = v.client().await;
 
     for i in 0..3 {
@@ -252,7 +253,7 @@ async fn answers_are_checked_like_claims_and_deadlines_are_valets() {
         "providers:\n  - name: opaque\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    claims_to_headers: {{ client_id: x-client-id }}\n    introspection:\n      endpoint: {}/jwks\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\n      negative_cache_ttl: 1s\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
         endpoint.url()
     );
-    let v = Valet::start_ready_in(&cfg, dir).await; // ready: a provider without JWKS has no keys to wait for
+    let v = Valet::in_process_ready_in(&cfg, dir).await; // ready: a provider without JWKS has no keys to wait for
     let mut c = v.client().await;
     let exp = now() + 600;
     let cases = [

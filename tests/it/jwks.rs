@@ -21,7 +21,7 @@ fn remote_config(uri: &str, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_is_followed_without_dropping_a_valid_check() {
     let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-    let v = Valet::start(&remote_config(&format!("{}/jwks", server.url()), ""));
+    let v = Valet::in_process(&remote_config(&format!("{}/jwks", server.url()), ""));
     assert!(
         v.wait_ready(200, Duration::from_secs(10)).await,
         "{}",
@@ -113,7 +113,7 @@ async fn a_rotation_is_followed_without_dropping_a_valid_check() {
 async fn outages_keep_the_last_good_keys() {
     let mut server = JwksServer::start(jwks_with(&["rsa-1"])).await;
     let extra = "      refresh_interval: 1s\n      min_refresh: 1s\n      max_refresh: 1s\n      timeout: 300ms\n";
-    let v = Valet::start(&remote_config(&format!("{}/jwks", server.url()), extra));
+    let v = Valet::in_process(&remote_config(&format!("{}/jwks", server.url()), extra));
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
     let mut c = v.client().await;
     let good = rs256("orders:read");
@@ -239,7 +239,13 @@ async fn a_restart_during_an_outage_serves_from_the_cache() {
     {
         let v = Valet::in_process(&config);
         assert!(v.wait_ready(200, Duration::from_secs(10)).await);
-        assert!(cache.path().join("corp.jwks.json").exists());
+        // The cache file is written after the keys are published (ready), not before.
+        let cached = cache.path().join("corp.jwks.json");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cached.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(cached.exists());
     }
     server.stop();
     let v = Valet::in_process(&config);

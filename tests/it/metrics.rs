@@ -15,7 +15,7 @@ const POLICY: &str = "providers:\n  - name: corp\n    issuer: https://idp.test/\
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_mixed_checks_shows_the_rejection_rate_by_reason() {
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     let mut c = v.client().await;
     for _ in 0..3 {
         check(&mut c, get("/orders").bearer(&rs256("orders:read"))).await;
@@ -62,7 +62,7 @@ async fn a_scrape_after_mixed_checks_shows_the_rejection_rate_by_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_stay_bounded_under_random_input() {
-    let v = Valet::start(POLICY);
+    let v = Valet::in_process(POLICY);
     let mut clients = Vec::new();
     for _ in 0..8 {
         clients.push(v.client().await);
@@ -125,7 +125,7 @@ async fn labels_stay_bounded_under_random_input() {
 
 #[tokio::test]
 async fn probes_and_grpc_health_tell_the_truth() {
-    let v = Valet::start(
+    let v = Valet::in_process(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: missing.json }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n",
     );
     assert_eq!(v.admin_get("/healthz").await.0, 200, "alive");

@@ -36,11 +36,7 @@ fn start(denylist: &str) -> (Valet, std::path::PathBuf, std::path::PathBuf) {
     std::fs::write(&deny, denylist).unwrap();
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, with_free_ports(CONFIG)).unwrap();
-    (
-        Valet::spawn(dir, &path, &[("VALET_LOG", "info")]),
-        deny,
-        path,
-    )
+    (Valet::in_process_at(dir, &path), deny, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

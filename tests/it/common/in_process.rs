@@ -4,8 +4,9 @@
 //! blocks its own thread cannot stall it. Its log lines are captured per Valet by
 //! thread name, formatted as the binary writes them to stderr.
 //!
-//! Metrics are still one recorder per process (telemetry is process-wide), so
-//! every in-process Valet shares them: a test that reads metrics spawns the binary.
+//! Each Valet has its own metrics (per-instance telemetry), served on its own
+//! admin listener, so a test reads them as it would from the binary. A test that
+//! moves time hands it a [`valet::clock::Clock`] and keeps a clone to advance.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -42,8 +43,9 @@ impl Drop for Server {
     }
 }
 
-/// Starts Valet on the config file at `path`, with `logs` receiving its log lines.
-pub fn start(path: &Path, logs: Logs) -> Server {
+/// Starts Valet on the config file at `path`, with `logs` receiving its log lines,
+/// on `clock` (a clone shares its `advance_unix`).
+pub fn start(path: &Path, logs: Logs, clock: valet::clock::Clock) -> Server {
     install_log_capture();
     let config = valet::load::load(path).unwrap_or_else(|e| panic!("config: {e}"));
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -80,7 +82,6 @@ pub fn start(path: &Path, logs: Logs) -> Server {
                     let _ = stop_rx.await;
                 };
                 let limits = valet::conn::Limits::default();
-                let clock = valet::clock::Clock::system();
                 if let Err(e) =
                     valet::app::serve_with(config, shutdown, limits, listeners, stop, clock).await
                 {

@@ -18,9 +18,9 @@
 //! oracle sets.
 //!
 //!   VALET_DIFF_SEED=N    replay a run (the seed is printed at the start)
-//!   VALET_DIFF_CASES=N   generated cases per proxy (default 1500, a few seconds each
-//!                        on 2 cores with the three proxies side by side, every run a
-//!                        new seed; a long run: VALET_DIFF_CASES=200000)
+//!   VALET_DIFF_CASES=N   generated cases per proxy (default 500 after the regressions,
+//!                        a few seconds each on 2 cores, every run a new seed so runs
+//!                        add up; a long run: VALET_DIFF_CASES=200000)
 //!   VALET_DIFF_ONLY=c17,r3  only these cases (c: generated, r: regressions.txt line)
 //!   VALET_DIFF_CONNS=N   client connections (default 8)
 //!   VALET_DIFF_VERBOSE=1 one line per case: proxy status, upstream request line, Valet alone
@@ -339,7 +339,7 @@ async fn run(proxy_name: &str) {
             .as_nanos() as u64
             % 1_000_000_000
     });
-    let n = env_u64("VALET_DIFF_CASES").unwrap_or(1500);
+    let n = env_u64("VALET_DIFF_CASES").unwrap_or(500);
     let conns = env_u64("VALET_DIFF_CONNS").unwrap_or(8).max(1) as usize;
     let only: Option<Vec<String>> = std::env::var("VALET_DIFF_ONLY")
         .ok()

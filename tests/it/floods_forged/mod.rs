@@ -2,7 +2,7 @@
 //! controls (tests/floods_forged/shapes.rs) is refused with its reason, costs at
 //! most one signature verification per token (counted by
 //! `valet_signature_verifications_total`, not timed), and a legitimate token
-//! still passes afterwards. `VALET_FLOOD_LONG=1` sends 500 of each instead of 30.
+//! still passes afterwards. `VALET_FLOOD_LONG=1` sends 500 of each instead of 10.
 
 use crate::common;
 mod shapes;
@@ -18,7 +18,7 @@ fn per_shape() -> usize {
     if std::env::var_os("VALET_FLOOD_LONG").is_some() {
         500
     } else {
-        30
+        10
     }
 }
 

@@ -64,7 +64,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idp_faults_under_load() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let mut server = JwksServer::start(jwks_with(&["ec256-1"])).await;
     let v = Valet::start(&format!(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks:\n      uri: {}/jwks\n      refresh_interval: 1s\n      min_refresh: 1s\n      max_refresh: 1s\n      timeout: 300ms\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
@@ -138,7 +138,7 @@ async fn fault_seen(v: &Valet, load: &Load, result: &str, change: impl FnOnce())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_file_faults_under_load() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let base = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n";
     let v = Valet::start(base);
     let path = v.dir.path().join("valet.yaml");
@@ -202,7 +202,7 @@ async fn policy_file_faults_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_on_the_check_port_under_load() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let v = Valet::start(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n",
     );

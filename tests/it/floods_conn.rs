@@ -245,7 +245,7 @@ async fn normal_check(v: &Valet) -> Answer {
 /// answered at once, and a normal Check on its own connection still passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_messages_stay_within_the_memory_limit() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let v = Valet::start_with(POLICY, &[("VALET_LOG", "info")]);
     assert!(v.wait_ready(200, Duration::from_secs(15)).await);
     assert!(normal_check(&v).await.allowed());
@@ -414,7 +414,7 @@ impl Drop for SilentFlood {
 /// and a legitimate Check connects and passes once slots free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_capped_and_closed() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let cap = 500usize;
     let cap_text = cap.to_string();
     let v = Valet::start_with(
@@ -516,7 +516,7 @@ async fn idle_connections_are_capped_and_closed() {
 /// `request_too_large`), never a gRPC error; one just under it is decided.
 #[tokio::test]
 async fn oversize_check_request_is_a_deny() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let v = Valet::start_with(
         POLICY,
         &[("VALET_LOG", "info"), ("VALET_MAX_MESSAGE_BYTES", "64KiB")],

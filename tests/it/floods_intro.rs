@@ -230,7 +230,7 @@ async fn shed(v: &Valet) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_random_token_flood() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let (workers, n) = if long() { (512, 400) } else { (64, 30) };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();
@@ -262,7 +262,7 @@ async fn new_tokens_pass_during_a_random_token_flood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let (workers, n) = if long() { (512, 200) } else { (64, 20) };
     // The IdP (or its gateway) admits 25 introspections a second and answers the
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
@@ -303,7 +303,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_answers_survive_a_flood_of_inactive_ones() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let flood_tokens = if long() { 20_000 } else { 400 };
     let idp = Idp::start();
     let dir = tempfile::tempdir().unwrap();

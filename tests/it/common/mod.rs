@@ -166,7 +166,7 @@ pub fn rs256(scope: &str) -> String {
 /// the load suites are neighbours, so with one at a time the other thread mostly
 /// sat waiting for the lock; their assertions are counts and bounds, not
 /// durations, and hold with two side by side. Hold the guard for the whole test.
-pub async fn one_load_at_a_time() -> tokio::sync::SemaphorePermit<'static> {
+pub async fn load_slot() -> tokio::sync::SemaphorePermit<'static> {
     static LOAD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     LOAD.acquire().await.unwrap()
 }

@@ -330,7 +330,7 @@ fn describe(seed: u64, o: &Outcome, d: &Disagreement) -> String {
 // === The run ===
 
 async fn run(proxy_name: &str) {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let started = Instant::now();
     let seed = env_u64("VALET_DIFF_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()

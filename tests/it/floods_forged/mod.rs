@@ -110,7 +110,7 @@ async fn assert_legit_passes(v: &Valet) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forged_shape_is_refused_for_at_most_one_verification() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let v = start().await;
     let n = per_shape();
     let mut report = Vec::new();
@@ -154,7 +154,7 @@ async fn every_forged_shape_is_refused_for_at_most_one_verification() {
 
 #[tokio::test]
 async fn a_kidless_token_is_tried_against_one_key_only() {
-    let _load = common::one_load_at_a_time().await;
+    let _load = common::load_slot().await;
     let v = start().await;
     let mut client = v.client().await;
     // Honestly signed by a key of a set where several keys fit: Valet does not

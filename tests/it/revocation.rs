@@ -158,7 +158,7 @@ async fn revocation_propagates_in_about_a_second_under_load() {
     write(&deny, "");
     assert!(valet.wait_for_log("the file is empty"));
     std::fs::remove_file(&deny).unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(valet.wait_for_log("No such file"), "{}", valet.logs());
     write(&deny, &body);
 
     assert!(

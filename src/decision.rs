@@ -33,10 +33,13 @@ pub enum Reason {
     IntrospectionUnavailable,
     RequestTooLarge,
     DpopReplayFull,
+    /// Allowed on the caller's workload identity alone (`require.principals`).
+    Principal,
+    PrincipalNotAllowed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -62,6 +65,8 @@ impl Reason {
         Reason::IntrospectionUnavailable,
         Reason::RequestTooLarge,
         Reason::DpopReplayFull,
+        Reason::Principal,
+        Reason::PrincipalNotAllowed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -91,6 +96,8 @@ impl Reason {
             Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::RequestTooLarge => "request_too_large",
             Reason::DpopReplayFull => "dpop_replay_full",
+            Reason::Principal => "principal",
+            Reason::PrincipalNotAllowed => "principal_not_allowed",
         }
     }
 }
@@ -272,6 +279,8 @@ pub struct Allow {
     pub claims_metadata: Option<prost::bytes::Bytes>,
     /// A denial let through by `dry_run`: `reason` is what it would have been.
     pub dry_run: bool,
+    /// On a `require.any_of` route: which alternative held (0-based).
+    pub alternative: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -293,6 +302,9 @@ pub struct Deny {
     pub dpop_algs: Option<String>,
     /// RFC 9728: where the route's protected resource metadata is, for challenges.
     pub resource_metadata: Option<String>,
+    /// On a `require.any_of` route: why each alternative failed, in order (for
+    /// `valet explain`; fixed text, never a value from the request).
+    pub alternatives: Vec<(Reason, Cow<'static, str>)>,
 }
 
 impl Decision {
@@ -357,6 +369,7 @@ impl Deny {
             detail: None,
             dpop_algs: None,
             resource_metadata: None,
+            alternatives: Vec::new(),
         }
     }
 }

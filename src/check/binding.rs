@@ -114,19 +114,7 @@ pub fn check(
             ));
         }
     }
-    let ok = match required {
-        None => true,
-        Some(Binding::Any) => x5t.is_some() || jkt.is_some(),
-        Some(Binding::Mtls) => x5t.is_some(),
-        Some(Binding::Dpop) => jkt.is_some(),
-    };
-    if !ok {
-        return Err(BindingError::Unbound(match required {
-            Some(Binding::Mtls) => "this route needs a certificate-bound token",
-            Some(Binding::Dpop) => "this route needs a DPoP-bound token",
-            _ => "this route needs a sender-constrained token",
-        }));
-    }
+    satisfied(required, claims)?;
     // Last: only a proof whose request passed every binding check uses up its jti.
     if let Some(proved) = spend {
         match replay.spend(ReplayCache::id(&proved.thumbprint, &proved.jti), now) {
@@ -146,6 +134,31 @@ pub fn check(
         }
     }
     Ok(())
+}
+
+/// Whether verified `claims` are bound as `required` asks (`require.binding`); the
+/// binding itself is proved by [`check`].
+pub fn satisfied(
+    required: Option<Binding>,
+    claims: &Map<String, Value>,
+) -> Result<(), BindingError> {
+    let cnf = claims.get("cnf").and_then(Value::as_object);
+    let x5t = cnf.is_some_and(|c| c.get("x5t#S256").is_some_and(Value::is_string));
+    let jkt = cnf.is_some_and(|c| c.get("jkt").is_some_and(Value::is_string));
+    let ok = match required {
+        None => true,
+        Some(Binding::Any) => x5t || jkt,
+        Some(Binding::Mtls) => x5t,
+        Some(Binding::Dpop) => jkt,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(BindingError::Unbound(match required {
+        Some(Binding::Mtls) => "this route needs a certificate-bound token",
+        Some(Binding::Dpop) => "this route needs a DPoP-bound token",
+        _ => "this route needs a sender-constrained token",
+    }))
 }
 
 /// SHA-256 of the DER of the first certificate in Envoy's URL-encoded PEM, base64url.

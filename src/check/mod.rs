@@ -121,6 +121,26 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
         }
         Access::Require(r) => r,
     };
+    // Alternatives that need no token, ahead of the first that does, hold or
+    // fail without one: a workload caller's token is not even read.
+    if let Some(k) = requirement
+        .alternatives()
+        .iter()
+        .take_while(|a| !a.needs_token)
+        .position(|a| a.principal_allowed(req.principal))
+    {
+        let allow = by_principal(policy, route, requirement, k);
+        return Step::Done(routed(policy, req, ri, Ok(allow)));
+    }
+    if !requirement.needs_token {
+        let none = Err(Deny::new(
+            Reason::MissingToken,
+            DenyKind::NoToken,
+            "no token",
+        ));
+        let result = after_verify(policy, req, route, None, None, none);
+        return Step::Done(routed(policy, req, ri, result));
+    }
     match identity {
         Identity::Token { now } => {
             let token = match token::extract(req, &requirement.sources, policy.max_token_bytes) {
@@ -134,14 +154,15 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
                             Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
                         }
                     };
-                    return Step::Done(routed(policy, req, ri, Err(deny)));
+                    let result = after_verify(policy, req, route, None, None, Err(deny));
+                    return Step::Done(routed(policy, req, ri, result));
                 }
             };
             verify_step(policy, req, ri, token, now, None)
         }
         Identity::Claims(claims) => {
-            let result = trusted(policy, &requirement.providers, claims)
-                .and_then(|v| after_verify(policy, req, route, None, None, v));
+            let verified = trusted(policy, &requirement.providers, claims);
+            let result = after_verify(policy, req, route, None, None, verified);
             Step::Done(routed(policy, req, ri, result))
         }
     }
@@ -175,7 +196,7 @@ fn verify_step<'r>(
     };
     match verify::verify(token.value, policy, &requirement.providers, now, given) {
         Ok(verified) => {
-            let result = after_verify(policy, req, route, Some(token), Some(now), verified);
+            let result = after_verify(policy, req, route, Some(token), Some(now), Ok(verified));
             Step::Done(routed(policy, req, ri, result))
         }
         Err(failed) => {
@@ -198,7 +219,9 @@ fn verify_step<'r>(
             let mut d = Deny::new(failed.error.reason(), kind, describe(failed.error));
             d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
             d.kid = failed.kid;
-            let fallback = routed(policy, req, ri, Err(d));
+            // An alternative that needs no token may still hold.
+            let result = after_verify(policy, req, route, None, None, Err(d));
+            let fallback = routed(policy, req, ri, result);
             match need {
                 Some(need) => Step::Need(Pending {
                     need,
@@ -265,7 +288,9 @@ fn identity_twin<'a>(policy: &Snapshot, req: &Request<'a>) -> Option<&'a str> {
     })
 }
 
-/// After verification: revocation, binding, the route's requirement.
+/// After verification (or its failure, or no token read): revocation and
+/// binding of the one token, then each alternative of the route's requirement
+/// in turn; the first that holds allows.
 #[allow(clippy::result_large_err)]
 fn after_verify(
     policy: &Snapshot,
@@ -273,11 +298,65 @@ fn after_verify(
     route: &Route,
     token: Option<Token>,
     token_now: Option<u64>,
-    verified: Verified,
+    verified: Result<Verified, Deny>,
 ) -> Result<Allow, Deny> {
     let Access::Require(requirement) = &route.access else {
         unreachable!("verification is only reached on routes that require a token")
     };
+    let verified =
+        verified.and_then(|v| token_checks(policy, req, requirement, &token, token_now, v));
+    let alternatives = requirement.alternatives();
+    // Grown only on failure: an allow allocates nothing here.
+    let mut failures: Vec<Failed> = Vec::new();
+    for (k, alt) in alternatives.iter().enumerate() {
+        match alternative(policy, req, alt, !requirement.any_of.is_empty(), &verified) {
+            Ok(()) if alt.needs_token => {
+                let Ok(v) = verified else {
+                    unreachable!("a token alternative holds only with a verified token")
+                };
+                let mut a = allow(policy, route, req, token, v);
+                a.alternative = (!requirement.any_of.is_empty()).then_some(k);
+                return Ok(a);
+            }
+            Ok(()) => return Ok(by_principal(policy, route, requirement, k)),
+            Err(failed) => failures.push(failed),
+        }
+    }
+    // All failed. The most useful answer: the first token alternative's (a 401
+    // challenge when no token was sent), else the first alternative's.
+    let chosen = alternatives.iter().position(|a| a.needs_token).unwrap_or(0);
+    let summary: Vec<(Reason, std::borrow::Cow<'static, str>)> = if requirement.any_of.is_empty() {
+        Vec::new()
+    } else {
+        failures
+            .iter()
+            .map(|f| match (f, &verified) {
+                (Failed::Deny(d), _) | (Failed::Token, Err(d)) => (d.reason, d.description.clone()),
+                (Failed::Token, Ok(_)) => {
+                    unreachable!("a verified token fails no alternative by itself")
+                }
+            })
+            .collect()
+    };
+    let mut deny = match (failures.swap_remove(chosen), verified) {
+        (Failed::Deny(d), _) | (Failed::Token, Err(d)) => d,
+        (Failed::Token, Ok(_)) => unreachable!("a verified token fails no alternative by itself"),
+    };
+    deny.alternatives = summary;
+    Err(deny)
+}
+
+/// What the token must pass whatever alternative holds: revocation, then the
+/// proof of its binding (a DPoP proof's `jti` is spent once, here).
+#[allow(clippy::result_large_err)]
+fn token_checks(
+    policy: &Snapshot,
+    req: &Request,
+    requirement: &crate::policy::Requirement,
+    token: &Option<Token>,
+    token_now: Option<u64>,
+    verified: Verified,
+) -> Result<Verified, Deny> {
     // After verification, so a forged token cannot probe the list; before the
     // route's requirements, so a revoked token is 401 whatever the route wants.
     if let Some(revocation) = &policy.stores.revocation
@@ -293,57 +372,135 @@ fn after_verify(
         d.detail = Some(rule.label());
         return Err(d);
     }
-    if let Some(token) = &token
+    if let Some(token) = token
         && let Some(now) = token_now
         && let Err(e) = binding::check(
             req,
             token.value,
             token.scheme,
             &verified.claims,
-            requirement.binding,
+            // With alternatives, each asks for its own binding (`satisfied`).
+            if requirement.any_of.is_empty() {
+                requirement.binding
+            } else {
+                None
+            },
             &policy.dpop,
             &policy.stores.replay,
             now,
         )
     {
-        let kind = match e {
-            BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
-            BindingError::ReplayFull(_) => DenyKind::Unavailable,
-            _ => DenyKind::InvalidToken,
-        };
-        let mut d = Deny::new(e.reason(), kind, e.description());
-        d.provider = Some(policy.providers[verified.provider].name.clone());
-        d.kid = verified.kid;
-        return Err(d);
+        return Err(binding_deny(policy, e, &verified));
     }
-    if let Err(e) = requirement.check(&verified.claims) {
-        let (reason, kind, description, scope) = match e {
-            RequireError::InsufficientScope { required } => (
-                Reason::InsufficientScope,
-                DenyKind::InsufficientScope,
-                "the token lacks a required scope",
-                Some(required),
-            ),
-            RequireError::AudienceNotAllowed => (
-                Reason::AudienceNotAllowed,
-                DenyKind::Forbidden,
-                "the token's audience is not allowed on this route",
-                None,
-            ),
-            RequireError::ClaimMismatch { .. } => (
-                Reason::ClaimMismatch,
-                DenyKind::Forbidden,
-                "a required claim does not match",
-                None,
-            ),
+    Ok(verified)
+}
+
+fn binding_deny(policy: &Snapshot, e: BindingError, verified: &Verified) -> Deny {
+    let kind = match e {
+        BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
+        BindingError::ReplayFull(_) => DenyKind::Unavailable,
+        _ => DenyKind::InvalidToken,
+    };
+    let mut d = Deny::new(e.reason(), kind, e.description());
+    d.provider = Some(policy.providers[verified.provider].name.clone());
+    d.kid = verified.kid.clone();
+    d
+}
+
+/// Why an alternative failed.
+enum Failed {
+    /// The token's own failure (missing, invalid, revoked): the denial is
+    /// `verified`'s, moved rather than copied when it is the answer.
+    Token,
+    Deny(Deny),
+}
+
+/// One alternative over the one token.
+fn alternative(
+    policy: &Snapshot,
+    req: &Request,
+    alt: &crate::policy::Requirement,
+    one_of_many: bool,
+    verified: &Result<Verified, Deny>,
+) -> Result<(), Failed> {
+    if alt.needs_token {
+        let Ok(v) = verified else {
+            return Err(Failed::Token);
         };
-        let mut d = Deny::new(reason, kind, description);
-        d.scope = scope;
-        d.provider = Some(policy.providers[verified.provider].name.clone());
-        d.kid = verified.kid;
-        return Err(d);
+        let with_token = |mut d: Deny| {
+            d.provider = Some(policy.providers[v.provider].name.clone());
+            d.kid = v.kid.clone();
+            Err(Failed::Deny(d))
+        };
+        if !alt.providers.is_empty() && !alt.providers.contains(&v.provider) {
+            return with_token(Deny::new(
+                Reason::IssuerNotAllowed,
+                DenyKind::InvalidToken,
+                describe(VerifyError::IssuerNotAllowed),
+            ));
+        }
+        if one_of_many && let Err(e) = binding::satisfied(alt.binding, &v.claims) {
+            return with_token(binding_deny(policy, e, v));
+        }
+        if let Err(e) = alt.check(&v.claims) {
+            return with_token(requirement_deny(e));
+        }
     }
-    Ok(allow(policy, route, req, token, verified))
+    if !alt.principal_allowed(req.principal) {
+        return Err(Failed::Deny(Deny::new(
+            Reason::PrincipalNotAllowed,
+            DenyKind::Forbidden,
+            if req.principal.is_empty() {
+                "this route needs a workload identity (a client certificate) and none was presented"
+            } else {
+                "the caller's workload identity is not allowed on this route"
+            },
+        )));
+    }
+    Ok(())
+}
+
+fn requirement_deny(e: RequireError) -> Deny {
+    let (reason, kind, description, scope) = match e {
+        RequireError::InsufficientScope { required } => (
+            Reason::InsufficientScope,
+            DenyKind::InsufficientScope,
+            "the token lacks a required scope",
+            Some(required),
+        ),
+        RequireError::AudienceNotAllowed => (
+            Reason::AudienceNotAllowed,
+            DenyKind::Forbidden,
+            "the token's audience is not allowed on this route",
+            None,
+        ),
+        RequireError::ClaimMismatch { .. } => (
+            Reason::ClaimMismatch,
+            DenyKind::Forbidden,
+            "a required claim does not match",
+            None,
+        ),
+    };
+    let mut d = Deny::new(reason, kind, description);
+    d.scope = scope;
+    d
+}
+
+/// Allowed on the caller's workload identity: like an anonymous route, no
+/// identity from a token, every identity header removed.
+fn by_principal(
+    policy: &Snapshot,
+    route: &Route,
+    requirement: &crate::policy::Requirement,
+    k: usize,
+) -> Allow {
+    Allow {
+        route: Some(route.name.clone()),
+        reason: Some(Reason::Principal),
+        identity_headers: policy.identity_headers.clone(),
+        alternative: (!requirement.any_of.is_empty()).then_some(k),
+        ..Default::default()
+    }
 }
 
 /// A 401 answers with the DPoP scheme when the client used it, or when the
@@ -515,6 +672,7 @@ fn allow(
         claim_headers: verified.headers,
         identity_headers: policy.identity_headers.clone(),
         dry_run: false,
+        alternative: None,
     }
 }
 

@@ -177,6 +177,12 @@ pub struct RequireFile {
     pub claims: BTreeMap<String, serde_yaml::Value>,
     /// `mtls`, `dpop` or `any`: the token must be sender-constrained.
     pub binding: Option<String>,
+    /// SPIFFE IDs (or `.../*`) the caller's workload identity must be one of.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Alternatives, each a whole requirement: the first that holds allows.
+    #[serde(default)]
+    pub any_of: Vec<RequireFile>,
 }
 
 /// One of `protected_resources` (RFC 9728 metadata).

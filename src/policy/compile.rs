@@ -791,29 +791,27 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
         (true, None) => Access::Anonymous,
         (false, req) => {
             if let Some(r) = &req
-                && r.scopes.is_empty()
-                && r.any_scopes.is_empty()
-                && r.providers.is_empty()
-                && r.audiences.is_empty()
-                && r.claims.is_empty()
+                && asks_nothing(r)
+                && r.any_of.is_empty()
             {
                 p.warn(
                     format!("{at}.require"),
                     "requires nothing beyond a valid token; say so by leaving `require` out, or list what is needed",
                 );
             }
-            if providers.is_empty() {
+            let requirement = any_of::compile(
+                req.unwrap_or_default(),
+                &format!("{at}.require"),
+                providers,
+                p,
+            );
+            if requirement.needs_token && providers.is_empty() {
                 p.error(
                     at,
                     "this route needs a token but no providers are configured (or set anonymous: true)",
                 );
             }
-            Access::Require(requirement(
-                req.unwrap_or_default(),
-                &format!("{at}.require"),
-                providers,
-                p,
-            ))
+            Access::Require(requirement)
         }
     };
     Route {
@@ -995,7 +993,19 @@ fn template(t: &str, at: &str, p: &mut Problems) -> PathMatch {
     PathMatch::Template(segments)
 }
 
-fn requirement(
+/// A `require` block that names nothing a token or a caller must have.
+pub(super) fn asks_nothing(r: &RequireFile) -> bool {
+    r.scopes.is_empty()
+        && r.any_scopes.is_empty()
+        && r.providers.is_empty()
+        && r.audiences.is_empty()
+        && r.claims.is_empty()
+        && r.binding.is_none()
+        && r.principals.is_empty()
+}
+
+/// One requirement (a whole `require` block, or one of its `any_of`).
+pub(super) fn requirement(
     rf: RequireFile,
     at: &str,
     providers: &[Arc<Provider>],
@@ -1029,7 +1039,7 @@ fn requirement(
             }
         }
     }
-    let claims = rf
+    let claims: Vec<ClaimRequirement> = rf
         .claims
         .iter()
         .filter_map(|(name, value)| {
@@ -1072,14 +1082,26 @@ fn requirement(
             None
         }
     });
+    let principals = any_of::principals(&rf.principals, at, p);
+    // Principals alone are checked on the connection, not on a token.
+    let needs_token = principals.is_empty()
+        || !(rf.scopes.is_empty()
+            && rf.any_scopes.is_empty()
+            && provider_idx.is_empty()
+            && rf.audiences.is_empty()
+            && claims.is_empty()
+            && binding.is_none());
     Requirement {
         binding,
         providers: provider_idx,
-        sources,
+        sources: if needs_token { sources } else { Vec::new() },
         scopes: rf.scopes,
         any_scopes: rf.any_scopes,
         audiences: rf.audiences,
         claims,
+        principals,
+        needs_token,
+        any_of: Vec::new(),
     }
 }
 
@@ -1098,5 +1120,6 @@ fn claim_value(v: &Yaml, at: &str, p: &mut Problems) -> Option<serde_json::Value
     }
 }
 
+mod any_of;
 #[cfg(test)]
 mod tests;

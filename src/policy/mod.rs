@@ -7,6 +7,7 @@
 mod compile;
 pub mod dpop;
 pub mod index;
+pub mod principal;
 pub mod require;
 pub mod resource_metadata;
 pub mod route;

@@ -20,6 +20,15 @@ pub struct Requirement {
     pub sources: Vec<TokenSource>,
     /// The token must be bound to a certificate or DPoP key (`require.binding`).
     pub binding: Option<super::Binding>,
+    /// The caller's workload identity must be one of these (`require.principals`).
+    pub principals: Vec<super::principal::Principal>,
+    /// Whether a token is needed: false only for an alternative that asks for
+    /// principals and nothing a token carries.
+    pub needs_token: bool,
+    /// `require.any_of`: the first alternative that holds allows. When set, the
+    /// fields above are the union the one token is read and verified with
+    /// (`providers`, `sources`, `needs_token`), and ask nothing themselves.
+    pub any_of: Vec<Requirement>,
 }
 
 #[derive(Debug)]
@@ -41,6 +50,22 @@ pub enum RequireError {
 }
 
 impl Requirement {
+    /// What is decided in turn: the `any_of` alternatives, or this one.
+    pub fn alternatives(&self) -> &[Requirement] {
+        if self.any_of.is_empty() {
+            std::slice::from_ref(self)
+        } else {
+            &self.any_of
+        }
+    }
+
+    /// Whether `principal` (empty when the proxy sent none) is one this asks for;
+    /// true when it asks for none.
+    pub fn principal_allowed(&self, principal: &str) -> bool {
+        self.principals.is_empty()
+            || (!principal.is_empty() && self.principals.iter().any(|p| p.matches(principal)))
+    }
+
     pub fn check(&self, claims: &Map<String, Value>) -> Result<(), RequireError> {
         if !self.scopes.is_empty() || !self.any_scopes.is_empty() {
             let has = |wanted: &String| scopes(claims).any(|s| s == wanted);

@@ -42,6 +42,9 @@ pub struct Request<'a> {
     pub context: &'a HashMap<String, String>,
     /// URL-encoded PEM of the client certificate, when Envoy sends it.
     pub peer_certificate: &'a str,
+    /// The peer's authenticated identity (`attributes.source.principal`: the
+    /// client certificate's URI SAN, a SPIFFE ID in a mesh); empty when none.
+    pub principal: &'a str,
     /// `http` or `https` as the client used it (`:scheme`), for DPoP's `htu`.
     pub scheme: &'a str,
 }
@@ -75,6 +78,9 @@ impl<'a> Request<'a> {
             peer_certificate: attributes
                 .and_then(|a| a.source.as_ref())
                 .map_or("", |s| s.certificate.as_str()),
+            principal: attributes
+                .and_then(|a| a.source.as_ref())
+                .map_or("", |s| s.principal.as_str()),
             scheme: &http.scheme,
         };
         let raw_path = if http.path.is_empty() {

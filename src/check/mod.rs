@@ -416,6 +416,8 @@ enum Failed {
 }
 
 /// One alternative over the one token.
+// A denial is an answer, not an exception: it moves by value rather than through a Box.
+#[allow(clippy::result_large_err)]
 fn alternative(
     policy: &Snapshot,
     req: &Request,

@@ -204,6 +204,7 @@ async fn serve_scoped(
             listener,
             state.clone(),
             config.listen.http_proxy,
+            config.listen.http_xfcc,
             Gate::new("http", cap),
         );
         let stop = stopped(stop_rx.clone());

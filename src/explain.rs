@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as AttrRequest,
+    HttpRequest, Peer, Request as AttrRequest,
 };
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use serde_json::{Map, Value};
@@ -29,6 +29,8 @@ pub struct RequestSpec {
     /// Lower-case names.
     pub headers: HashMap<String, String>,
     pub context: HashMap<String, String>,
+    /// The peer's workload identity (`source.principal`); empty for none.
+    pub principal: String,
 }
 
 impl RequestSpec {
@@ -48,6 +50,10 @@ impl RequestSpec {
                     ..Default::default()
                 }),
                 context_extensions: self.context.clone(),
+                source: (!self.principal.is_empty()).then(|| Peer {
+                    principal: self.principal.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         }
@@ -69,6 +75,9 @@ pub fn explain(policy: &Snapshot, spec: &RequestSpec, mode: Mode) -> String {
         &spec.host
     };
     let _ = writeln!(out, "request:  {} {} {}", spec.method, host, spec.path);
+    if !spec.principal.is_empty() {
+        let _ = writeln!(out, "          from workload {}", spec.principal);
+    }
     let req = match Request::from_check(&check_req) {
         Ok(r) => r,
         Err(e) => {
@@ -174,6 +183,9 @@ fn finish(mut out: String, policy: &Snapshot, decision: Decision) -> String {
         Decision::Allow(a) => {
             let reason = a.reason.map_or("verified", |r| r.label());
             let _ = writeln!(out, "decision: ALLOW 200 ({reason})");
+            if let Some(k) = a.alternative {
+                let _ = writeln!(out, "          alternative ({k}) held");
+            }
             if let Some(p) = &a.provider {
                 let kid = a
                     .kid
@@ -200,6 +212,13 @@ fn finish(mut out: String, policy: &Snapshot, decision: Decision) -> String {
                 d.reason.label(),
                 d.description
             );
+            for (k, (reason, why)) in d.alternatives.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "          alternative ({k}) failed: {}: {why}",
+                    reason.label()
+                );
+            }
             if let Some(c) = response::challenge(&d, &policy.realm) {
                 let _ = writeln!(out, "          WWW-Authenticate: {c}");
             }
@@ -272,6 +291,31 @@ fn describe_access(policy: &Policy, route: &Route) -> String {
         Access::Anonymous => return "nothing (anonymous)".into(),
         Access::Require(r) => r,
     };
+    if req.any_of.is_empty() {
+        return describe_requirement(policy, req);
+    }
+    let mut out = String::from("any one of (the first that holds allows):");
+    for (k, alt) in req.any_of.iter().enumerate() {
+        let _ = write!(
+            out,
+            "\n          ({k}) {}",
+            describe_requirement(policy, alt)
+        );
+    }
+    out
+}
+
+fn describe_requirement(policy: &Policy, req: &crate::policy::Requirement) -> String {
+    let principals = || {
+        req.principals
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !req.needs_token {
+        return format!("a workload identity one of [{}] (no token)", principals());
+    }
     let providers: Vec<&str> = if req.providers.is_empty() {
         policy.providers.iter().map(|p| &*p.name).collect()
     } else {
@@ -293,6 +337,12 @@ fn describe_access(policy: &Policy, route: &Route) -> String {
     for c in &req.claims {
         let values: Vec<String> = c.values.iter().map(Value::to_string).collect();
         parts.push(format!("claim {} = {}", c.path, values.join(" or ")));
+    }
+    if let Some(b) = req.binding {
+        parts.push(format!("bound ({b:?})").to_lowercase());
+    }
+    if !req.principals.is_empty() {
+        parts.push(format!("workload one of [{}]", principals()));
     }
     parts.join("; ")
 }

@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as AttrRequest,
+    self, HttpRequest, Request as AttrRequest,
 };
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use http_body_util::Full;
@@ -70,7 +70,13 @@ impl HttpProxy {
 }
 
 /// Serves within `gate`: at most its cap of connections at once.
-pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, gate: Gate) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    proxy: HttpProxy,
+    xfcc: bool,
+    gate: Gate,
+) {
     tracing::info!(
         http_proxy = proxy.name(),
         "HTTP mode reads the original request as {} sends it",
@@ -83,7 +89,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, proxy, req).await) }
+                async move { Ok::<_, Infallible>(answer(&state, proxy, xfcc, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -94,9 +100,20 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
     }
 }
 
-async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    state: &State,
+    proxy: HttpProxy,
+    xfcc: bool,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
-    let check = match to_check(proxy, req.method(), req.uri(), req.headers()) {
+    let check = to_check(proxy, req.method(), req.uri(), req.headers()).and_then(|mut c| {
+        if xfcc {
+            with_principal(&mut c, req.headers())?;
+        }
+        Ok(c)
+    });
+    let check = match check {
         Ok(check) => check,
         Err(why) => {
             // Counted like any other Check; never decided on a guess.
@@ -239,6 +256,23 @@ fn to_check(
             ..Default::default()
         }),
     })
+}
+
+/// The principal of the certificate Envoy verified, from its one
+/// `x-forwarded-client-cert`, as Envoy's gRPC Check carries it (`source.principal`).
+fn with_principal(check: &mut CheckRequest, headers: &HeaderMap) -> Result<(), &'static str> {
+    let Some(header) = only_one(headers, "x-forwarded-client-cert")? else {
+        return Ok(());
+    };
+    if let Some(uri) = crate::request::xfcc::uri(&header)?
+        && let Some(attributes) = check.attributes.as_mut()
+    {
+        attributes.source = Some(attribute_context::Peer {
+            principal: uri,
+            ..Default::default()
+        });
+    }
+    Ok(())
 }
 
 /// The value of a header that must not be repeated: `Ok(None)` when absent, `Err`

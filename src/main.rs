@@ -68,6 +68,10 @@ enum Command {
         /// Claims as JSON, taken as verified: the policy logic alone.
         #[arg(long)]
         claims: Option<String>,
+        /// The caller's workload identity as the proxy forwards it
+        /// (`source.principal`, a SPIFFE ID), for `require.principals`.
+        #[arg(long)]
+        principal: Option<String>,
     },
     /// Print the proxy side generated from the policy: an Envoy bootstrap (routes
     /// mirrored in order, ext_authz off on anonymous routes, the Valet route named
@@ -206,8 +210,20 @@ fn main() -> ExitCode {
             context,
             token,
             claims,
+            principal,
         } => explain(
-            &config, method, path, host, &headers, &context, token, claims,
+            &config,
+            valet::explain::RequestSpec {
+                method,
+                path,
+                host,
+                principal: principal.unwrap_or_default(),
+                ..Default::default()
+            },
+            &headers,
+            &context,
+            token,
+            claims,
         ),
         Command::Test { config, files } => run_tests(config.as_deref(), &files),
         Command::Metrics => {
@@ -380,9 +396,7 @@ fn load_keys(snap: &valet::stores::Snapshot) {
 #[allow(clippy::too_many_arguments)]
 fn explain(
     config: &std::path::Path,
-    method: String,
-    path: String,
-    host: String,
+    mut spec: valet::explain::RequestSpec,
     headers: &[String],
     context: &[String],
     token: Option<String>,
@@ -391,12 +405,6 @@ fn explain(
     let snap = match load_or_exit(config) {
         Ok(c) => c.into_snapshot(),
         Err(code) => return code,
-    };
-    let mut spec = valet::explain::RequestSpec {
-        method,
-        path,
-        host,
-        ..Default::default()
     };
     for h in headers {
         let Some((k, v)) = h.split_once(':') else {

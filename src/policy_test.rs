@@ -44,6 +44,9 @@ pub struct CaseRequest {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub context: BTreeMap<String, String>,
+    /// The caller's workload identity (`source.principal`), for `require.principals`.
+    #[serde(default)]
+    pub principal: String,
 }
 
 fn get() -> String {
@@ -114,6 +117,7 @@ pub fn run(policy: &crate::stores::Snapshot, suite: &Suite, now: u64) -> (String
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                 .collect(),
             context: case.request.context.clone().into_iter().collect(),
+            principal: case.request.principal.clone(),
         };
         if let Some(t) = &case.token {
             spec.headers

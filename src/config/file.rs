@@ -64,6 +64,9 @@ pub struct ListenFile {
     /// `nginx`, `traefik` or `envoy`: which proxy calls `http`, hence which one
     /// header family describes the original request.
     pub http_proxy: Option<String>,
+    /// `xfcc`: HTTP mode takes the caller's workload identity from Envoy's
+    /// `x-forwarded-client-cert` (only with `http_proxy: envoy`).
+    pub http_client_cert: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,6 +17,9 @@ pub struct Listen {
     pub http: Option<SocketAddr>,
     /// Which proxy calls `http` (`listen.http_proxy`): the one header family trusted.
     pub http_proxy: HttpProxy,
+    /// HTTP mode reads the caller's principal from `x-forwarded-client-cert`
+    /// (`listen.http_client_cert: xfcc`).
+    pub http_xfcc: bool,
 }
 
 /// Which proxy calls the HTTP port (`listen.http_proxy`), hence which one family of
@@ -47,6 +50,34 @@ impl HttpProxy {
             HttpProxy::Nginx => "nginx",
             HttpProxy::Traefik => "traefik",
             HttpProxy::Envoy => "envoy",
+        }
+    }
+}
+
+/// `listen.http_client_cert`, checked: `xfcc` only when `http_proxy` is set to
+/// `envoy`, the one proxy that drops a client's own header
+/// (`forward_client_cert_details: SANITIZE_SET`); nginx and Traefik pass it on,
+/// so a forged one would count.
+pub fn compile_client_cert(listen: &ListenFile, p: &mut Problems) -> bool {
+    match listen.http_client_cert.as_deref() {
+        None | Some("none") => false,
+        Some("xfcc") => {
+            if listen.http_proxy.as_deref() != Some("envoy") {
+                p.error(
+                    "listen.http_client_cert",
+                    "xfcc needs listen.http_proxy: envoy (set explicitly): only Envoy \
+                     replaces a client's own x-forwarded-client-cert; nginx and Traefik pass it on",
+                );
+                return false;
+            }
+            true
+        }
+        Some(other) => {
+            p.error(
+                "listen.http_client_cert",
+                format!("must be xfcc or none, not {other:?}"),
+            );
+            false
         }
     }
 }

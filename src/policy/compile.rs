@@ -53,6 +53,7 @@ pub fn compile(
         ),
         http: optional_addr(file.listen.http.as_deref(), None, "listen.http", p),
         http_proxy: crate::config::listen::compile_proxy(&file.listen, p),
+        http_xfcc: crate::config::listen::compile_client_cert(&file.listen, p),
     };
     if listen.grpc.is_none() && listen.http.is_none() {
         p.error("listen", "turn on at least one of grpc and http");

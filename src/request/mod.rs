@@ -3,6 +3,7 @@
 
 pub mod host;
 mod path;
+pub mod xfcc;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -19,6 +19,7 @@ mod floods_intro;
 mod fuzz;
 mod http_mode;
 mod http_proxies;
+mod identity;
 mod idp_contract;
 mod introspection;
 mod jwks;

@@ -499,6 +499,7 @@ pub struct Req {
     context: HashMap<String, String>,
     scheme: String,
     certificate: String,
+    principal: String,
 }
 
 pub fn get(path: &str) -> Req {
@@ -510,6 +511,7 @@ pub fn get(path: &str) -> Req {
         context: HashMap::new(),
         scheme: "https".into(),
         certificate: String::new(),
+        principal: String::new(),
     }
 }
 
@@ -538,6 +540,11 @@ impl Req {
         self.certificate = url_encoded_pem.into();
         self
     }
+    /// The peer's workload identity, as Envoy sends it (`source.principal`).
+    pub fn principal(mut self, id: &str) -> Self {
+        self.principal = id.into();
+        self
+    }
     /// `Authorization: DPoP <token>` and the `DPoP` proof header.
     pub fn dpop(self, token: &str, proof: &str) -> Self {
         self.header("authorization", &format!("DPoP {token}"))
@@ -558,9 +565,12 @@ impl Req {
                     }),
                     ..Default::default()
                 }),
-                source: (!self.certificate.is_empty()).then(|| Peer {
-                    certificate: self.certificate,
-                    ..Default::default()
+                source: (!self.certificate.is_empty() || !self.principal.is_empty()).then(|| {
+                    Peer {
+                        certificate: self.certificate,
+                        principal: self.principal,
+                        ..Default::default()
+                    }
                 }),
                 context_extensions: self.context,
                 ..Default::default()

@@ -41,7 +41,7 @@ default: deny
 // === Envoy ===
 
 /// examples/envoy.yaml with every port replaced; each must occur exactly once.
-fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {
+pub(crate) fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {
     let mut yaml =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy.yaml"))
             .unwrap();
@@ -63,13 +63,13 @@ fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String 
 }
 
 /// A running Envoy, killed by its PID when dropped.
-struct Envoy {
+pub(crate) struct Envoy {
     child: Child,
     log: PathBuf,
 }
 
 impl Envoy {
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -83,7 +83,7 @@ impl Drop for Envoy {
     }
 }
 
-fn validate(envoy: &Path, config: &Path) {
+pub(crate) fn validate(envoy: &Path, config: &Path) {
     let out = Command::new(envoy)
         .args(["--mode", "validate", "-c"])
         .arg(config)
@@ -126,7 +126,7 @@ async fn start_ready(envoy_bin: &Path, config: &Path, dir: &Path, listen_port: u
     }
 }
 
-fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
+pub(crate) fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
     let log = dir.join("envoy.log");
     let file = std::fs::File::create(&log).unwrap();
     let child = Command::new(envoy)
@@ -995,7 +995,7 @@ async fn the_istio_output_skips_only_paths_valet_allows_anonymously() {
 // === mTLS: certificate-bound tokens through real Envoy ===
 
 /// Runs openssl in `dir`; certificates are made per test run (nothing to expire).
-fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)

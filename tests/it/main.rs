@@ -11,6 +11,7 @@ mod check;
 mod cli;
 mod differential;
 mod envoy;
+mod envoy_identity;
 mod faults;
 mod floods_caches;
 mod floods_conn;

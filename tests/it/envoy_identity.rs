@@ -1,0 +1,216 @@
+//! Workload identity through real Envoy: Envoy terminates mTLS with client
+//! certificates whose URI SAN is a SPIFFE ID (made per run with openssl), and
+//! Valet decides from the principal Envoy forwards in `source.principal`.
+
+use crate::common;
+use crate::envoy::{envoy_config, openssl, start_envoy, validate};
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::http1::upstream;
+use common::tools::{envoy_path, free_port};
+use common::*;
+use serde_json::{Value, json};
+
+const WORKER: &str = "spiffe://cluster.local/ns/billing/sa/worker";
+const EVIL: &str = "spiffe://cluster.local/ns/billing-evil/sa/worker";
+
+const POLICY: &str = r#"
+providers:
+  - name: corp
+    issuer: https://idp.test/
+    audiences: [orders-api]
+    jwks: { file: jwks.json }
+    claims_to_headers: { sub: x-user-id }
+routes:
+  - name: health
+    match: { path: /healthz }
+    anonymous: true
+  - name: internal
+    match: { path_prefix: /internal }
+    require: { principals: ['spiffe://cluster.local/ns/billing/sa/*'] }
+  - name: invoices
+    match: { path_prefix: /invoices }
+    require:
+      any_of:
+        - { scopes: [invoices:read] }
+        - { principals: [spiffe://cluster.local/ns/billing/sa/worker] }
+"#;
+
+/// A CA, a server certificate for 127.0.0.1, and one client certificate per
+/// SPIFFE ID (its only URI SAN), named `client<i>`.
+fn make_spiffe_pki(dir: &Path, ids: &[&str]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=valet-spiffe-ca",
+    ]);
+    openssl(dir, &ca);
+    let mut certs = vec![(
+        "server".to_string(),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n".to_string(),
+    )];
+    for (i, id) in ids.iter().enumerate() {
+        certs.push((
+            format!("client{i}"),
+            format!("subjectAltName=URI:{id}\nextendedKeyUsage=clientAuth\n"),
+        ));
+    }
+    for (name, ext) in certs {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN=valet-test-{name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+fn client(pki: &Path, name: &str) -> reqwest::Client {
+    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    let mut identity = std::fs::read(pki.join(format!("{name}.pem"))).unwrap();
+    identity.extend(std::fs::read(pki.join(format!("{name}.key"))).unwrap());
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
+    let envoy_bin = envoy_path();
+    let pki = tempfile::tempdir().unwrap();
+    make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
+    let (up_addr, seen) = upstream().await;
+    let valet = Valet::in_process(POLICY);
+    let (listen, admin) = (free_port(), free_port());
+    let mut cfg: Value = serde_yaml::from_str(&envoy_config(
+        listen,
+        valet.grpc.port(),
+        up_addr.port(),
+        admin,
+    ))
+    .unwrap();
+    let file = |n: &str| json!({ "filename": pki.path().join(n) });
+    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": {
+                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
+                "validation_context": { "trusted_ca": file("ca.pem") }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("spiffe.yaml");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    validate(&envoy_bin, &config_path);
+    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+
+    let (worker, evil) = (client(pki.path(), "client0"), client(pki.path(), "client1"));
+    let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker
+        .get(url("/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "envoy (mTLS) not ready:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reached = |n: usize| seen.lock().unwrap().len() == n;
+
+    // The allowed workload, no token at all.
+    let before = seen.lock().unwrap().len();
+    let r = worker.get(url("/internal/run")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert!(reached(before + 1));
+
+    // Another namespace's workload: 403 principal_not_allowed, even with a token.
+    let r = evil
+        .get(url("/internal/run"))
+        .bearer_auth(rs256("invoices:read"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "principal_not_allowed");
+    assert!(reached(before + 1), "denied: never reached the upstream");
+
+    // any_of: the user token works from any workload; the worker without one.
+    let r = evil
+        .get(url("/invoices/1"))
+        .bearer_auth(rs256("invoices:read"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.all("x-user-id"), ["alice"]);
+    assert!(
+        last.all("authorization").is_empty(),
+        "the token is not forwarded"
+    );
+    let r = worker.get(url("/invoices/1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = evil.get(url("/invoices/1")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a token would do: the challenge");
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+}

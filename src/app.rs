@@ -117,7 +117,11 @@ async fn serve_scoped(
     // The key tasks belong to the reloader from here on: a reload adds and removes providers.
     let mut keys = Supervisor::new().with_clock(clock.clone());
     let cells = keys.adopt(&policy.providers);
-    let stores = Stores::new(&policy, cells, config.revocation);
+    let stores = Stores::new(&policy, cells, config.revocation).with_api_keys(
+        &policy,
+        config.api_keys,
+        None,
+    );
     tracing::info!(
         config = %config.path.display(),
         routes = policy.routes.len(),
@@ -127,6 +131,9 @@ async fn serve_scoped(
     );
     if let Some(r) = &stores.revocation {
         telemetry::revocation_loaded(&r.path, r.current().entries);
+    }
+    for k in stores.api_key_files() {
+        telemetry::api_keys_loaded(&k.provider, &k.path, k.current().len());
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
@@ -147,6 +154,12 @@ async fn serve_scoped(
         let state = state.clone();
         telemetry::spawn(crate::revocation::watch(move || {
             state.snapshot().stores.revocation.clone()
+        }));
+    }
+    {
+        let state = state.clone();
+        telemetry::spawn(crate::api_keys::watch(move || {
+            state.snapshot().stores.api_key_files()
         }));
     }
 

@@ -36,10 +36,11 @@ pub enum Reason {
     /// Allowed on the caller's workload identity alone (`require.principals`).
     Principal,
     PrincipalNotAllowed,
+    UnknownApiKey,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -67,6 +68,7 @@ impl Reason {
         Reason::DpopReplayFull,
         Reason::Principal,
         Reason::PrincipalNotAllowed,
+        Reason::UnknownApiKey,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +100,7 @@ impl Reason {
             Reason::DpopReplayFull => "dpop_replay_full",
             Reason::Principal => "principal",
             Reason::PrincipalNotAllowed => "principal_not_allowed",
+            Reason::UnknownApiKey => "unknown_api_key",
         }
     }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod api_keys;
 pub mod app;
 pub mod check;
 pub mod clock;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::api_keys::ApiKeys;
 use crate::config::{self, ConfigError, Listen, LoadError, Problems, file::FileConfig};
 use crate::policy::{self, Inputs, Policy};
 use crate::revocation::Revocation;
@@ -17,6 +18,8 @@ pub struct Loaded {
     pub policy: Policy,
     /// The denylist the policy names, as just read.
     pub revocation: Option<Revocation>,
+    /// The API key files the providers name, as just read.
+    pub api_keys: Vec<ApiKeys>,
     pub warnings: Vec<ConfigError>,
 }
 
@@ -24,7 +27,11 @@ impl Loaded {
     /// The policy with stores of its own and no key tasks (keys are published
     /// by the caller): for the CLI, tests and benches.
     pub fn into_snapshot(self) -> Snapshot {
-        let stores = Stores::detached(&self.policy, self.revocation);
+        let stores = Stores::detached(&self.policy, self.revocation).with_api_keys(
+            &self.policy,
+            self.api_keys,
+            None,
+        );
         Snapshot::new(self.policy, stores)
     }
 }
@@ -39,7 +46,7 @@ pub fn parse(source: &str, path: &Path) -> Result<Loaded, LoadError> {
     let (file, positions) = config::parse_file(source, path)?;
     let mut problems = Problems::new(path, &positions);
     let base = path.parent().unwrap_or(Path::new("."));
-    let (inputs, revocation) = read_inputs(&file, base);
+    let (inputs, revocation, api_keys) = read_inputs(&file, base);
     let (listen, policy) = policy::compile(file, base, &inputs, &mut problems);
     if !problems.errors.is_empty() {
         return Err(LoadError::Invalid(problems.errors));
@@ -49,12 +56,14 @@ pub fn parse(source: &str, path: &Path) -> Result<Loaded, LoadError> {
         listen,
         policy,
         revocation,
+        api_keys,
         warnings: problems.warnings,
     })
 }
 
-/// Every file the policy points to besides key sets: client secrets and the denylist.
-fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>) {
+/// Every file the policy points to besides key sets: client secrets, the
+/// denylist, API key files.
+fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>, Vec<ApiKeys>) {
     let mut secrets = HashMap::new();
     for p in &file.providers {
         if let Some(i) = &p.introspection {
@@ -70,5 +79,29 @@ fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>) {
             Err(e) => (Some(Err(e)), None),
         },
     };
-    (Inputs { secrets, denylist }, revocation)
+    let mut api_keys = HashMap::new();
+    let mut tables = Vec::new();
+    for p in &file.providers {
+        if let Some(k) = &p.api_keys {
+            let path = base.join(&k.file);
+            match ApiKeys::load(path.clone(), p.name.as_str().into(), p.issuer.clone()) {
+                Ok(t) => {
+                    api_keys.insert(path, Ok(()));
+                    tables.push(t);
+                }
+                Err(e) => {
+                    api_keys.insert(path, Err(e));
+                }
+            }
+        }
+    }
+    (
+        Inputs {
+            secrets,
+            denylist,
+            api_keys,
+        },
+        revocation,
+        tables,
+    )
 }

@@ -130,6 +130,13 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Make an API key: print it once, and the entry for a provider's
+    /// `api_keys.file` (its SHA-256 and claims; the file holds no usable key).
+    ApiKey {
+        /// The claims the key stands for, as a JSON object (e.g. `{"sub":"acme"}`).
+        #[arg(long, default_value = "{}")]
+        claims: String,
+    },
 }
 
 /// Connection and message limits (README "Limits and floods").
@@ -226,6 +233,7 @@ fn main() -> ExitCode {
             claims,
         ),
         Command::Test { config, files } => run_tests(config.as_deref(), &files),
+        Command::ApiKey { claims } => api_key(&claims),
         Command::Metrics => {
             println!("{:#}", valet::metrics_contract::to_json());
             ExitCode::SUCCESS
@@ -391,6 +399,28 @@ fn load_keys(snap: &valet::stores::Snapshot) {
             eprintln!("warning: {problem}");
         }
     }
+}
+
+fn api_key(claims: &str) -> ExitCode {
+    let claims = match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(claims) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("--claims is not a JSON object: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let Ok((key, sha256)) = valet::api_keys::generate() else {
+        eprintln!("no randomness available");
+        return ExitCode::FAILURE;
+    };
+    // JSON is YAML: the claims go in the entry as a flow mapping.
+    let claims = serde_json::Value::Object(claims);
+    println!("# The key, shown this once: give it to the client, keep no copy.");
+    println!("key: {key}");
+    println!("# Its entry, for the provider's api_keys file (under `keys:`):");
+    println!("  - sha256: {sha256}");
+    println!("    claims: {claims}");
+    ExitCode::SUCCESS
 }
 
 #[allow(clippy::too_many_arguments)]

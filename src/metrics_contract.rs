@@ -299,6 +299,24 @@ pub fn metrics() -> Vec<Metric> {
             "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file",
         ),
         m(
+            t::API_KEYS_ENTRIES,
+            Gauge,
+            vec![provider()],
+            "API keys in force, by provider",
+        ),
+        m(
+            t::API_KEYS_RELOAD_TOTAL,
+            Counter,
+            vec![provider(), bounded("result", SUCCESS_ERROR)],
+            "API key file reads after a change, by provider and result (success/error)",
+        ),
+        m(
+            t::API_KEYS_LAST_SUCCESSFUL,
+            Gauge,
+            vec![provider()],
+            "1 if the last read of the provider's API key file succeeded, 0 if the keys in force are older than the file",
+        ),
+        m(
             t::CONNECTIONS_OPEN,
             Gauge,
             vec![bounded("listener", LISTENERS)],

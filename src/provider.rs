@@ -30,6 +30,9 @@ pub struct Provider {
     pub introspection: Option<IntrospectionSettings>,
     /// Which verified claims go to Envoy's dynamic metadata.
     pub metadata_claims: MetadataClaims,
+    /// `api_keys.file`: this provider takes API keys (the live table is the
+    /// stores' `ApiKeys`), not JWTs.
+    pub api_keys: Option<PathBuf>,
 }
 
 /// What Envoy's access logs and RBAC rules most often read: who (`sub`,

@@ -111,7 +111,18 @@ impl Reloader {
                 }
                 let cells = self.keys.adopt(&cfg.policy.providers);
                 let old = self.state.snapshot();
-                let stores = Stores::carry(&cfg.policy, cells, cfg.revocation, Some(&old));
+                let stores = Stores::carry(&cfg.policy, cells, cfg.revocation, Some(&old))
+                    .with_api_keys(&cfg.policy, cfg.api_keys, Some(&old));
+                for k in stores.api_key_files() {
+                    if !old
+                        .stores
+                        .api_key_files()
+                        .iter()
+                        .any(|o| Arc::ptr_eq(o, &k))
+                    {
+                        telemetry::api_keys_loaded(&k.provider, &k.path, k.current().len());
+                    }
+                }
                 if let Some(r) = &stores.revocation
                     && old
                         .stores

@@ -32,7 +32,7 @@ pub struct Revocation {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     modified: Option<std::time::SystemTime>,
     len: u64,
     inode: u64,
@@ -156,7 +156,7 @@ impl Revocation {
     }
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some(Stamp {

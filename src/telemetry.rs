@@ -44,6 +44,9 @@ pub const DPOP_REPLAY_FULL: &str = "valet_dpop_replay_full_total";
 pub const DPOP_REPLAY_ENTRIES: &str = "valet_dpop_replay_entries";
 pub const JWKS_UNKNOWN_KID_WAITERS_FULL: &str = "valet_jwks_unknown_kid_waiters_full_total";
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
+pub const API_KEYS_ENTRIES: &str = "valet_api_keys_entries";
+pub const API_KEYS_RELOAD_TOTAL: &str = "valet_api_keys_reload_total";
+pub const API_KEYS_LAST_SUCCESSFUL: &str = "valet_api_keys_last_reload_successful";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
 pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
@@ -370,6 +373,15 @@ fn describe() {
         REVOCATION_LAST_SUCCESSFUL,
         "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file"
     );
+    metrics::describe_gauge!(API_KEYS_ENTRIES, "API keys in force, by provider");
+    metrics::describe_counter!(
+        API_KEYS_RELOAD_TOTAL,
+        "API key file reads after a change, by provider and result (success/error)"
+    );
+    metrics::describe_gauge!(
+        API_KEYS_LAST_SUCCESSFUL,
+        "1 if the last read of the provider's API key file succeeded, 0 if the keys in force are older than the file"
+    );
     metrics::describe_gauge!(
         CONNECTIONS_OPEN,
         "Connections open, by listener (grpc/http/admin)"
@@ -635,6 +647,25 @@ pub fn revocation_failed(path: &std::path::Path, error: &dyn std::fmt::Display) 
     }
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "error").increment(1);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(0.0);
+}
+
+/// A provider's API key file at start (from the policy load) or after a change.
+/// Never a key: the file holds digests, and only the count is logged.
+pub fn api_keys_loaded(provider: &str, path: &std::path::Path, entries: usize) {
+    tracing::info!(provider, file = %path.display(), entries, "API keys loaded");
+    metrics::counter!(API_KEYS_RELOAD_TOTAL, "provider" => provider.to_owned(), "result" => "success")
+        .increment(1);
+    metrics::gauge!(API_KEYS_ENTRIES, "provider" => provider.to_owned()).set(entries as f64);
+    metrics::gauge!(API_KEYS_LAST_SUCCESSFUL, "provider" => provider.to_owned()).set(1.0);
+}
+
+pub fn api_keys_failed(provider: &str, path: &std::path::Path, error: &dyn std::fmt::Display) {
+    for line in error.to_string().lines() {
+        tracing::error!(provider, file = %path.display(), "API keys not reloaded, keeping the keys in force: {line}");
+    }
+    metrics::counter!(API_KEYS_RELOAD_TOTAL, "provider" => provider.to_owned(), "result" => "error")
+        .increment(1);
+    metrics::gauge!(API_KEYS_LAST_SUCCESSFUL, "provider" => provider.to_owned()).set(0.0);
 }
 
 pub fn introspection_cache_counters(provider: &str) -> [metrics::Counter; 2] {

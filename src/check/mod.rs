@@ -322,16 +322,24 @@ fn after_verify(
             Err(failed) => failures.push(failed),
         }
     }
-    // All failed. The most useful answer: the first token alternative's (a 401
-    // challenge when no token was sent), else the first alternative's.
-    let chosen = alternatives.iter().position(|a| a.needs_token).unwrap_or(0);
+    // All failed. The most useful answer: that of the first token alternative
+    // for the token's own provider, else of the first token alternative (a 401
+    // challenge when no token was sent), else of the first alternative.
+    let token_alt = |k: &usize| alternatives[*k].needs_token;
+    let chosen = (0..alternatives.len())
+        .filter(token_alt)
+        .find(|k| !matches!(failures[*k], Failed::OtherProvider(_)))
+        .or_else(|| (0..alternatives.len()).find(token_alt))
+        .unwrap_or(0);
     let summary: Vec<(Reason, std::borrow::Cow<'static, str>)> = if requirement.any_of.is_empty() {
         Vec::new()
     } else {
         failures
             .iter()
             .map(|f| match (f, &verified) {
-                (Failed::Deny(d), _) | (Failed::Token, Err(d)) => (d.reason, d.description.clone()),
+                (Failed::Deny(d) | Failed::OtherProvider(d), _) | (Failed::Token, Err(d)) => {
+                    (d.reason, d.description.clone())
+                }
                 (Failed::Token, Ok(_)) => {
                     unreachable!("a verified token fails no alternative by itself")
                 }
@@ -339,7 +347,7 @@ fn after_verify(
             .collect()
     };
     let mut deny = match (failures.swap_remove(chosen), verified) {
-        (Failed::Deny(d), _) | (Failed::Token, Err(d)) => d,
+        (Failed::Deny(d) | Failed::OtherProvider(d), _) | (Failed::Token, Err(d)) => d,
         (Failed::Token, Ok(_)) => unreachable!("a verified token fails no alternative by itself"),
     };
     deny.alternatives = summary;
@@ -412,6 +420,8 @@ enum Failed {
     /// The token's own failure (missing, invalid, revoked): the denial is
     /// `verified`'s, moved rather than copied when it is the answer.
     Token,
+    /// The token is good, but of a provider this alternative does not take.
+    OtherProvider(Deny),
     Deny(Deny),
 }
 
@@ -435,11 +445,13 @@ fn alternative(
             Err(Failed::Deny(d))
         };
         if !alt.providers.is_empty() && !alt.providers.contains(&v.provider) {
-            return with_token(Deny::new(
+            let mut d = Deny::new(
                 Reason::IssuerNotAllowed,
                 DenyKind::InvalidToken,
                 describe(VerifyError::IssuerNotAllowed),
-            ));
+            );
+            d.provider = Some(policy.providers[v.provider].name.clone());
+            return Err(Failed::OtherProvider(d));
         }
         if one_of_many && let Err(e) = binding::satisfied(alt.binding, &v.claims) {
             return with_token(binding_deny(policy, e, v));
@@ -603,6 +615,7 @@ fn describe(e: VerifyError) -> &'static str {
         VerifyError::KeysUnavailable => "signing keys are not available yet",
         VerifyError::Inactive => "the token is not active",
         VerifyError::IntrospectionPending => "the token could not be introspected",
+        VerifyError::UnknownApiKey => "the API key is not known",
     }
 }
 

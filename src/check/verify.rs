@@ -45,6 +45,9 @@ pub enum VerifyError {
     KeysUnavailable,
     #[error("token not active")]
     Inactive,
+    /// Not a JWT, and no API key of an allowed provider.
+    #[error("unknown API key")]
+    UnknownApiKey,
     /// Not an answer: the token must be introspected first (the service does it
     /// and decides again).
     #[error("introspection pending")]
@@ -64,6 +67,7 @@ impl VerifyError {
             VerifyError::AudienceNotAllowed => Reason::AudienceNotAllowed,
             VerifyError::KeysUnavailable => Reason::KeysUnavailable,
             VerifyError::Inactive => Reason::InactiveToken,
+            VerifyError::UnknownApiKey => Reason::UnknownApiKey,
             VerifyError::IntrospectionPending => Reason::IntrospectionUnavailable,
         }
     }
@@ -88,6 +92,40 @@ pub struct Verified {
     pub metadata: Option<Bytes>,
     /// The provider's `claims_to_headers` of `claims`, also once per verified token.
     pub headers: Arc<[(String, String)]>,
+}
+
+/// A token that is not a JWT, as an API key of an allowed provider: its claims
+/// (the digest looked up, see `api_keys`), or `UnknownApiKey` when some allowed
+/// provider takes keys and none knows it and no provider introspects; `None`
+/// when no allowed provider takes API keys.
+fn api_key(
+    token: &str,
+    policy: &Snapshot,
+    allowed: &[usize],
+    seen_provider: &mut Option<usize>,
+) -> Option<Result<Verified, VerifyError>> {
+    let mut takes_keys = false;
+    for (index, provider) in policy.providers.iter().enumerate() {
+        if provider.api_keys.is_none() || !(allowed.is_empty() || allowed.contains(&index)) {
+            continue;
+        }
+        takes_keys = true;
+        let Some(Some(keys)) = policy.stores.api_keys.get(index) else {
+            continue;
+        };
+        if let Some(claims) = keys.current().lookup(token) {
+            *seen_provider = Some(index);
+            return Some(Ok(Verified {
+                provider: index,
+                kid: None,
+                metadata: crate::response::claims_metadata(claims, &provider.metadata_claims),
+                headers: super::claim_headers(provider, claims),
+                claims: claims.clone(),
+            }));
+        }
+    }
+    (takes_keys && introspecting(policy, allowed).is_none())
+        .then_some(Err(VerifyError::UnknownApiKey))
 }
 
 /// The first allowed provider that introspects, for tokens that are not JWTs.
@@ -246,6 +284,9 @@ fn verify_inner(
         .filter(|_| clean)
         .and_then(|(h, p, s)| Some((decode_json::<Header>(h)?, p, s)));
     let Some((header, payload_b64, signature_b64)) = jws else {
+        if let Some(found) = api_key(token, policy, allowed, seen_provider) {
+            return found;
+        }
         if let Some(index) = introspecting(policy, allowed) {
             *seen_provider = Some(index);
             return introspected(token, policy, index, now, given);

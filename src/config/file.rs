@@ -88,6 +88,14 @@ pub struct ProviderFile {
     pub forward_token: bool,
     /// Claims put in Envoy's dynamic metadata; `["*"]` for all. Default: [`crate::provider::DEFAULT_METADATA_CLAIMS`].
     pub metadata_claims: Option<Vec<String>>,
+    /// API keys instead of tokens: a file of key digests and their claims.
+    pub api_keys: Option<ApiKeysFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysFile {
+    pub file: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -118,6 +118,8 @@ fn exercise(telemetry: &t::Telemetry) {
     t::policy_reload_failed();
     t::revocation_loaded(std::path::Path::new("deny.txt"), 1);
     t::revocation_failed(std::path::Path::new("deny.txt"), &"bad line");
+    t::api_keys_loaded("partners", std::path::Path::new("keys.yaml"), 1);
+    t::api_keys_failed("partners", std::path::Path::new("keys.yaml"), &"bad line");
     for c in t::introspection_cache_counters("opaque") {
         c.increment(1);
     }

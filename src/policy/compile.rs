@@ -373,7 +373,11 @@ fn provider(
     if pf.issuer.is_empty() {
         p.error(format!("{at}.issuer"), "must not be empty");
     }
-    if pf.audiences.is_empty() {
+    let api_keys = pf
+        .api_keys
+        .as_ref()
+        .map(|k| identity::api_key_file(&pf, &k.file, at, base, inputs, p));
+    if pf.audiences.is_empty() && api_keys.is_none() {
         p.warn(
             format!("{at}.audiences"),
             "no audiences: tokens minted for any resource of this issuer are accepted",
@@ -383,7 +387,7 @@ fn provider(
     let jwks = match &pf.jwks {
         Some(j) => jwks_source(j, &pf.issuer, at, base, p),
         None => {
-            if pf.introspection.is_none() {
+            if pf.introspection.is_none() && api_keys.is_none() {
                 p.error(
                     at,
                     "set jwks (to verify JWTs) or introspection (to ask the issuer), or both",
@@ -516,6 +520,7 @@ fn provider(
         jwks,
         introspection,
         metadata_claims: crate::provider::MetadataClaims::from_config(pf.metadata_claims),
+        api_keys,
     }
 }
 
@@ -800,7 +805,7 @@ fn route(rf: RouteFile, at: &str, providers: &[Arc<Provider>], p: &mut Problems)
                     "requires nothing beyond a valid token; say so by leaving `require` out, or list what is needed",
                 );
             }
-            let requirement = any_of::compile(
+            let requirement = identity::compile(
                 req.unwrap_or_default(),
                 &format!("{at}.require"),
                 providers,
@@ -1083,7 +1088,7 @@ pub(super) fn requirement(
             None
         }
     });
-    let principals = any_of::principals(&rf.principals, at, p);
+    let principals = identity::principals(&rf.principals, at, p);
     // Principals alone are checked on the connection, not on a token.
     let needs_token = principals.is_empty()
         || !(rf.scopes.is_empty()
@@ -1121,6 +1126,6 @@ fn claim_value(v: &Yaml, at: &str, p: &mut Problems) -> Option<serde_json::Value
     }
 }
 
-mod any_of;
+mod identity;
 #[cfg(test)]
 mod tests;

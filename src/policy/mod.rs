@@ -42,6 +42,8 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub struct Inputs {
     pub secrets: HashMap<PathBuf, Result<String, String>>,
     pub denylist: Option<Result<(), crate::config::LoadError>>,
+    /// Whether each API key file (by path, joined to the base) could be read.
+    pub api_keys: HashMap<PathBuf, Result<(), crate::config::LoadError>>,
 }
 
 /// `cache:` — bounds of the verified-token cache; `max_entries: 0` turns it off.

@@ -20,6 +20,7 @@ pub mod replay;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use crate::api_keys::ApiKeys;
 use crate::introspection::Introspector;
 use crate::jwks::KeyCell;
 use crate::policy::{CacheSettings, Policy};
@@ -36,6 +37,9 @@ pub struct Stores {
     /// `jti`s of accepted DPoP proofs, per key, kept for the acceptance window.
     pub replay: Arc<ReplayCache>,
     pub revocation: Option<Arc<Revocation>>,
+    /// By provider index: the live key table of each provider of API keys.
+    /// Without one (stores built without `with_api_keys`) no key is accepted.
+    pub api_keys: Vec<Option<Arc<ApiKeys>>>,
 }
 
 /// One compiled policy and the stores that go with it.
@@ -150,7 +154,45 @@ impl Stores {
             verified,
             replay,
             revocation,
+            api_keys: Vec::new(),
         }
+    }
+
+    /// The providers' API key tables: `loaded` (just read by the loader) unless
+    /// `old` watches the same file for the same provider and issuer, which is
+    /// kept (with its last good table if the file is broken now).
+    pub fn with_api_keys(
+        mut self,
+        policy: &Policy,
+        loaded: Vec<ApiKeys>,
+        old: Option<&Snapshot>,
+    ) -> Self {
+        let mut loaded: Vec<Option<ApiKeys>> = loaded.into_iter().map(Some).collect();
+        let olds: Vec<&Arc<ApiKeys>> = old
+            .map(|o| o.stores.api_keys.iter().flatten().collect())
+            .unwrap_or_default();
+        self.api_keys = policy
+            .providers
+            .iter()
+            .map(|p| {
+                let path = p.api_keys.as_ref()?;
+                let slot = loaded.iter_mut().find(|k| {
+                    k.as_ref()
+                        .is_some_and(|k| &k.path == path && k.provider == p.name)
+                })?;
+                let new = slot.take()?;
+                let kept = olds.iter().find(|o| {
+                    o.path == new.path && o.provider == new.provider && o.issuer == new.issuer
+                });
+                Some(kept.map_or_else(|| Arc::new(new), |o| (*o).clone()))
+            })
+            .collect();
+        self
+    }
+
+    /// The live API key tables, for the watch task.
+    pub fn api_key_files(&self) -> Vec<Arc<ApiKeys>> {
+        self.api_keys.iter().flatten().cloned().collect()
     }
 }
 

@@ -6,6 +6,7 @@
 mod common;
 
 mod adversarial;
+mod api_keys;
 mod binding;
 mod check;
 mod cli;

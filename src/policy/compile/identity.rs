@@ -1,6 +1,7 @@
-//! `require.principals` and `require.any_of`: who the caller is, and either-or
-//! requirements, compiled into one [`Requirement`] whose alternatives are
-//! decided over the one token read and verified with their union.
+//! Who is calling: `require.principals` (workload identities), `require.any_of`
+//! (either-or requirements, compiled into one [`Requirement`] whose alternatives
+//! are decided over the one token read and verified with their union), and
+//! providers of API keys.
 
 use std::sync::Arc;
 
@@ -71,6 +72,41 @@ pub fn compile(
         any_of: alternatives,
         ..Default::default()
     }
+}
+
+/// `providers[].api_keys.file`: a provider of API keys takes nothing else, and
+/// its file must have read (its problems are placed like the policy's own).
+pub fn api_key_file(
+    pf: &crate::config::file::ProviderFile,
+    file: &str,
+    at: &str,
+    base: &std::path::Path,
+    inputs: &crate::policy::Inputs,
+    p: &mut Problems,
+) -> std::path::PathBuf {
+    let at = format!("{at}.api_keys");
+    if pf.jwks.is_some() || pf.introspection.is_some() {
+        p.error(
+            &at,
+            "a provider of API keys takes no JWTs: put jwks and introspection in a provider of their own",
+        );
+    }
+    if !pf.audiences.is_empty() {
+        p.error(
+            &at,
+            "API keys carry no audience: leave audiences out (require claims on routes instead)",
+        );
+    }
+    let path = base.join(file);
+    match inputs.api_keys.get(&path) {
+        Some(Ok(())) => {}
+        Some(Err(crate::config::LoadError::Invalid(errors))) => {
+            p.errors.extend(errors.iter().cloned());
+        }
+        Some(Err(e)) => p.error(format!("{at}.file"), e.to_string()),
+        None => p.error(format!("{at}.file"), "the key file was not read"),
+    }
+    path
 }
 
 /// `require.principals`: SPIFFE IDs or `.../*`, each checked here.

@@ -268,7 +268,7 @@ mod tests {
             e.contains("/k/keys.yaml:2:13: keys[0].sha256: must be the 64"),
             "{e}"
         );
-        assert!(e.contains("/k/keys.yaml:4:15: keys[1].claims.iss:"), "{e}");
+        assert!(e.contains("/k/keys.yaml:4:20: keys[1].claims.iss:"), "{e}");
         assert!(
             e.contains("/k/keys.yaml:6:13: keys[3].sha256: the same key is listed twice"),
             "{e}"

@@ -188,3 +188,51 @@ async fn http_mode_reads_the_principal_from_envoys_xfcc_only() {
         "{e}"
     );
 }
+
+/// The generated Envoy and Istio config: a route that admits workloads without
+/// a token is still checked (never skipped as anonymous, no token demanded in
+/// front), and an API key's header is among those Envoy sends Valet.
+#[test]
+fn generators_check_principal_routes_and_forward_api_key_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.yaml"), "keys: []\n").unwrap();
+    let src = format!(
+        "{}  - name: partners\n    issuer: api-keys:partners\n    api_keys: {{ file: keys.yaml }}\n    tokens_from: [{{ header: x-api-key }}]\n",
+        POLICY.split("routes:").next().unwrap().replace(
+            "jwks: { file: jwks.json }",
+            "jwks: { uri: 'https://idp.test/jwks' }"
+        )
+    ) + "routes:"
+        + POLICY.split("routes:").nth(1).unwrap();
+    let path = dir.path().join("valet.yaml");
+    let loaded = valet::load::parse(&src, &path).unwrap_or_else(|e| panic!("{e}"));
+    let a: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let b = valet::envoy_config::bootstrap(
+        &loaded.policy,
+        &valet::envoy_config::Options {
+            listen: a,
+            upstream: a,
+            valet: a,
+            admin: a,
+            timeout_ms: 250,
+        },
+    );
+    let hcm =
+        &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let text = hcm.to_string();
+    assert!(!text.contains("jwt_authn"), "no token demanded in front");
+    let patterns =
+        hcm["http_filters"][0]["typed_config"]["allowed_headers"]["patterns"].to_string();
+    assert!(patterns.contains("x-api-key"), "{patterns}");
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"].is_null(),
+            "every route here is checked: {route}"
+        );
+    }
+    let plan = valet::envoy_config::istio_plan(&loaded.policy);
+    assert!(plan.skipped.is_empty(), "Istio skips no workload route");
+}

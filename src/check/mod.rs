@@ -448,7 +448,7 @@ fn alternative(
             let mut d = Deny::new(
                 Reason::IssuerNotAllowed,
                 DenyKind::InvalidToken,
-                describe(VerifyError::IssuerNotAllowed),
+                "the token is of a provider this alternative does not take",
             );
             d.provider = Some(policy.providers[v.provider].name.clone());
             return Err(Failed::OtherProvider(d));

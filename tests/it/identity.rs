@@ -236,3 +236,82 @@ fn generators_check_principal_routes_and_forward_api_key_headers() {
     let plan = valet::envoy_config::istio_plan(&loaded.policy);
     assert!(plan.skipped.is_empty(), "Istio skips no workload route");
 }
+
+fn valet_cli(args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_valet"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// The example of README "Who is calling": users, one workload, one partner.
+#[test]
+fn the_identity_example_checks_tests_and_explains() {
+    let config = "examples/identity/valet.yaml";
+    let (ok, out) = valet_cli(&["check-config", "--config", config]);
+    assert!(ok, "{out}");
+    let (ok, out) = valet_cli(&["test", "examples/identity/policy-tests.yaml"]);
+    assert!(ok && out.contains("10 passed, 0 failed"), "{out}");
+    let (ok, out) = valet_cli(&[
+        "explain",
+        "--config",
+        config,
+        "--path",
+        "/invoices/7",
+        "--principal",
+        EVIL,
+        "--claims",
+        r#"{"iss":"https://idp.example.com/","aud":"invoices-api","scope":"profile"}"#,
+    ]);
+    assert!(ok, "{out}");
+    for line in [
+        "(1) a workload identity one of [spiffe://cluster.local/ns/billing/sa/*] (no token)",
+        "decision: DENY 403 insufficient_scope",
+        "alternative (0) failed: insufficient_scope",
+        "alternative (1) failed: principal_not_allowed",
+        "alternative (2) failed: issuer_not_allowed: the token is of a provider this alternative does not take",
+    ] {
+        assert!(out.contains(line), "{line:?} in\n{out}");
+    }
+    let (_, out) = valet_cli(&[
+        "explain",
+        "--config",
+        config,
+        "--path",
+        "/invoices/7",
+        "--principal",
+        BILLING,
+    ]);
+    assert!(
+        out.contains("decision: ALLOW 200 (principal)") && out.contains("alternative (1) held"),
+        "{out}"
+    );
+}
+
+#[test]
+fn valet_api_key_prints_a_key_once_and_its_entry() {
+    let (ok, out) = valet_cli(&["api-key", "--claims", r#"{"sub":"acme"}"#]);
+    assert!(ok, "{out}");
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .expect("a key");
+    assert_eq!(key.len(), 43, "32 random bytes, base64url");
+    let sha = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- sha256: "))
+        .expect("an entry");
+    assert_eq!(sha, valet::api_keys::hex_digest(key));
+    assert!(out.contains(r#"claims: {"sub":"acme"}"#), "{out}");
+    let (again, _) = valet_cli(&["api-key"]);
+    assert!(again);
+    let (bad, out) = valet_cli(&["api-key", "--claims", "[1]"]);
+    assert!(!bad && out.contains("not a JSON object"), "{out}");
+}

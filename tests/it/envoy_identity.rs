@@ -214,3 +214,100 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
             .starts_with("Bearer")
     );
 }
+
+/// HTTP mode behind real Envoy (`http_service`), Envoy terminating mTLS and
+/// writing `x-forwarded-client-cert` (SANITIZE_SET): the principal Valet reads is
+/// the certificate's, and a client's forged header never counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_one() {
+    let envoy_bin = envoy_path();
+    let pki = tempfile::tempdir().unwrap();
+    make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
+    let (up_addr, seen) = upstream().await;
+    let policy = POLICY.replace(
+        "providers:",
+        "listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n  http: 127.0.0.1:0\n  http_proxy: envoy\n  http_client_cert: xfcc\nproviders:",
+    );
+    let valet = Valet::in_process(&policy);
+    let (listen, admin) = (free_port(), free_port());
+    let mut cfg: Value = serde_yaml::from_str(&crate::http_proxies::envoy_config(
+        listen,
+        valet.http.expect("http listener").port(),
+        up_addr.port(),
+        admin,
+    ))
+    .unwrap();
+    let chain = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0];
+    let file = |n: &str| json!({ "filename": pki.path().join(n) });
+    chain["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": {
+                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
+                "validation_context": { "trusted_ca": file("ca.pem") }
+            }
+        }
+    });
+    let hcm = &mut chain["filters"][0]["typed_config"];
+    hcm["forward_client_cert_details"] = json!("SANITIZE_SET");
+    hcm["set_current_client_cert_details"] = json!({ "uri": true });
+    hcm["http_filters"][0]["typed_config"]["http_service"]["authorization_request"] = json!({
+        "allowed_headers": { "patterns": [
+            { "exact": "x-forwarded-client-cert" },
+            { "exact": "authorization" }
+        ] }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("xfcc.yaml");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    validate(&envoy_bin, &config_path);
+    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+
+    let (worker, evil) = (client(pki.path(), "client0"), client(pki.path(), "client1"));
+    let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker
+        .get(url("/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "envoy (mTLS) not ready:\n{}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = worker.get(url("/internal/run")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "{}\n{}",
+        r.text().await.unwrap(),
+        valet.logs()
+    );
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(last.all("x-forwarded-client-cert")[0].contains(WORKER));
+
+    let forged = format!("URI={WORKER}");
+    let r = evil
+        .get(url("/internal/run"))
+        .header("x-forwarded-client-cert", &forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a client's own XFCC never counts");
+    assert_eq!(r.headers()["x-valet-reason"], "principal_not_allowed");
+    let r = evil
+        .get(url("/invoices/1"))
+        .bearer_auth(rs256("invoices:read"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "any_of: the user token works");
+}

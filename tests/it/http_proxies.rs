@@ -370,7 +370,7 @@ async fn traefik_forward_auth() {
 }
 
 /// examples/http/envoy-http-service.yaml with its ports replaced.
-fn envoy_config(listener: u16, valet: u16, app: u16, admin: u16) -> String {
+pub(crate) fn envoy_config(listener: u16, valet: u16, app: u16, admin: u16) -> String {
     let file = "envoy-http-service.yaml";
     let mut yaml = example(file);
     for (from, to) in [(10000, listener), (9002, valet), (8080, app), (9901, admin)] {

@@ -3,7 +3,7 @@
 //! Valet decides from the principal Envoy forwards in `source.principal`.
 
 use crate::common;
-use crate::envoy::{envoy_config, openssl, start_envoy, validate};
+use crate::envoy::{openssl, start_envoy, validate};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +23,11 @@ providers:
     audiences: [orders-api]
     jwks: { file: jwks.json }
     claims_to_headers: { sub: x-user-id }
+  - name: partners
+    issuer: api-keys:partners
+    api_keys: { file: keys.yaml }
+    tokens_from: [{ header: x-api-key }]
+    claims_to_headers: { partner: x-partner }
 routes:
   - name: health
     match: { path: /healthz }
@@ -36,7 +41,27 @@ routes:
       any_of:
         - { scopes: [invoices:read] }
         - { principals: [spiffe://cluster.local/ns/billing/sa/worker] }
+  - name: partner
+    match: { path_prefix: /partner }
+    require: { providers: [partners], claims: { partner: acme } }
 "#;
+
+/// Valet in process on `policy`, with the JWKS and a key file holding `key`'s digest.
+fn start_valet(policy: &str, key: &str) -> Valet {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - sha256: {}\n    claims: {{ partner: acme }}\n",
+            valet::api_keys::hex_digest(key)
+        ),
+    )
+    .unwrap();
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(&path, with_free_ports(policy)).unwrap();
+    Valet::in_process_at(dir, &path)
+}
 
 /// A CA, a server certificate for 127.0.0.1, and one client certificate per
 /// SPIFFE ID (its only URI SAN), named `client<i>`.
@@ -124,15 +149,25 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
     let pki = tempfile::tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
-    let valet = Valet::in_process(POLICY);
+    let (key, _) = valet::api_keys::generate().unwrap();
+    let valet = start_valet(POLICY, &key);
     let (listen, admin) = (free_port(), free_port());
-    let mut cfg: Value = serde_yaml::from_str(&envoy_config(
-        listen,
-        valet.grpc.port(),
-        up_addr.port(),
-        admin,
-    ))
-    .unwrap();
+    // The Envoy side generated from the policy (`valet envoy-config`), behind mTLS.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_valet"))
+        .args(["envoy-config", "--config"])
+        .arg(valet.dir.path().join("valet.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--upstream", &up_addr.to_string()])
+        .args(["--valet", &valet.grpc.to_string()])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cfg: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     let file = |n: &str| json!({ "filename": pki.path().join(n) });
     cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
         "name": "envoy.transport_sockets.tls",
@@ -213,6 +248,28 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
             .unwrap()
             .starts_with("Bearer")
     );
+
+    // The partner's API key: sent to Valet, removed before the upstream.
+    let r = evil
+        .get(url("/partner/x"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.all("x-partner"), ["acme"]);
+    assert!(
+        last.all("x-api-key").is_empty(),
+        "the key never reaches the upstream"
+    );
+    let r = evil
+        .get(url("/partner/x"))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 /// HTTP mode behind real Envoy (`http_service`), Envoy terminating mTLS and
@@ -224,11 +281,12 @@ async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_on
     let pki = tempfile::tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
-    let policy = POLICY.replace(
+    let policy = POLICY.replacen(
         "providers:",
         "listen:\n  grpc: 127.0.0.1:0\n  admin: 127.0.0.1:0\n  http: 127.0.0.1:0\n  http_proxy: envoy\n  http_client_cert: xfcc\nproviders:",
+        1,
     );
-    let valet = Valet::in_process(&policy);
+    let valet = start_valet(&policy, "unused");
     let (listen, admin) = (free_port(), free_port());
     let mut cfg: Value = serde_yaml::from_str(&crate::http_proxies::envoy_config(
         listen,

@@ -994,81 +994,9 @@ async fn the_istio_output_skips_only_paths_valet_allows_anonymously() {
 
 // === mTLS: certificate-bound tokens through real Envoy ===
 
-/// Runs openssl in `dir`; certificates are made per test run (nothing to expire).
-pub(crate) fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (Debian's openssl package)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signed.
 fn make_pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=valet-test-ca",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subj = format!("/CN=valet-test-{name}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
+    common::pki::make(dir, &[("client", "extendedKeyUsage=clientAuth\n")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1091,49 +1019,16 @@ async fn certificate_bound_tokens_through_envoy_mtls() {
         admin,
     ))
     .unwrap();
-    let file = |n: &str| json!({ "filename": pki.path().join(n) });
-    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": true,
-            "common_tls_context": {
-                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
-                "validation_context": { "trusted_ca": file("ca.pem") }
-            }
-        }
-    });
+    common::pki::require_mtls(&mut cfg, pki.path());
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("mtls.yaml");
     std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     validate(&envoy_bin, &config_path);
     let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
 
-    let ca = std::fs::read(pki.path().join("ca.pem")).unwrap();
-    let mut identity = client_pem.clone().into_bytes();
-    identity.extend(std::fs::read(pki.path().join("client.key")).unwrap());
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .build()
-        .unwrap();
+    let client = common::pki::client(pki.path(), "client");
     let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .get(url("/healthz"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "envoy (mTLS) not ready:\n{}",
-            envoy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::pki::wait_ok(&client, &url("/healthz"), || envoy.log()).await;
 
     let bound = |x5t: &str| {
         let mut c = claims("orders:read");

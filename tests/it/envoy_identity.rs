@@ -3,10 +3,9 @@
 //! Valet decides from the principal Envoy forwards in `source.principal`.
 
 use crate::common;
-use crate::envoy::{openssl, start_envoy, validate};
+use crate::envoy::{start_envoy, validate};
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::http1::upstream;
 use common::tools::{envoy_path, free_port};
@@ -63,84 +62,18 @@ fn start_valet(policy: &str, key: &str) -> Valet {
     Valet::in_process_at(dir, &path)
 }
 
-/// A CA, a server certificate for 127.0.0.1, and one client certificate per
-/// SPIFFE ID (its only URI SAN), named `client<i>`.
+/// Client certificates whose only URI SAN is each SPIFFE ID: `client<i>`.
 fn make_spiffe_pki(dir: &Path, ids: &[&str]) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=valet-spiffe-ca",
-    ]);
-    openssl(dir, &ca);
-    let mut certs = vec![(
-        "server".to_string(),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n".to_string(),
-    )];
-    for (i, id) in ids.iter().enumerate() {
-        certs.push((
-            format!("client{i}"),
-            format!("subjectAltName=URI:{id}\nextendedKeyUsage=clientAuth\n"),
-        ));
-    }
-    for (name, ext) in certs {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subj = format!("/CN=valet-test-{name}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
-
-fn client(pki: &Path, name: &str) -> reqwest::Client {
-    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
-    let mut identity = std::fs::read(pki.join(format!("{name}.pem"))).unwrap();
-    identity.extend(std::fs::read(pki.join(format!("{name}.key"))).unwrap());
-    reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .build()
-        .unwrap()
+    let exts: Vec<(String, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let ext = format!("subjectAltName=URI:{id}\nextendedKeyUsage=clientAuth\n");
+            (format!("client{i}"), ext)
+        })
+        .collect();
+    let clients: Vec<(&str, &str)> = exts.iter().map(|(n, e)| (n.as_str(), e.as_str())).collect();
+    common::pki::make(dir, &clients);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,42 +101,19 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut cfg: Value = serde_yaml::from_slice(&out.stdout).unwrap();
-    let file = |n: &str| json!({ "filename": pki.path().join(n) });
-    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": true,
-            "common_tls_context": {
-                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
-                "validation_context": { "trusted_ca": file("ca.pem") }
-            }
-        }
-    });
+    common::pki::require_mtls(&mut cfg, pki.path());
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("spiffe.yaml");
     std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     validate(&envoy_bin, &config_path);
     let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
 
-    let (worker, evil) = (client(pki.path(), "client0"), client(pki.path(), "client1"));
+    let (worker, evil) = (
+        common::pki::client(pki.path(), "client0"),
+        common::pki::client(pki.path(), "client1"),
+    );
     let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker
-        .get(url("/healthz"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "envoy (mTLS) not ready:\n{}",
-            envoy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::pki::wait_ok(&worker, &url("/healthz"), || envoy.log()).await;
     let reached = |n: usize| seen.lock().unwrap().len() == n;
 
     // The allowed workload, no token at all.
@@ -295,27 +205,15 @@ async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_on
         admin,
     ))
     .unwrap();
-    let chain = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0];
-    let file = |n: &str| json!({ "filename": pki.path().join(n) });
-    chain["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": true,
-            "common_tls_context": {
-                "tls_certificates": [{ "certificate_chain": file("server.pem"), "private_key": file("server.key") }],
-                "validation_context": { "trusted_ca": file("ca.pem") }
-            }
-        }
-    });
-    let hcm = &mut chain["filters"][0]["typed_config"];
+    common::pki::require_mtls(&mut cfg, pki.path());
+    let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     hcm["forward_client_cert_details"] = json!("SANITIZE_SET");
     hcm["set_current_client_cert_details"] = json!({ "uri": true });
-    hcm["http_filters"][0]["typed_config"]["http_service"]["authorization_request"] = json!({
-        "allowed_headers": { "patterns": [
+    hcm["http_filters"][0]["typed_config"]["allowed_headers"] = json!({
+        "patterns": [
             { "exact": "x-forwarded-client-cert" },
             { "exact": "authorization" }
-        ] }
+        ]
     });
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("xfcc.yaml");
@@ -323,24 +221,12 @@ async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_on
     validate(&envoy_bin, &config_path);
     let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
 
-    let (worker, evil) = (client(pki.path(), "client0"), client(pki.path(), "client1"));
+    let (worker, evil) = (
+        common::pki::client(pki.path(), "client0"),
+        common::pki::client(pki.path(), "client1"),
+    );
     let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker
-        .get(url("/healthz"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "envoy (mTLS) not ready:\n{}",
-            envoy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::pki::wait_ok(&worker, &url("/healthz"), || envoy.log()).await;
     let r = worker.get(url("/internal/run")).send().await.unwrap();
     assert_eq!(
         r.status(),

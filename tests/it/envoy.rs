@@ -334,6 +334,26 @@ protected_resources:
 default: deny
 "#;
 
+/// `valet envoy-config` for `valet`'s policy: Envoy on `listen`, the app on
+/// `upstream`, Envoy's admin on `admin`.
+pub(crate) fn generated(valet: &Valet, listen: u16, upstream: SocketAddr, admin: u16) -> Vec<u8> {
+    let out = Command::new(env!("CARGO_BIN_EXE_valet"))
+        .args(["envoy-config", "--config"])
+        .arg(valet.dir.path().join("valet.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--valet", &valet.grpc.to_string()])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// `valet envoy-config` round trip: the generated bootstrap validates, and real
 /// Envoy in front of Valet decides every case as Valet alone does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,23 +362,10 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
     let (up_addr, seen) = upstream().await;
     let valet = Valet::start(GENERATED_POLICY);
     let (listen_port, admin_port) = (free_port(), free_port());
-    let out = Command::new(env!("CARGO_BIN_EXE_valet"))
-        .args(["envoy-config", "--config"])
-        .arg(valet.dir.path().join("valet.yaml"))
-        .args(["--listen", &format!("127.0.0.1:{listen_port}")])
-        .args(["--upstream", &up_addr.to_string()])
-        .args(["--valet", &valet.grpc.to_string()])
-        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = generated(&valet, listen_port, up_addr, admin_port);
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("generated.yaml");
-    std::fs::write(&config_path, &out.stdout).unwrap();
+    std::fs::write(&config_path, &out).unwrap();
     validate(&envoy_bin, &config_path);
     let _envoy = start_ready(&envoy_bin, &config_path, dir.path(), listen_port).await;
     let through = Through {

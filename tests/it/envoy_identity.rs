@@ -3,7 +3,7 @@
 //! Valet decides from the principal Envoy forwards in `source.principal`.
 
 use crate::common;
-use crate::envoy::{start_envoy, validate};
+use crate::envoy::{Envoy, start_envoy, validate};
 
 use std::path::Path;
 
@@ -76,9 +76,31 @@ fn make_spiffe_pki(dir: &Path, ids: &[&str]) {
     common::pki::make(dir, &clients);
 }
 
+/// Envoy on `cfg` (validated first), ready, with a client for each certificate:
+/// the billing worker's, and the other namespace's.
+async fn run(
+    cfg: &Value,
+    pki: &Path,
+    listen: u16,
+) -> ((Envoy, tempfile::TempDir), reqwest::Client, reqwest::Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("envoy.yaml");
+    std::fs::write(&config_path, serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    let envoy_bin = envoy_path();
+    validate(&envoy_bin, &config_path);
+    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
+    let (worker, evil) = (
+        common::pki::client(pki, "client0"),
+        common::pki::client(pki, "client1"),
+    );
+    let url = format!("https://127.0.0.1:{listen}/healthz");
+    common::pki::wait_ok(&worker, &url, || envoy.log()).await;
+    // Its config and log stay as long as Envoy runs.
+    ((envoy, dir), worker, evil)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
-    let envoy_bin = envoy_path();
     let pki = tempfile::tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
@@ -86,34 +108,11 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
     let valet = start_valet(POLICY, &key);
     let (listen, admin) = (free_port(), free_port());
     // The Envoy side generated from the policy (`valet envoy-config`), behind mTLS.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_valet"))
-        .args(["envoy-config", "--config"])
-        .arg(valet.dir.path().join("valet.yaml"))
-        .args(["--listen", &format!("127.0.0.1:{listen}")])
-        .args(["--upstream", &up_addr.to_string()])
-        .args(["--valet", &valet.grpc.to_string()])
-        .args(["--admin", &format!("127.0.0.1:{admin}")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut cfg: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let mut cfg: Value =
+        serde_yaml::from_slice(&crate::envoy::generated(&valet, listen, up_addr, admin)).unwrap();
     common::pki::require_mtls(&mut cfg, pki.path());
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("spiffe.yaml");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    validate(&envoy_bin, &config_path);
-    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
-
-    let (worker, evil) = (
-        common::pki::client(pki.path(), "client0"),
-        common::pki::client(pki.path(), "client1"),
-    );
+    let (_envoy, worker, evil) = run(&cfg, pki.path(), listen).await;
     let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
-    common::pki::wait_ok(&worker, &url("/healthz"), || envoy.log()).await;
     let reached = |n: usize| seen.lock().unwrap().len() == n;
 
     // The allowed workload, no token at all.
@@ -187,7 +186,6 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
 /// the certificate's, and a client's forged header never counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_one() {
-    let envoy_bin = envoy_path();
     let pki = tempfile::tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
@@ -215,18 +213,8 @@ async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_on
             { "exact": "authorization" }
         ]
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("xfcc.yaml");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    validate(&envoy_bin, &config_path);
-    let envoy = start_envoy(&envoy_bin, &config_path, dir.path());
-
-    let (worker, evil) = (
-        common::pki::client(pki.path(), "client0"),
-        common::pki::client(pki.path(), "client1"),
-    );
+    let (_envoy, worker, evil) = run(&cfg, pki.path(), listen).await;
     let url = |p: &str| format!("https://127.0.0.1:{listen}{p}");
-    common::pki::wait_ok(&worker, &url("/healthz"), || envoy.log()).await;
     let r = worker.get(url("/internal/run")).send().await.unwrap();
     assert_eq!(
         r.status(),

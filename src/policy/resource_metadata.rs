@@ -83,19 +83,24 @@ pub fn compile(
                 );
             }
         }
+        // Each alternative a token can meet (`any_of`), not the workload ones.
         let requirements: Vec<_> = covered
             .iter()
             .filter_map(|r| match &routes[*r].access {
-                Access::Require(req) => Some(req),
+                Access::Require(req) => Some(req.alternatives()),
                 Access::Anonymous => None,
             })
+            .flatten()
+            .filter(|a| a.needs_token)
             .collect();
         let mut issuers: Vec<String> = Vec::new();
         let mut scopes: Vec<String> = Vec::new();
         let mut methods: Vec<&str> = Vec::new();
         for req in &requirements {
             for (k, prov) in providers.iter().enumerate() {
+                // A provider of API keys is no authorization server.
                 if (req.providers.is_empty() || req.providers.contains(&k))
+                    && prov.api_keys.is_none()
                     && !issuers.contains(&prov.issuer)
                 {
                     issuers.push(prov.issuer.clone());

@@ -282,6 +282,84 @@ fn bench_check(c: &mut Criterion) {
     g.finish();
 }
 
+/// Who is calling (README "Who is calling"): the cached RS256 Check on a plain
+/// route against the same token on an `any_of` route whose token alternative
+/// comes second, a workload on a principal route, and an API key; all in one run.
+fn bench_identity(c: &mut Criterion) {
+    let signers = signers();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&signers)).unwrap();
+    let key = "bench-key-bench-key-bench-key-bench-key-00";
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - sha256: {}\n    claims: {{ sub: acme, scope: 'orders:read' }}\n",
+            valet::api_keys::hex_digest(key)
+        ),
+    )
+    .unwrap();
+    let source = cache_on().replace(
+        "routes:\n",
+        "  - name: partners\n    issuer: api-keys:bench\n    api_keys: { file: keys.yaml }\n    \
+             tokens_from: [{ header: x-api-key }]\nroutes:\n  - name: either\n    \
+             match: { path_prefix: /either }\n    require:\n      any_of:\n        \
+             - { principals: [spiffe://cluster.local/ns/billing/sa/worker] }\n        \
+             - { providers: [corp], scopes: [orders:read] }\n  - name: workload\n    \
+             match: { path_prefix: /internal }\n    \
+             require: { principals: ['spiffe://cluster.local/ns/billing/sa/*'] }\n  \
+             - name: partner\n    match: { path_prefix: /partner }\n    \
+             require: { providers: [partners], scopes: [orders:read] }\n",
+    );
+    let path = dir.path().join("valet.yaml");
+    let policy = valet::load::parse(&source, &path)
+        .expect("identity bench policy compiles")
+        .into_snapshot();
+    let set = jwks(&signers);
+    for cell in &policy.stores.keys {
+        cell.publish(KeySet::parse(&set).unwrap(), now());
+    }
+    let now = now();
+    let t = token(signers[0].alg, signers[0].kid, &signers[0].key);
+    let mut workload = check_request("GET", "/internal/run", None);
+    workload.attributes.as_mut().unwrap().source = Some(
+        envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer {
+            principal: "spiffe://cluster.local/ns/billing/sa/worker".into(),
+            ..Default::default()
+        },
+    );
+    let mut api_key = check_request("GET", "/partner/1", None);
+    if let Some(http) = api_key
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    {
+        http.headers.insert("x-api-key".into(), key.into());
+    }
+    let cases = [
+        (
+            "rs256_cached_plain_route",
+            check_request("GET", "/orders/7", Some(&t)),
+            Reason::Verified,
+        ),
+        (
+            "rs256_cached_any_of_second",
+            check_request("GET", "/either/7", Some(&t)),
+            Reason::Verified,
+        ),
+        ("principal_only", workload, Reason::Principal),
+        ("api_key", api_key, Reason::Verified),
+    ];
+    let mut g = c.benchmark_group("identity");
+    for (name, req, reason) in &cases {
+        expect(&policy, req, true, *reason);
+        g.bench_function(*name, |b| {
+            b.iter(|| valet::check::check(black_box(&policy), black_box(req), now))
+        });
+    }
+    g.finish();
+}
+
 /// A policy of `n` routes mixing every kind of match, none of which fits
 /// GET api.example.com/orders/7 except the last.
 fn many_routes(n: usize) -> String {
@@ -361,6 +439,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_millis(700))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_check, bench_routes, bench_decode
+    targets = bench_check, bench_identity, bench_routes, bench_decode
 }
 criterion_main!(benches);

@@ -13,6 +13,7 @@
 //! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source, introspection and `metadata_claims` (entries hold the encoded metadata), in the same order | new, empty |
 //! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
 //! | denylist | same file | the list just read |
+//! | API key table (per provider) | same file, provider name and issuer | the table just read |
 
 pub mod cache;
 pub mod replay;

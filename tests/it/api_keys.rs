@@ -130,6 +130,25 @@ async fn a_key_stands_for_its_claims_and_never_goes_upstream() {
     assert!(!metrics.contains(&acme));
 }
 
+/// At start (and in `check-config`) a broken key file is a policy error, placed.
+#[test]
+fn a_broken_key_file_is_a_configuration_error_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+    std::fs::write(dir.path().join("denylist.yaml"), "revoked: []\n").unwrap();
+    std::fs::write(dir.path().join("keys.yaml"), "keys:\n  - sha256: nothex\n").unwrap();
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(&path, POLICY).unwrap();
+    let e = valet::load::load(&path).err().expect("refused").to_string();
+    assert!(
+        e.contains("keys.yaml:2:13: keys[0].sha256: must be the 64"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("keys.yaml")).unwrap();
+    let e = valet::load::load(&path).err().expect("refused").to_string();
+    assert!(e.contains("providers[1].api_keys.file: cannot read"), "{e}");
+}
+
 #[tokio::test]
 async fn the_key_file_reloads_and_a_broken_one_keeps_the_keys_in_force() {
     let (old, _) = valet::api_keys::generate().unwrap();

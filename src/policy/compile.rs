@@ -134,7 +134,10 @@ pub fn compile(
 
     let mut required_providers: Vec<usize> = Vec::new();
     for r in &routes {
-        if let Access::Require(req) = &r.access {
+        // A route of workloads alone waits for no provider's keys.
+        if let Access::Require(req) = &r.access
+            && req.needs_token
+        {
             let wanted: Vec<usize> = if req.providers.is_empty() {
                 (0..providers.len()).collect()
             } else {

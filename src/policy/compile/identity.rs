@@ -179,6 +179,15 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_of_workload_routes_waits_for_no_keys() {
+        let src = format!(
+            "{PROVIDER}routes:\n  - name: w\n    require: {{ principals: ['spiffe://td/ns/a/*'] }}\n"
+        );
+        let c = parse(&src, Path::new("/p/valet.yaml")).unwrap();
+        assert!(c.policy.required_providers.is_empty());
+    }
+
+    #[test]
     fn the_union_reads_and_verifies_the_one_token() {
         let src = format!(
             "{PROVIDER}routes:

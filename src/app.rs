@@ -125,8 +125,8 @@ async fn serve_scoped(
         default = ?policy.default,
         "policy loaded"
     );
-    if let Some(r) = &stores.revocation {
-        telemetry::revocation_loaded(&r.path, r.current().entries);
+    if let Some(r) = stores.revocation.as_ref().filter(|r| r.is_loaded()) {
+        telemetry::revocation_loaded(&r.source, r.current().entries);
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
@@ -145,9 +145,11 @@ async fn serve_scoped(
     telemetry::spawn(reloader.run());
     {
         let state = state.clone();
-        telemetry::spawn(crate::revocation::watch(move || {
-            state.snapshot().stores.revocation.clone()
-        }));
+        let clock = state.clock().clone();
+        telemetry::spawn(crate::revocation::watch(
+            move || state.snapshot().stores.revocation.clone(),
+            clock,
+        ));
     }
 
     // Each Check listener's connection cap, below the descriptor limit with room

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, ConfigError, Listen, LoadError, Problems, file::FileConfig};
+use crate::policy::denylist::DenylistSource;
 use crate::policy::{self, Inputs, Policy};
 use crate::revocation::Revocation;
 use crate::stores::{Snapshot, Stores};
@@ -39,10 +40,15 @@ pub fn parse(source: &str, path: &Path) -> Result<Loaded, LoadError> {
     let (file, positions) = config::parse_file(source, path)?;
     let mut problems = Problems::new(path, &positions);
     let base = path.parent().unwrap_or(Path::new("."));
-    let (inputs, revocation) = read_inputs(&file, base);
+    let (inputs, mut revocation) = read_inputs(&file, base);
     let (listen, policy) = policy::compile(file, base, &inputs, &mut problems);
     if !problems.errors.is_empty() {
         return Err(LoadError::Invalid(problems.errors));
+    }
+    // A URL's list is fetched by its task; until then the list is empty and
+    // readiness waits for it.
+    if let Some(DenylistSource::Uri(remote)) = &policy.revocation {
+        revocation = Some(Revocation::remote(remote.clone()));
     }
     Ok(Loaded {
         path: path.to_path_buf(),
@@ -63,9 +69,9 @@ fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>) {
             secrets.insert(path, read);
         }
     }
-    let (denylist, revocation) = match &file.revocation {
+    let (denylist, revocation) = match file.revocation.as_ref().and_then(|r| r.file.as_ref()) {
         None => (None, None),
-        Some(r) => match Revocation::load(base.join(&r.file)) {
+        Some(f) => match Revocation::load(base.join(f)) {
             Ok(list) => (Some(Ok(())), Some(list)),
             Err(e) => (Some(Err(e)), None),
         },

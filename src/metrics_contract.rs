@@ -299,6 +299,18 @@ pub fn metrics() -> Vec<Metric> {
             "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file",
         ),
         m(
+            t::REVOCATION_UNCONFIRMED_SECONDS,
+            Gauge,
+            vec![],
+            "Seconds since the denylist URL last confirmed the list in force (200 or 304); revocation.uri only",
+        ),
+        m(
+            t::REVOCATION_STALE,
+            Gauge,
+            vec![],
+            "1 while the denylist URL has not confirmed the list in force for longer than revocation.max_stale",
+        ),
+        m(
             t::CONNECTIONS_OPEN,
             Gauge,
             vec![bounded("listener", LISTENERS)],

@@ -46,6 +46,8 @@ pub const JWKS_UNKNOWN_KID_WAITERS_FULL: &str = "valet_jwks_unknown_kid_waiters_
 pub const REVOCATION_ENTRIES: &str = "valet_revocation_entries";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
+pub const REVOCATION_UNCONFIRMED_SECONDS: &str = "valet_revocation_unconfirmed_seconds";
+pub const REVOCATION_STALE: &str = "valet_revocation_stale";
 pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "valet_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "valet_connections_closed_total";
@@ -371,6 +373,14 @@ fn describe() {
         "1 if the last read of the revocation denylist succeeded, 0 if the list in force is older than the file"
     );
     metrics::describe_gauge!(
+        REVOCATION_UNCONFIRMED_SECONDS,
+        "Seconds since the denylist URL last confirmed the list in force (200 or 304); revocation.uri only"
+    );
+    metrics::describe_gauge!(
+        REVOCATION_STALE,
+        "1 while the denylist URL has not confirmed the list in force for longer than revocation.max_stale"
+    );
+    metrics::describe_gauge!(
         CONNECTIONS_OPEN,
         "Connections open, by listener (grpc/http/admin)"
     );
@@ -621,20 +631,32 @@ pub fn policy_reload_failed() {
     metrics::gauge!(POLICY_LAST_SUCCESSFUL).set(0.0);
 }
 
-/// The denylist at start (from the policy load) or after a change of its file.
-pub fn revocation_loaded(path: &std::path::Path, entries: usize) {
-    tracing::info!(file = %path.display(), entries, "revocation denylist loaded");
+/// The denylist at start (from the policy load) or after a change of its file
+/// or URL's answer.
+pub fn revocation_loaded(source: &dyn std::fmt::Display, entries: usize) {
+    tracing::info!(denylist = %source, entries, "revocation denylist loaded");
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "success").increment(1);
     metrics::gauge!(REVOCATION_ENTRIES).set(entries as f64);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(1.0);
 }
 
-pub fn revocation_failed(path: &std::path::Path, error: &dyn std::fmt::Display) {
+pub fn revocation_failed(source: &dyn std::fmt::Display, error: &dyn std::fmt::Display) {
     for line in error.to_string().lines() {
-        tracing::error!(file = %path.display(), "revocation denylist not reloaded, keeping the list in force: {line}");
+        tracing::error!(denylist = %source, "revocation denylist not reloaded, keeping the list in force: {line}");
     }
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "error").increment(1);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(0.0);
+}
+
+/// A denylist URL confirmed the list in force (304, or the same body).
+pub fn revocation_confirmed() {
+    metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(1.0);
+}
+
+/// A denylist URL's list: seconds since its last confirmation, and whether past `max_stale`.
+pub fn revocation_staleness(age_secs: u64, stale: bool) {
+    metrics::gauge!(REVOCATION_UNCONFIRMED_SECONDS).set(age_secs as f64);
+    metrics::gauge!(REVOCATION_STALE).set(if stale { 1.0 } else { 0.0 });
 }
 
 pub fn introspection_cache_counters(provider: &str) -> [metrics::Counter; 2] {

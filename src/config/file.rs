@@ -39,7 +39,14 @@ pub struct DpopFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationFile {
-    pub file: String,
+    /// Exactly one of `file` and `uri`.
+    pub file: Option<String>,
+    pub uri: Option<String>,
+    /// For `uri`: how often it is asked, one fetch's timeout, and how long the
+    /// list may go unconfirmed before it is reported stale.
+    pub refresh_interval: Option<String>,
+    pub timeout: Option<String>,
+    pub max_stale: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -168,21 +168,9 @@ pub fn compile(
     if !(256..=1024 * 1024).contains(&max_token_bytes) {
         p.error("limits.max_token_bytes", "must be between 256 and 1048576");
     }
-    let revocation = file.revocation.and_then(|r| match &inputs.denylist {
-        Some(Ok(())) => Some(base.join(&r.file)),
-        Some(Err(crate::config::LoadError::Invalid(errors))) => {
-            p.errors.extend(errors.iter().cloned());
-            None
-        }
-        Some(Err(e)) => {
-            p.error("revocation.file", e.to_string());
-            None
-        }
-        None => {
-            p.error("revocation.file", "the denylist was not read");
-            None
-        }
-    });
+    let revocation = file
+        .revocation
+        .and_then(|r| super::denylist::compile(r, inputs.denylist.as_ref(), base, p));
     let dpop = dpop_settings(file.dpop, p);
     let (protected_resources, route_resource) = super::resource_metadata::compile(
         file.protected_resources,

@@ -5,6 +5,7 @@
 //! whole.
 
 mod compile;
+pub mod denylist;
 pub mod dpop;
 pub mod index;
 pub mod require;
@@ -82,9 +83,9 @@ pub struct Policy {
     /// Longer tokens are refused unread (`malformed_token`).
     pub max_token_bytes: usize,
     pub index: index::RouteIndex,
-    /// The emergency denylist's file, checked after verification (the list
-    /// itself is read by the loader and kept in the stores).
-    pub revocation: Option<PathBuf>,
+    /// Where the emergency denylist comes from, checked after verification (the
+    /// list itself is read by the loader or its task and kept in the stores).
+    pub revocation: Option<denylist::DenylistSource>,
     /// DPoP proof settings.
     pub dpop: Dpop,
     /// RFC 9728 metadata documents, and per route (by index) its resource.

@@ -12,7 +12,7 @@
 //! | introspector: answers, circuit, gate | same provider name, issuer and introspection settings | new, empty |
 //! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source, introspection and `metadata_claims` (entries hold the encoded metadata), in the same order | new, empty |
 //! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
-//! | denylist | same file | the list just read |
+//! | denylist | same file, or same URL and settings | the list just read (a URL: the old list until its first answer) |
 
 pub mod cache;
 pub mod replay;
@@ -54,6 +54,15 @@ impl Deref for Snapshot {
 impl Snapshot {
     pub fn new(policy: Policy, stores: Stores) -> Self {
         Snapshot { policy, stores }
+    }
+
+    /// A denylist URL whose first list has not arrived: not ready, since its
+    /// revocations would not be enforced.
+    pub fn denylist_pending(&self) -> bool {
+        self.stores
+            .revocation
+            .as_ref()
+            .is_some_and(|r| !r.is_loaded())
     }
 
     /// Names of required providers that have no keys yet; empty when ready.
@@ -138,10 +147,15 @@ impl Stores {
             }
             None => replay,
         };
-        // The denylist of the same file keeps its watch state (and its last good
-        // list if the file is broken now).
+        // The denylist of the same source keeps its watch state (and its last
+        // good list if the source is broken now); a new URL starts from the list
+        // in force until its first answer.
         let revocation = match (revocation, old.and_then(|o| o.stores.revocation.as_ref())) {
-            (Some(new), Some(old)) if new.path == old.path => Some(old.clone()),
+            (Some(new), Some(old)) if new.source == old.source => Some(old.clone()),
+            (Some(new), Some(old)) => {
+                new.adopt(old);
+                Some(Arc::new(new))
+            }
             (new, _) => new.map(Arc::new),
         };
         Stores {

@@ -27,3 +27,4 @@ mod metrics;
 mod oidc;
 mod reload;
 mod revocation;
+mod revocation_uri;

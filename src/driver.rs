@@ -57,7 +57,14 @@ pub async fn decide<P>(
                 }
                 refetched = true;
                 permit = None;
-                if !cell.refetch_for(&kid).await {
+                // Also within the Check's deadline (unknown_kid_spread + wait may be longer).
+                let fetched = match left(budget, started) {
+                    Some(left) => tokio::time::timeout(left, cell.refetch_for(&kid))
+                        .await
+                        .unwrap_or(false),
+                    None => cell.refetch_for(&kid).await,
+                };
+                if !fetched {
                     break pending.fallback;
                 }
                 match admit() {
@@ -74,9 +81,7 @@ pub async fn decide<P>(
                     break pending.fallback;
                 };
                 let asked = introspector.introspect(pending.token(), now, Client::of(req));
-                // Keep a margin to encode the answer before the caller's deadline.
-                let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
-                let result = match left {
+                let result = match left(budget, started) {
                     Some(left) => tokio::time::timeout(left, asked)
                         .await
                         .unwrap_or(Err(IntrospectError::Deadline)),
@@ -103,6 +108,12 @@ pub async fn decide<P>(
     };
     drop(permit);
     decision
+}
+
+/// What is left of the caller's budget, less a margin to encode the answer
+/// before its deadline.
+fn left(budget: Option<Duration>, started: Instant) -> Option<Duration> {
+    budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9))
 }
 
 /// Decides with claims taken as verified (`explain --claims`, policy tests):

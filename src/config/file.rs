@@ -128,6 +128,7 @@ pub struct JwksFile {
     pub max_refresh: Option<String>,
     pub timeout: Option<String>,
     pub unknown_kid_wait: Option<String>,
+    pub unknown_kid_spread: Option<String>,
     pub unknown_kid_waiters: Option<usize>,
     pub cache_dir: Option<String>,
     pub max_stale: Option<String>,

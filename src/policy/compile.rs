@@ -680,6 +680,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
         "unknown_kid_wait",
         Duration::from_millis(100),
     );
+    let unknown_kid_spread = duration(&j.unknown_kid_spread, "unknown_kid_spread", Duration::ZERO);
     let max_stale = duration(&j.max_stale, "max_stale", Duration::from_secs(24 * 3600));
     let location = match (&j.file, &j.uri, j.discovery.unwrap_or(false)) {
         (Some(f), None, false) => {
@@ -689,6 +690,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
                 ("max_refresh", j.max_refresh.is_some()),
                 ("timeout", j.timeout.is_some()),
                 ("unknown_kid_wait", j.unknown_kid_wait.is_some()),
+                ("unknown_kid_spread", j.unknown_kid_spread.is_some()),
                 ("unknown_kid_waiters", j.unknown_kid_waiters.is_some()),
                 ("cache_dir", j.cache_dir.is_some()),
                 ("max_stale", j.max_stale.is_some()),
@@ -728,6 +730,12 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
             "timeout must be positive and unknown_kid_wait at most 1s (Envoy's budget is 200ms by default)",
         );
     }
+    if unknown_kid_spread + unknown_kid_wait > Duration::from_secs(1) {
+        p.error(
+            format!("{at}.unknown_kid_spread"),
+            "unknown_kid_spread + unknown_kid_wait at most 1s: it is how long the first token of a rotated key may wait",
+        );
+    }
     let unknown_kid_waiters = j
         .unknown_kid_waiters
         .unwrap_or(crate::provider::DEFAULT_UNKNOWN_KID_WAITERS);
@@ -741,6 +749,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
         max_refresh,
         timeout,
         unknown_kid_wait,
+        unknown_kid_spread,
         unknown_kid_waiters,
         cache_dir: j.cache_dir.as_ref().map(|d| base.join(d)),
         max_stale,

@@ -142,6 +142,7 @@ fn status_json(admin: &Admin) -> serde_json::Value {
         "routes": policy.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
         "providers": providers,
         "revocation": policy.stores.revocation.as_ref().map(|r| r.status(now)),
+        "store": policy.stores.shared.as_ref().map(|s| s.status()),
         "ready": admin.state.is_ready(),
         "draining": admin.state.is_draining(),
     })

@@ -151,6 +151,12 @@ async fn serve_scoped(
             clock,
         ));
     }
+    {
+        let state = state.clone();
+        telemetry::spawn(crate::shared_store::watch(move || {
+            state.snapshot().stores.shared.clone()
+        }));
+    }
 
     // Each Check listener's connection cap, below the descriptor limit with room
     // kept for the admin port and everything else.

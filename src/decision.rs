@@ -33,10 +33,12 @@ pub enum Reason {
     IntrospectionUnavailable,
     RequestTooLarge,
     DpopReplayFull,
+    /// The shared store could not spend a DPoP proof and `dpop.on_store_error: refuse`.
+    DpopStoreUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -62,6 +64,7 @@ impl Reason {
         Reason::IntrospectionUnavailable,
         Reason::RequestTooLarge,
         Reason::DpopReplayFull,
+        Reason::DpopStoreUnavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -91,6 +94,7 @@ impl Reason {
             Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::RequestTooLarge => "request_too_large",
             Reason::DpopReplayFull => "dpop_replay_full",
+            Reason::DpopStoreUnavailable => "dpop_store_unavailable",
         }
     }
 }

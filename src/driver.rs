@@ -73,6 +73,19 @@ pub async fn decide<P>(
                 }
                 step = check::resume(snap, &view, pending, None);
             }
+            // A DPoP proof spent here, to be spent in the fleet's store too: one
+            // SET NX bounded by the store's timeout and the Check's deadline.
+            Need::Spend { proof } => {
+                let Some(store) = snap.stores.shared.clone() else {
+                    break pending.fallback;
+                };
+                let key = store.key("dpop", &proof);
+                let fresh = store
+                    .spend(&key, snap.dpop.replay_window(), left(budget, started))
+                    .await
+                    .map_err(|_| ());
+                break check::spent(snap, &view, pending, fresh);
+            }
             // An opaque token not in the introspection cache: ask the IdP (one
             // request for all Checks of that token, bounded by its timeout and
             // circuit), then go on with its answer.

@@ -69,6 +69,15 @@ fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>) {
             secrets.insert(path, read);
         }
     }
+    if let Some(f) = file
+        .store
+        .as_ref()
+        .and_then(|s| s.redis.password_file.as_ref())
+    {
+        let path = base.join(f);
+        let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+        secrets.insert(path, read);
+    }
     let (denylist, revocation) = match file.revocation.as_ref().and_then(|r| r.file.as_ref()) {
         None => (None, None),
         Some(f) => match Revocation::load(base.join(f)) {

@@ -48,6 +48,10 @@ pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
 pub const REVOCATION_UNCONFIRMED_SECONDS: &str = "valet_revocation_unconfirmed_seconds";
 pub const REVOCATION_STALE: &str = "valet_revocation_stale";
+pub const STORE_UP: &str = "valet_store_up";
+pub const STORE_ERRORS: &str = "valet_store_errors_total";
+pub const STORE_DURATION: &str = "valet_store_duration_seconds";
+pub const STORE_FALLBACK: &str = "valet_store_fallback_total";
 pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "valet_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "valet_connections_closed_total";
@@ -91,6 +95,8 @@ impl Telemetry {
                 Matcher::Full(INTROSPECTION_DURATION.into()),
                 INTROSPECTION_BUCKETS,
             )
+            .expect("fixed buckets")
+            .set_buckets_for_metric(Matcher::Full(STORE_DURATION.into()), INTROSPECTION_BUCKETS)
             .expect("fixed buckets")
             .build_recorder();
         let handle = recorder.handle();
@@ -376,6 +382,10 @@ fn describe() {
         REVOCATION_UNCONFIRMED_SECONDS,
         "Seconds since the denylist URL last confirmed the list in force (200 or 304); revocation.uri only"
     );
+    metrics::describe_gauge!(STORE_UP, STORE_UP_HELP);
+    metrics::describe_counter!(STORE_ERRORS, STORE_ERRORS_HELP);
+    metrics::describe_histogram!(STORE_DURATION, STORE_DURATION_HELP);
+    metrics::describe_counter!(STORE_FALLBACK, STORE_FALLBACK_HELP);
     metrics::describe_gauge!(
         REVOCATION_STALE,
         "1 while the denylist URL has not confirmed the list in force for longer than revocation.max_stale"
@@ -657,6 +667,28 @@ pub fn revocation_confirmed() {
 pub fn revocation_staleness(age_secs: u64, stale: bool) {
     metrics::gauge!(REVOCATION_UNCONFIRMED_SECONDS).set(age_secs as f64);
     metrics::gauge!(REVOCATION_STALE).set(if stale { 1.0 } else { 0.0 });
+}
+
+pub const STORE_UP_HELP: &str =
+    "1 while the shared store (store.redis) answers, 0 while its calls fail";
+pub const STORE_ERRORS_HELP: &str = "Shared store calls that failed, by op (spend/get/set/ping/connect) and kind (timeout/unavailable/error)";
+pub const STORE_DURATION_HELP: &str = "Time of one shared store call, by op";
+pub const STORE_FALLBACK_HELP: &str = "Decisions taken without the shared store because it failed, by use (dpop: spent in this replica only; introspection: local cache and the IdP)";
+
+pub fn store_up(up: bool) {
+    metrics::gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn store_error(op: &'static str, kind: &'static str) {
+    metrics::counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
+}
+
+pub fn store_call(op: &'static str, took: Duration) {
+    metrics::histogram!(STORE_DURATION, "op" => op).record(took.as_secs_f64());
+}
+
+pub fn store_fallback(what: &'static str) {
+    metrics::counter!(STORE_FALLBACK, "use" => what).increment(1);
 }
 
 pub fn introspection_cache_counters(provider: &str) -> [metrics::Counter; 2] {

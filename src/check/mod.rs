@@ -13,10 +13,12 @@ use serde_json::{Map, Value};
 
 use crate::decision::{Allow, Decision, Deny, DenyKind, Reason};
 use crate::policy::require::audience_contains;
+use crate::policy::store::OnStoreError;
 use crate::policy::{Access, DefaultAction, RequireError, Route};
 use crate::provider::TokenSource;
 use crate::request::Request;
 use crate::stores::Snapshot;
+use crate::stores::replay::ProofId;
 use binding::{Binding, BindingError, Scheme};
 use token::{Token, TokenError};
 use verify::{Verified, VerifyError};
@@ -44,6 +46,9 @@ pub enum Need {
     Keys { provider: usize, kid: Arc<str> },
     /// The introspection answer for the token, from `provider`'s endpoint.
     Introspection { provider: usize },
+    /// The fleet's store to spend this DPoP proof (spent here already): the
+    /// Check is decided but for a replay at another replica.
+    Spend { proof: ProofId },
 }
 
 /// A Check stopped at verification: its route and token are kept, so resuming
@@ -54,8 +59,10 @@ pub struct Pending<'r> {
     token: Token<'r>,
     now: u64,
     /// The answer if the need cannot be met (`unknown_key`,
-    /// `introspection_unavailable`), dry run applied.
+    /// `introspection_unavailable`, `dpop_store_unavailable`), dry run applied.
     pub fallback: Decision,
+    /// For `Spend`: the decision once the store says the proof is fresh.
+    then: Option<Decision>,
 }
 
 impl Pending<'_> {
@@ -141,7 +148,8 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
         }
         Identity::Claims(claims) => {
             let result = trusted(policy, &requirement.providers, claims)
-                .and_then(|v| after_verify(policy, req, route, None, None, v));
+                .and_then(|v| after_verify(policy, req, route, None, None, v))
+                .map(|(allow, _)| allow);
             Step::Done(routed(policy, req, ri, result))
         }
     }
@@ -161,6 +169,44 @@ pub fn resume<'r>(
     verify_step(policy, req, route, token, now, answer.as_ref())
 }
 
+/// The store answered a `Spend`: `Ok(true)` fresh, `Ok(false)` spent at another
+/// replica (a replay), `Err` unanswered (down, slow, past the deadline): then
+/// `dpop.on_store_error` decides, refuse or this replica's spend alone (counted).
+pub fn spent(
+    policy: &Snapshot,
+    req: &Request,
+    pending: Pending,
+    fresh: Result<bool, ()>,
+) -> Decision {
+    let Pending {
+        then,
+        fallback,
+        route,
+        ..
+    } = pending;
+    let Some(then) = then else {
+        return fallback;
+    };
+    match fresh {
+        Ok(true) => then,
+        Ok(false) => {
+            let d = Deny::new(
+                Reason::InvalidDpopProof,
+                DenyKind::InvalidDpopProof,
+                "the DPoP proof was already used",
+            );
+            routed(policy, req, route, Err(d))
+        }
+        Err(()) => match policy.store.as_ref().map(|s| s.on_dpop_error) {
+            Some(OnStoreError::Local) => {
+                crate::telemetry::store_fallback("dpop");
+                then
+            }
+            _ => fallback,
+        },
+    }
+}
+
 fn verify_step<'r>(
     policy: &'r Snapshot,
     req: &Request<'r>,
@@ -175,8 +221,29 @@ fn verify_step<'r>(
     };
     match verify::verify(token.value, policy, &requirement.providers, now, given) {
         Ok(verified) => {
-            let result = after_verify(policy, req, route, Some(token), Some(now), verified);
-            Step::Done(routed(policy, req, ri, result))
+            let provider = verified.provider;
+            match after_verify(policy, req, route, Some(token), Some(now), verified) {
+                // Spent here; the fleet's store must spend it too (an I/O step).
+                Ok((allow, Some(proof))) if policy.stores.shared.is_some() => {
+                    let then = routed(policy, req, ri, Ok(allow));
+                    let mut d = Deny::new(
+                        Reason::DpopStoreUnavailable,
+                        DenyKind::Unavailable,
+                        "the DPoP proof could not be checked against the fleet's store",
+                    );
+                    d.provider = Some(policy.providers[provider].name.clone());
+                    let fallback = routed(policy, req, ri, Err(d));
+                    Step::Need(Pending {
+                        need: Need::Spend { proof },
+                        route: ri,
+                        token,
+                        now,
+                        fallback,
+                        then: Some(then),
+                    })
+                }
+                result => Step::Done(routed(policy, req, ri, result.map(|(allow, _)| allow))),
+            }
         }
         Err(failed) => {
             let need = match (failed.error, failed.provider, &failed.kid) {
@@ -206,6 +273,7 @@ fn verify_step<'r>(
                     token,
                     now,
                     fallback,
+                    then: None,
                 }),
                 None => Step::Done(fallback),
             }
@@ -274,7 +342,7 @@ fn after_verify(
     token: Option<Token>,
     token_now: Option<u64>,
     verified: Verified,
-) -> Result<Allow, Deny> {
+) -> Result<(Allow, Option<ProofId>), Deny> {
     let Access::Require(requirement) = &route.access else {
         unreachable!("verification is only reached on routes that require a token")
     };
@@ -293,9 +361,11 @@ fn after_verify(
         d.detail = Some(rule.label());
         return Err(d);
     }
+    let mut proof = None;
     if let Some(token) = &token
         && let Some(now) = token_now
-        && let Err(e) = binding::check(
+    {
+        match binding::check(
             req,
             token.value,
             token.scheme,
@@ -304,17 +374,20 @@ fn after_verify(
             &policy.dpop,
             &policy.stores.replay,
             now,
-        )
-    {
-        let kind = match e {
-            BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
-            BindingError::ReplayFull(_) => DenyKind::Unavailable,
-            _ => DenyKind::InvalidToken,
-        };
-        let mut d = Deny::new(e.reason(), kind, e.description());
-        d.provider = Some(policy.providers[verified.provider].name.clone());
-        d.kid = verified.kid;
-        return Err(d);
+        ) {
+            Ok(spent) => proof = spent,
+            Err(e) => {
+                let kind = match e {
+                    BindingError::InvalidProof(_) => DenyKind::InvalidDpopProof,
+                    BindingError::ReplayFull(_) => DenyKind::Unavailable,
+                    _ => DenyKind::InvalidToken,
+                };
+                let mut d = Deny::new(e.reason(), kind, e.description());
+                d.provider = Some(policy.providers[verified.provider].name.clone());
+                d.kid = verified.kid;
+                return Err(d);
+            }
+        }
     }
     if let Err(e) = requirement.check(&verified.claims) {
         let (reason, kind, description, scope) = match e {
@@ -343,7 +416,7 @@ fn after_verify(
         d.kid = verified.kid;
         return Err(d);
     }
-    Ok(allow(policy, route, req, token, verified))
+    Ok((allow(policy, route, req, token, verified), proof))
 }
 
 /// A 401 answers with the DPoP scheme when the client used it, or when the

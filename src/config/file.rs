@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub limits: Option<LimitsFile>,
     pub revocation: Option<RevocationFile>,
     pub dpop: Option<DpopFile>,
+    /// A store shared by the replicas of a fleet.
+    pub store: Option<StoreFile>,
     #[serde(default)]
     pub protected_resources: Vec<ResourceFile>,
 }
@@ -34,6 +36,23 @@ pub struct DpopFile {
     pub clock_skew: Option<String>,
     pub algorithms: Option<Vec<String>>,
     pub replay_cache_entries: Option<u64>,
+    /// With `store`: `refuse` or `local` when the store cannot spend a proof.
+    pub on_store_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub redis: RedisFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: String,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<String>,
+    pub password_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

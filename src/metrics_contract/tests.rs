@@ -119,6 +119,10 @@ fn exercise(telemetry: &t::Telemetry) {
     t::revocation_loaded(&"deny.txt", 1);
     t::revocation_failed(&"deny.txt", &"bad line");
     t::revocation_confirmed();
+    t::store_up(true);
+    t::store_error("spend", "timeout");
+    t::store_call("get", Duration::from_millis(1));
+    t::store_fallback("dpop");
     t::revocation_staleness(3, false);
     for c in t::introspection_cache_counters("opaque") {
         c.increment(1);

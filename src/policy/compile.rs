@@ -171,6 +171,11 @@ pub fn compile(
     let revocation = file
         .revocation
         .and_then(|r| super::denylist::compile(r, inputs.denylist.as_ref(), base, p));
+    let on_store_error = file.dpop.as_ref().and_then(|d| d.on_store_error.clone());
+    if on_store_error.is_some() && file.store.is_none() {
+        p.error("dpop.on_store_error", "applies with `store` only");
+    }
+    let store = super::store::compile(file.store, on_store_error.as_deref(), inputs, base, p);
     let dpop = dpop_settings(file.dpop, p);
     let (protected_resources, route_resource) = super::resource_metadata::compile(
         file.protected_resources,
@@ -184,6 +189,7 @@ pub fn compile(
         route_resource,
         dpop,
         revocation,
+        store,
         index: super::index::RouteIndex::build(&routes),
         max_token_bytes,
         cache,

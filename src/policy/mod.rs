@@ -11,6 +11,7 @@ pub mod index;
 pub mod require;
 pub mod resource_metadata;
 pub mod route;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -88,6 +89,8 @@ pub struct Policy {
     pub revocation: Option<denylist::DenylistSource>,
     /// DPoP proof settings.
     pub dpop: Dpop,
+    /// The store a fleet shares (`store:`), if any.
+    pub store: Option<store::StoreSettings>,
     /// RFC 9728 metadata documents, and per route (by index) its resource.
     pub protected_resources: Vec<resource_metadata::ProtectedResource>,
     pub route_resource: Vec<Option<usize>>,

@@ -12,6 +12,7 @@
 //! | introspector: answers, circuit, gate | same provider name, issuer and introspection settings | new, empty |
 //! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source, introspection and `metadata_claims` (entries hold the encoded metadata), in the same order | new, empty |
 //! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
+//! | shared store connection | same `store:` settings | a new connection |
 //! | denylist | same file, or same URL and settings | the list just read (a URL: the old list until its first answer) |
 
 pub mod cache;
@@ -25,6 +26,7 @@ use crate::jwks::KeyCell;
 use crate::policy::{CacheSettings, Policy};
 use crate::provider::{JwksSource, Provider};
 use crate::revocation::Revocation;
+use crate::shared_store::SharedStore;
 use cache::VerifiedCache;
 use replay::ReplayCache;
 
@@ -36,6 +38,8 @@ pub struct Stores {
     /// `jti`s of accepted DPoP proofs, per key, kept for the acceptance window.
     pub replay: Arc<ReplayCache>,
     pub revocation: Option<Arc<Revocation>>,
+    /// The store the fleet shares (`store:`), if any.
+    pub shared: Option<Arc<SharedStore>>,
 }
 
 /// One compiled policy and the stores that go with it.
@@ -103,6 +107,12 @@ impl Stores {
         revocation: Option<Revocation>,
         old: Option<&Snapshot>,
     ) -> Self {
+        // The same store settings keep the connection.
+        let shared = policy.store.as_ref().map(|settings| {
+            old.and_then(|o| o.stores.shared.clone())
+                .filter(|s| &s.settings == settings)
+                .unwrap_or_else(|| Arc::new(SharedStore::new(settings.clone())))
+        });
         let introspectors = policy
             .providers
             .iter()
@@ -126,7 +136,10 @@ impl Stores {
                     },
                 )
             })
-            .collect();
+            .collect::<Vec<Option<Arc<Introspector>>>>();
+        for i in introspectors.iter().flatten() {
+            i.share(shared.clone());
+        }
         let verified = old
             .filter(|o| {
                 o.policy.cache == policy.cache
@@ -164,6 +177,7 @@ impl Stores {
             verified,
             replay,
             revocation,
+            shared,
         }
     }
 }

@@ -1,0 +1,284 @@
+//! The store a fleet shares, on Redis (`store.redis`): spent DPoP proofs and
+//! introspection answers, keyed by hashes only (never a token, never a proof).
+//!
+//! Client: the `redis` crate (redis-rs, the maintained reference client for
+//! Rust) with its tokio `ConnectionManager`: one multiplexed connection per
+//! replica that reconnects by itself after a drop, so an outage needs no
+//! restart; `rediss://` through tokio-rustls on the process's aws-lc-rs
+//! provider (no second crypto stack), certificates checked against the system
+//! roots. Writing RESP and reconnection by hand would be more code to trust
+//! than the few commands used here (SET NX PX, GET, PING).
+//!
+//! Every call is bounded by `timeout` and by what the Check has left; while the
+//! store is down, reconnection is tried at most once a second and calls fail
+//! at once (`unavailable`), so an outage costs a Check nothing but the fallback.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use crate::policy::store::StoreSettings;
+use crate::telemetry;
+
+/// After a failed connect, calls fail at once for this long.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// The health task's PING period (also what brings an idle replica back).
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a store call did not answer; the `kind` label of `valet_store_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store did not answer in time")]
+    Timeout,
+    #[error("the store cannot be reached")]
+    Unavailable,
+    #[error("the store answered an error")]
+    Error,
+}
+
+impl StoreError {
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            StoreError::Unavailable => "unavailable",
+            StoreError::Error => "error",
+        }
+    }
+}
+
+/// The operations, for the `op` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Spend,
+    Get,
+    Set,
+    Ping,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Spend => "spend",
+            Op::Get => "get",
+            Op::Set => "set",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+pub struct SharedStore {
+    pub settings: StoreSettings,
+    client: Option<redis::Client>,
+    conn: ArcSwapOption<ConnectionManager>,
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What /statusz shows of the store.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub url: String,
+    pub up: bool,
+    pub last_error: Option<String>,
+}
+
+impl SharedStore {
+    pub fn new(settings: StoreSettings) -> Self {
+        let client = redis::Client::open(settings.url.as_str())
+            .and_then(|c| {
+                let info = c.get_connection_info().clone();
+                match &settings.password {
+                    Some(pw) => {
+                        let redis = info.redis_settings().clone().set_password(pw);
+                        redis::Client::open(info.set_redis_settings(redis))
+                    }
+                    None => Ok(c),
+                }
+            })
+            .inspect_err(|e| tracing::error!(url = %settings.url, "store unusable: {e}"))
+            .ok();
+        SharedStore {
+            settings,
+            client,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(None),
+            up: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// `prefix` + what the key is for + the hex of a digest: nothing else.
+    pub fn key(&self, kind: &str, digest: &[u8]) -> String {
+        let mut k = String::with_capacity(self.settings.key_prefix.len() + kind.len() + 1 + 64);
+        k.push_str(&self.settings.key_prefix);
+        k.push_str(kind);
+        k.push(':');
+        for b in digest {
+            k.push_str(&format!("{b:02x}"));
+        }
+        k
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            url: self.settings.url.clone(),
+            up: self.is_up(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Spends `key` for `ttl` across the fleet: true if it was not spent yet.
+    pub async fn spend(
+        &self,
+        key: &str,
+        ttl: Duration,
+        left: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let set: Option<String> = self.run(Op::Spend, cmd, left).await?;
+        Ok(set.is_some())
+    }
+
+    pub async fn get(
+        &self,
+        key: &str,
+        left: Option<Duration>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.run(Op::Get, cmd, left).await
+    }
+
+    pub async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let _: Option<String> = self.run(Op::Set, cmd, None).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.run(Op::Ping, redis::cmd("PING"), None).await?;
+        Ok(())
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: Op,
+        cmd: redis::Cmd,
+        left: Option<Duration>,
+    ) -> Result<T, StoreError> {
+        let bound = left.map_or(self.settings.timeout, |l| l.min(self.settings.timeout));
+        let started = Instant::now();
+        let result = match tokio::time::timeout(bound, async {
+            let mut conn = self.connection().await?;
+            cmd.query_async::<T>(&mut conn).await.map_err(|e| {
+                if e.is_timeout() {
+                    StoreError::Timeout
+                } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+                {
+                    StoreError::Unavailable
+                } else {
+                    StoreError::Error
+                }
+            })
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        };
+        telemetry::store_call(op.label(), started.elapsed());
+        match &result {
+            Ok(_) => self.set_up(true, None),
+            Err(e) => {
+                telemetry::store_error(op.label(), e.label());
+                self.set_up(false, Some(e.to_string()));
+            }
+        }
+        result
+    }
+
+    fn set_up(&self, up: bool, error: Option<String>) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!(url = %self.settings.url, "store reachable");
+            } else {
+                tracing::warn!(url = %self.settings.url, "store unreachable: falling back (see dpop.on_store_error)");
+            }
+        }
+        telemetry::store_up(up);
+        if error.is_some() || up {
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        }
+    }
+
+    /// The connection, made on first use; while the store is down, at most one
+    /// attempt a second (the others fail at once).
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        if let Some(c) = self.conn.load_full() {
+            return Ok((*c).clone());
+        }
+        let client = self.client.clone().ok_or(StoreError::Error)?;
+        let mut last = match self.connecting.try_lock() {
+            Ok(g) => g,
+            // Someone is connecting: do not queue behind it.
+            Err(_) => return Err(StoreError::Unavailable),
+        };
+        if let Some(c) = self.conn.load_full() {
+            return Ok((*c).clone());
+        }
+        if last.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+            return Err(StoreError::Unavailable);
+        }
+        *last = Some(Instant::now());
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.settings.timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(self.settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(RECONNECT_EVERY);
+        match ConnectionManager::new_with_config(client, config).await {
+            Ok(c) => {
+                self.conn.store(Some(std::sync::Arc::new(c.clone())));
+                Ok(c)
+            }
+            Err(e) => {
+                telemetry::store_error("connect", StoreError::Unavailable.label());
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("connect: {:?}", e.kind()));
+                Err(StoreError::Unavailable)
+            }
+        }
+    }
+}
+
+/// Pings the store in force every second: the `up` gauge follows it, and an
+/// idle replica reconnects before its next Check needs the store.
+pub async fn watch(current: impl Fn() -> Option<std::sync::Arc<SharedStore>>) {
+    loop {
+        if let Some(s) = current() {
+            let _ = s.ping().await;
+        }
+        tokio::time::sleep(PING_EVERY).await;
+    }
+}

@@ -12,6 +12,7 @@ mod cli;
 mod differential;
 mod envoy;
 mod faults;
+mod fleet;
 mod floods_caches;
 mod floods_conn;
 mod floods_forged;

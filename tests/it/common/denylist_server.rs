@@ -1,5 +1,8 @@
 //! A denylist URL on 127.0.0.1 that a test controls: the body it serves (with an
-//! ETag, answering `If-None-Match` with 304), or a status it fails with.
+//! ETag, answering `If-None-Match` with 304), or a status it fails with. It also
+//! answers RFC 7662 introspection at `/introspect` (tokens starting `active-`
+//! are active with `orders:read`, others inactive), counting requests, for the
+//! fleet test's one IdP.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,7 @@ pub struct State {
     pub fail: Option<u16>,
     pub requests: u64,
     pub not_modified: u64,
+    pub introspections: u64,
 }
 
 pub struct DenylistServer {
@@ -57,6 +61,16 @@ impl DenylistServer {
         self.state.lock().unwrap().requests
     }
 
+    /// `/introspect` requests answered so far.
+    pub fn introspections(&self) -> u64 {
+        self.state.lock().unwrap().introspections
+    }
+
+    /// The introspection endpoint's URL.
+    pub fn introspection_url(&self) -> String {
+        self.url.replace("/deny.yaml", "/introspect")
+    }
+
     pub fn not_modified(&self) -> u64 {
         self.state.lock().unwrap().not_modified
     }
@@ -76,9 +90,15 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
         };
         let state = state.clone();
         conns.spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, req)) }
+                async move {
+                    Ok::<_, Infallible>(if req.uri().path() == "/introspect" {
+                        introspect(&state, req).await
+                    } else {
+                        answer(&state, req)
+                    })
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -109,5 +129,32 @@ fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
     }
     let mut r = status(200, s.body.clone());
     r.headers_mut().insert("etag", etag.parse().unwrap());
+    r
+}
+
+async fn introspect(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let form = String::from_utf8_lossy(&body).to_string();
+    let token = form
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .unwrap_or("");
+    state.lock().unwrap().introspections += 1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let answer = if token.starts_with("active-") {
+        serde_json::json!({
+            "active": true, "scope": "orders:read", "sub": "alice",
+            "aud": super::AUDIENCE, "exp": now + 600, "token_type": "Bearer",
+        })
+    } else {
+        serde_json::json!({"active": false})
+    };
+    let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     r
 }

@@ -1,0 +1,339 @@
+//! A fleet on one machine: three Valet replicas (in process, each its own
+//! runtime and metrics), one Redis (Debian's redis-server, started here on a
+//! free port, no persistence) as `store.redis`, one IdP on 127.0.0.1 serving
+//! the denylist URL and introspection. What a fleet promises:
+//!
+//! - a DPoP proof spent at one replica is refused at every other;
+//! - one introspection request serves a token (active or not) at every replica;
+//! - a denylist change at the URL is enforced by every replica within
+//!   `refresh_interval` + one fetch (`timeout`): measured and printed, asserted
+//!   only against that bound;
+//! - Redis killed (SIGKILL, by PID) and restarted under load loses no valid Check
+//!   (`dpop.on_store_error: local`: proofs spent per replica meanwhile, counted),
+//!   and the replicas reconnect without a restart;
+//! - nothing of a token is in Redis: every key and value is scanned.
+
+use crate::common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::denylist_server::DenylistServer;
+use common::idp::DpopKey;
+use common::*;
+use serde_json::json;
+
+const REFRESH: Duration = Duration::from_millis(500);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Our own redis-server on `port`; killed (by PID) when dropped.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let bin = std::env::var("VALET_REDIS").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{bin}: {e} (scripts/install-test-deps.sh installs it; set VALET_REDIS)")
+            });
+        Redis { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "redis did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn replica(config: &str) -> Valet {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    let path = dir.path().join("valet.yaml");
+    std::fs::write(&path, with_free_ports(config)).unwrap();
+    Valet::in_process_at(dir, &path)
+}
+
+fn jwt(extra: serde_json::Value) -> String {
+    let mut c = claims("orders:read");
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    token(jsonwebtoken::Algorithm::ES256, &c)
+}
+
+async fn metric_sum(fleet: &[Valet], series: &str) -> f64 {
+    let mut sum = 0.0;
+    for v in fleet {
+        sum += v.metric(series).await.unwrap_or(0.0);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis() {
+    let started = Instant::now();
+    let mut redis = Redis::start(free_port());
+    drop(redis.connect().await);
+    let idp = DenylistServer::start("revoked: []\n").await;
+    let config = format!(
+        "providers:\n  - name: corp\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: {{ file: jwks.json }}\n    introspection:\n      endpoint: {}\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\nroutes:\n  - name: dpop\n    match: {{ path_prefix: /dpop }}\n    require: {{ binding: dpop }}\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\nrevocation: {{ uri: \"{}\", refresh_interval: {}ms, timeout: {}s }}\nstore:\n  redis: {{ url: \"{}\", key_prefix: \"fleet:\", timeout: 200ms }}\ndpop: {{ on_store_error: local }}\n",
+        idp.introspection_url(),
+        idp.url,
+        REFRESH.as_millis(),
+        FETCH_TIMEOUT.as_secs(),
+        redis.url()
+    );
+    let fleet: Vec<Valet> = (0..3).map(|_| replica(&config)).collect();
+    for v in &fleet {
+        assert!(
+            v.wait_ready(200, Duration::from_secs(30)).await,
+            "{}",
+            v.logs()
+        );
+        assert!(
+            v.wait_metric("valet_store_up", 1.0, Duration::from_secs(10))
+                .await
+        );
+    }
+    let mut clients = Vec::new();
+    for v in &fleet {
+        clients.push(v.client().await);
+    }
+    let mut tokens: Vec<String> = Vec::new();
+
+    // 1. A DPoP proof spent at one replica is refused at the others.
+    let key = DpopKey::generate();
+    let bound = jwt(json!({"cnf": {"jkt": key.thumbprint()}, "jti": "bound-1"}));
+    let proof = key.proof("GET", "https://api.example.com/dpop/1", Some(&bound));
+    let a = check(&mut clients[0], get("/dpop/1").dpop(&bound, &proof)).await;
+    assert_eq!(a.reason(), "verified", "{a:?}");
+    for c in &mut clients[1..] {
+        let a = check(c, get("/dpop/1").dpop(&bound, &proof)).await;
+        assert_eq!(
+            a.reason(),
+            "invalid_dpop_proof",
+            "replayed at another replica"
+        );
+        assert!(
+            a.body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("already used")
+        );
+    }
+    println!("fleet: a proof spent at replica 0 is refused at replicas 1 and 2");
+    tokens.extend([bound.clone(), proof.clone()]);
+
+    // 2. One introspection request per token for the whole fleet.
+    let (active, inactive) = ("active-7f3a9c1d2e", "forged-0b1c2d3e4f");
+    for c in &mut clients {
+        assert_eq!(
+            check(c, get("/orders/1").bearer(active)).await.reason(),
+            "verified"
+        );
+        assert_eq!(
+            check(c, get("/orders/1").bearer(inactive)).await.reason(),
+            "inactive_token"
+        );
+    }
+    assert_eq!(
+        idp.introspections(),
+        2,
+        "one request for the active token and one for the inactive, at 3 replicas"
+    );
+    println!(
+        "fleet: 2 tokens × 3 replicas → {} introspection requests",
+        idp.introspections()
+    );
+    tokens.extend([active.to_string(), inactive.to_string()]);
+
+    // 3. A denylist change at the URL reaches every replica within the bound.
+    let victim = jwt(json!({"jti": "victim-1"}));
+    tokens.push(victim.clone());
+    for c in &mut clients {
+        assert_eq!(
+            check(c, get("/orders/1").bearer(&victim)).await.reason(),
+            "verified"
+        );
+    }
+    idp.set("revoked:\n  - jti: victim-1\n");
+    let written = Instant::now();
+    let bound_at = REFRESH + FETCH_TIMEOUT;
+    let mut took = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        loop {
+            if check(c, get("/orders/1").bearer(&victim)).await.reason() == "revoked" {
+                took.push(written.elapsed());
+                break;
+            }
+            assert!(
+                written.elapsed() <= bound_at,
+                "replica {i}: not revoked within refresh_interval + timeout ({bound_at:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "fleet: denylist URL change → revoked at each replica after {took:?} (bound {bound_at:?})"
+    );
+
+    // 4. Redis killed and restarted under load: no valid Check lost.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for (i, v) in fleet.iter().enumerate() {
+        let mut c = v.client().await;
+        let (stop, ok, lost) = (stop.clone(), ok.clone(), lost.clone());
+        load.push(tokio::spawn(async move {
+            let key = DpopKey::generate();
+            let t = jwt(json!({"cnf": {"jkt": key.thumbprint()}, "jti": format!("load-{i}")}));
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                // A fresh proof each time (its own jti): valid, never a replay.
+                let p = key.proof(
+                    "GET",
+                    &format!("https://api.example.com/dpop/{i}/{n}"),
+                    Some(&t),
+                );
+                let a = check(&mut c, get(&format!("/dpop/{i}/{n}")).dpop(&t, &p)).await;
+                if a.allowed() {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    eprintln!("replica {i}: a valid Check was {}", a.reason());
+                    lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+    let killed = Instant::now();
+    for v in &fleet {
+        assert!(
+            v.wait_metric("valet_store_up", 0.0, Duration::from_secs(10))
+                .await,
+            "the outage is visible"
+        );
+    }
+    let fallbacks = metric_sum(&fleet, "valet_store_fallback_total{use=\"dpop\"}").await;
+    let port = redis.port;
+    redis = Redis::start(port);
+    let mut scan = redis.connect().await;
+    for v in &fleet {
+        assert!(
+            v.wait_metric("valet_store_up", 1.0, Duration::from_secs(15))
+                .await,
+            "reconnected without a restart:\n{}",
+            v.logs()
+        );
+    }
+    let outage = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let (ok, lost) = (ok.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
+    println!(
+        "fleet: Redis killed and restarted under load: {ok} valid Checks allowed, {lost} lost, {fallbacks} decided by the local fallback, outage to reconnect {outage:?}"
+    );
+    assert_eq!(lost, 0, "no valid Check lost with on_store_error: local");
+    assert!(fallbacks > 0.0, "the outage's decisions are counted");
+    let (_, status) = fleet[0].admin_get("/statusz").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["store"]["up"], true, "{status}");
+
+    // After the restart the fleet shares spent proofs again.
+    let proof = key.proof("GET", "https://api.example.com/dpop/2", Some(&bound));
+    assert!(
+        check(&mut clients[1], get("/dpop/2").dpop(&bound, &proof))
+            .await
+            .allowed()
+    );
+    assert_eq!(
+        check(&mut clients[2], get("/dpop/2").dpop(&bound, &proof))
+            .await
+            .reason(),
+        "invalid_dpop_proof"
+    );
+    tokens.push(proof);
+
+    // 5. Nothing of a token in Redis: every key and value, scanned.
+    let payloads: Vec<String> = tokens
+        .iter()
+        .filter_map(|t| t.split('.').nth(1).map(str::to_owned))
+        .collect();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut scan)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the fleet wrote to the store");
+    for k in &keys {
+        assert!(k.starts_with("fleet:"), "{k}");
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(k)
+            .query_async(&mut scan)
+            .await
+            .unwrap();
+        let value = String::from_utf8_lossy(&value.unwrap_or_default()).to_string();
+        for secret in tokens.iter().chain(&payloads) {
+            assert!(
+                !k.contains(secret.as_str()) && !value.contains(secret.as_str()),
+                "{k} holds a token"
+            );
+        }
+    }
+    println!(
+        "fleet: {} keys in Redis, none holds a token, proof or payload; wall time {:?}",
+        keys.len(),
+        started.elapsed()
+    );
+}

@@ -9,9 +9,12 @@
 //! roots. Writing RESP and reconnection by hand would be more code to trust
 //! than the few commands used here (SET NX PX, GET, PING).
 //!
-//! Every call is bounded by `timeout` and by what the Check has left; while the
-//! store is down, reconnection is tried at most once a second and calls fail
-//! at once (`unavailable`), so an outage costs a Check nothing but the fallback.
+//! Every call is bounded by `timeout` and by what the Check has left. A Check
+//! never waits for a connect: the health task connects (and pings every
+//! second); until it has, calls fail at once (`unavailable`). After that the
+//! manager reconnects a dropped connection by itself (at most a second apart),
+//! and a call meanwhile fails within `timeout`: an outage costs a Check at most
+//! `timeout` and then its use's fallback.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +27,10 @@ use tokio::time::Instant;
 use crate::policy::store::StoreSettings;
 use crate::telemetry;
 
-/// After a failed connect, calls fail at once for this long.
+/// The longest wait between reconnection attempts of a dropped connection.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Connecting (TCP, TLS, handshake) may take longer than one call's `timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The health task's PING period (also what brings an idle replica back).
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 
@@ -74,7 +79,6 @@ pub struct SharedStore {
     pub settings: StoreSettings,
     client: Option<redis::Client>,
     conn: ArcSwapOption<ConnectionManager>,
-    connecting: tokio::sync::Mutex<Option<Instant>>,
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
@@ -106,7 +110,6 @@ impl SharedStore {
             settings,
             client,
             conn: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
@@ -191,7 +194,7 @@ impl SharedStore {
         let bound = left.map_or(self.settings.timeout, |l| l.min(self.settings.timeout));
         let started = Instant::now();
         let result = match tokio::time::timeout(bound, async {
-            let mut conn = self.connection().await?;
+            let mut conn = self.connection()?;
             cmd.query_async::<T>(&mut conn).await.map_err(|e| {
                 if e.is_timeout() {
                     StoreError::Timeout
@@ -233,51 +236,59 @@ impl SharedStore {
         }
     }
 
-    /// The connection, made on first use; while the store is down, at most one
-    /// attempt a second (the others fail at once).
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
-        if let Some(c) = self.conn.load_full() {
-            return Ok((*c).clone());
+    /// The connection, once the health task has made it (a Check never waits
+    /// for a connect: until then its calls fail at once).
+    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        self.conn
+            .load_full()
+            .map(|c| (*c).clone())
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Connects if not connected (the manager reconnects by itself after that),
+    /// within `CONNECT_TIMEOUT`: for the health task only.
+    async fn connect(&self) {
+        if self.conn.load().is_some() {
+            return;
         }
-        let client = self.client.clone().ok_or(StoreError::Error)?;
-        let mut last = match self.connecting.try_lock() {
-            Ok(g) => g,
-            // Someone is connecting: do not queue behind it.
-            Err(_) => return Err(StoreError::Unavailable),
+        let Some(client) = self.client.clone() else {
+            return;
         };
-        if let Some(c) = self.conn.load_full() {
-            return Ok((*c).clone());
-        }
-        if last.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
-            return Err(StoreError::Unavailable);
-        }
-        *last = Some(Instant::now());
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.settings.timeout.max(Duration::from_millis(100))))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(self.settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(RECONNECT_EVERY);
-        match ConnectionManager::new_with_config(client, config).await {
-            Ok(c) => {
-                self.conn.store(Some(std::sync::Arc::new(c.clone())));
-                Ok(c)
-            }
-            Err(e) => {
-                telemetry::store_error("connect", StoreError::Unavailable.label());
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(format!("connect: {:?}", e.kind()));
-                Err(StoreError::Unavailable)
-            }
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        {
+            Ok(Ok(c)) => self.conn.store(Some(std::sync::Arc::new(c))),
+            Ok(Err(e)) => self.connect_failed(format!("connect: {:?}", e.kind())),
+            Err(_) => self.connect_failed("connect: timed out".into()),
         }
+    }
+
+    fn connect_failed(&self, why: String) {
+        telemetry::store_error("connect", StoreError::Unavailable.label());
+        telemetry::store_up(false);
+        self.up.store(false, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 }
 
-/// Pings the store in force every second: the `up` gauge follows it, and an
-/// idle replica reconnects before its next Check needs the store.
+/// Connects the store in force, and pings it every second: the `up` gauge
+/// follows it, and an idle replica notices an outage (and its end) before a
+/// Check does.
 pub async fn watch(current: impl Fn() -> Option<std::sync::Arc<SharedStore>>) {
     loop {
         if let Some(s) = current() {
-            let _ = s.ping().await;
+            s.connect().await;
+            if s.conn.load().is_some() {
+                let _ = s.ping().await;
+            }
         }
         tokio::time::sleep(PING_EVERY).await;
     }

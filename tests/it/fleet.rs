@@ -11,6 +11,7 @@
 //! - Redis killed (SIGKILL, by PID) and restarted under load loses no valid Check
 //!   (`dpop.on_store_error: local`: proofs spent per replica meanwhile, counted),
 //!   and the replicas reconnect without a restart;
+//! - a hung Redis (SIGSTOP) costs a Check the store's `timeout`, then the fallback;
 //! - nothing of a token is in Redis: every key and value is scanned.
 
 use crate::common;
@@ -68,6 +69,16 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sends SIGSTOP/SIGCONT to our redis-server, by its PID.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} {pid}");
     }
 
     fn kill(&mut self) {
@@ -305,6 +316,26 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
     );
     tokens.push(proof);
 
+    // A hung Redis (SIGSTOP, by PID): a call ends at `timeout`, then the fallback.
+    redis.signal("STOP");
+    let proof = key.proof("GET", "https://api.example.com/dpop/3", Some(&bound));
+    let asked = Instant::now();
+    let a = check(&mut clients[0], get("/dpop/3").dpop(&bound, &proof)).await;
+    let waited = asked.elapsed();
+    assert_eq!(a.reason(), "verified", "on_store_error: local");
+    redis.signal("CONT");
+    let (_, metrics) = fleet[0].admin_get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("valet_store_errors_total{op=\"spend\",kind=\"timeout\"}")),
+        "{metrics}"
+    );
+    println!(
+        "fleet: a DPoP Check while Redis hangs (SIGSTOP) answered in {waited:?} (store timeout 200ms), by the local fallback"
+    );
+    tokens.push(proof);
+
     // 5. Nothing of a token in Redis: every key and value, scanned.
     let payloads: Vec<String> = tokens
         .iter()
@@ -336,4 +367,92 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
         keys.len(),
         started.elapsed()
     );
+}
+
+/// A Redis that accepts connections and never answers (a partition, a hung
+/// server): the health task's connect times out (no Check waits for it), the
+/// store's calls fail at once, and each use takes its documented fallback. `refuse` answers DPoP 503 `dpop_store_unavailable`;
+/// `local` spends in the replica and counts it; bearer tokens never touch the
+/// store; introspection goes to the IdP (and is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_store_costs_each_use_its_fallback_only() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let idp = DenylistServer::start("revoked: []\n").await;
+    let config = |on_error: &str| {
+        format!(
+            "providers:\n  - name: corp\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: {{ file: jwks.json }}\n    introspection:\n      endpoint: {}\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\nroutes:\n  - name: dpop\n    match: {{ path_prefix: /dpop }}\n    require: {{ binding: dpop }}\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\nstore:\n  redis: {{ url: \"{url}\", timeout: 100ms }}\ndpop: {{ on_store_error: {on_error} }}\n",
+            idp.introspection_url()
+        )
+    };
+    let refuse = replica(&config("refuse"));
+    let local = replica(&config("local"));
+    let key = DpopKey::generate();
+    let bound = jwt(json!({"cnf": {"jkt": key.thumbprint()}}));
+
+    let mut c = refuse.client().await;
+    let proof = key.proof("GET", "https://api.example.com/dpop/1", Some(&bound));
+    let a = check(&mut c, get("/dpop/1").dpop(&bound, &proof)).await;
+    assert_eq!(
+        (a.http_status, a.reason().as_str()),
+        (503, "dpop_store_unavailable"),
+        "{a:?}"
+    );
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer(&jwt(json!({}))))
+            .await
+            .reason(),
+        "verified",
+        "a bearer token needs no store"
+    );
+    assert_eq!(
+        check(&mut c, get("/orders/1").bearer("active-silent-1"))
+            .await
+            .reason(),
+        "verified",
+        "introspection falls back to the IdP"
+    );
+    assert_eq!(idp.introspections(), 1);
+    assert_eq!(
+        refuse
+            .metric("valet_store_fallback_total{use=\"introspection\"}")
+            .await,
+        Some(1.0)
+    );
+
+    let mut c = local.client().await;
+    let proof = key.proof("GET", "https://api.example.com/dpop/2", Some(&bound));
+    let a = check(&mut c, get("/dpop/2").dpop(&bound, &proof)).await;
+    assert_eq!(a.reason(), "verified", "{a:?}");
+    assert_eq!(
+        check(&mut c, get("/dpop/2").dpop(&bound, &proof))
+            .await
+            .reason(),
+        "invalid_dpop_proof",
+        "still spent in this replica"
+    );
+    assert_eq!(
+        local
+            .metric("valet_store_fallback_total{use=\"dpop\"}")
+            .await,
+        Some(1.0)
+    );
+    for v in [&refuse, &local] {
+        assert_eq!(v.metric("valet_store_up").await, Some(0.0));
+        let (_, metrics) = v.admin_get("/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("valet_store_errors_total{op=\"spend\"")
+                    || l.starts_with("valet_store_errors_total{op=\"get\"")),
+            "{metrics}"
+        );
+    }
+    hold.abort();
 }

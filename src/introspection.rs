@@ -266,7 +266,9 @@ impl Introspector {
                     let this = self.clone();
                     let token = token.to_string();
                     crate::telemetry::spawn(async move {
-                        // The fleet may have asked already; else ask, and tell the fleet.
+                        // The fleet may have asked already; else ask, and tell the
+                        // fleet before answering (one store round trip on top of the
+                        // IdP's: a replica asked next finds it, deterministically).
                         let shared = this.shared.load_full();
                         let (r, ttl) = match this.from_shared(shared.as_deref(), &k, now).await {
                             Some((answer, ttl)) => (Ok(answer), ttl),

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use common::denylist_server::DenylistServer;
 use common::idp::DpopKey;
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use serde_json::json;
 
 const REFRESH: Duration = Duration::from_millis(500);
@@ -108,6 +109,12 @@ fn replica(config: &str) -> Valet {
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, with_free_ports(config)).unwrap();
     Valet::in_process_at(dir, &path)
+}
+
+/// The fleet's config without `store:` (nor its DPoP fallback).
+fn without_store(config: &str) -> String {
+    let at = config.find("store:\n").expect("a store section");
+    config[..at].to_string()
 }
 
 fn jwt(extra: serde_json::Value) -> String {
@@ -203,6 +210,31 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
         idp.introspections()
     );
     tokens.extend([active.to_string(), inactive.to_string()]);
+    // The same without a store: every replica asks.
+    let plain: Vec<Valet> = (0..3).map(|_| replica(&without_store(&config))).collect();
+    let before = idp.introspections();
+    for v in &plain {
+        let mut c = v.client().await;
+        assert_eq!(
+            check(&mut c, get("/orders/1").bearer(active))
+                .await
+                .reason(),
+            "verified"
+        );
+        assert_eq!(
+            check(&mut c, get("/orders/1").bearer(inactive))
+                .await
+                .reason(),
+            "inactive_token"
+        );
+    }
+    assert_eq!(
+        idp.introspections() - before,
+        6,
+        "one per token per replica"
+    );
+    println!("fleet: without the store, 2 tokens × 3 replicas → 6 introspection requests");
+    drop(plain);
 
     // 3. A denylist change at the URL reaches every replica within the bound.
     let victim = jwt(json!({"jti": "victim-1"}));
@@ -455,4 +487,114 @@ async fn a_silent_store_costs_each_use_its_fallback_only() {
         );
     }
     hold.abort();
+}
+
+/// The Check latency the store adds, measured in one run (VALET_MEASURE_STORE=1;
+/// printed, never asserted): replicas with and without the store, same IdP, same
+/// Redis, Checks interleaved so drift hits both alike. Scenarios: a DPoP-bound
+/// JWT with a fresh proof (+1 SET NX), an opaque token in the local cache (the
+/// store is not asked), an opaque token missing locally (with the store: a GET
+/// that finds another replica's answer; without: the IdP), and the first Check
+/// of a token in the fleet (GET miss + IdP + SET, against the IdP alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_latency_measured() {
+    if std::env::var("VALET_MEASURE_STORE").is_err() {
+        eprintln!("skipped: set VALET_MEASURE_STORE=1 to measure");
+        return;
+    }
+    let redis = Redis::start(free_port());
+    drop(redis.connect().await);
+    let idp = DenylistServer::start("revoked: []\n").await;
+    let config = format!(
+        "providers:\n  - name: corp\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: {{ file: jwks.json }}\n    introspection:\n      endpoint: {}\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\nroutes:\n  - name: dpop\n    match: {{ path_prefix: /dpop }}\n    require: {{ binding: dpop }}\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\nstore:\n  redis: {{ url: \"{}\" }}\n",
+        idp.introspection_url(),
+        redis.url()
+    );
+    let (s1, s2, n) = (
+        replica(&config),
+        replica(&config),
+        replica(&without_store(&config)),
+    );
+    for v in [&s1, &s2, &n] {
+        assert!(v.wait_ready(200, Duration::from_secs(30)).await);
+    }
+    assert!(
+        s1.wait_metric("valet_store_up", 1.0, Duration::from_secs(10))
+            .await
+    );
+    let (mut c1, mut c2, mut cn) = (s1.client().await, s2.client().await, n.client().await);
+    let rounds: usize = std::env::var("VALET_MEASURE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300);
+    async fn timed(
+        c: &mut AuthorizationClient<tonic::transport::Channel>,
+        req: Req,
+        want: &str,
+    ) -> Duration {
+        let t = Instant::now();
+        let a = check(c, req).await;
+        let took = t.elapsed();
+        assert_eq!(a.reason(), want, "{a:?}");
+        took
+    }
+    let key = DpopKey::generate();
+    let bound = jwt(json!({"cnf": {"jkt": key.thumbprint()}}));
+    let cached = "active-cached-token";
+    for c in [&mut c1, &mut cn] {
+        check(c, get("/orders/1").bearer(cached)).await;
+    }
+    let mut m: Vec<(&str, Vec<Duration>, Vec<Duration>)> = vec![
+        ("DPoP, fresh proof (+1 SET NX)", vec![], vec![]),
+        ("opaque, local cache hit", vec![], vec![]),
+        (
+            "opaque, local miss (store: GET hit; none: IdP)",
+            vec![],
+            vec![],
+        ),
+        (
+            "opaque, first in fleet (GET miss + IdP + SET; none: IdP)",
+            vec![],
+            vec![],
+        ),
+    ];
+    for i in 0..rounds {
+        let p = |path: &str| {
+            key.proof(
+                "GET",
+                &format!("https://api.example.com{path}"),
+                Some(&bound),
+            )
+        };
+        let (a, b) = (format!("/dpop/s/{i}"), format!("/dpop/n/{i}"));
+        m[0].1
+            .push(timed(&mut c1, get(&a).dpop(&bound, &p(&a)), "verified").await);
+        m[0].2
+            .push(timed(&mut cn, get(&b).dpop(&bound, &p(&b)), "verified").await);
+        m[1].1
+            .push(timed(&mut c1, get("/orders/1").bearer(cached), "verified").await);
+        m[1].2
+            .push(timed(&mut cn, get("/orders/1").bearer(cached), "verified").await);
+        let t = format!("active-measure-{i}");
+        m[3].1
+            .push(timed(&mut c2, get("/orders/1").bearer(&t), "verified").await);
+        m[2].1
+            .push(timed(&mut c1, get("/orders/1").bearer(&t), "verified").await);
+        let u = format!("active-measure-n-{i}");
+        let none = timed(&mut cn, get("/orders/1").bearer(&u), "verified").await;
+        m[2].2.push(none);
+        m[3].2.push(none);
+    }
+    let q = |v: &mut Vec<Duration>, f: f64| {
+        v.sort();
+        v[((v.len() as f64 * f) as usize).min(v.len() - 1)]
+    };
+    println!("store latency, {rounds} Checks each, one run (p50 / p90; with store vs without):");
+    for (name, with, without) in &mut m {
+        let (w50, w90, n50, n90) = (q(with, 0.5), q(with, 0.9), q(without, 0.5), q(without, 0.9));
+        println!(
+            "  {name}: with {w50:.2?} / {w90:.2?}, without {n50:.2?} / {n90:.2?}, added at p50 {:+.0} µs",
+            w50.as_secs_f64() * 1e6 - n50.as_secs_f64() * 1e6
+        );
+    }
 }

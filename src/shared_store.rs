@@ -293,3 +293,54 @@ pub async fn watch(current: impl Fn() -> Option<std::sync::Arc<SharedStore>>) {
         tokio::time::sleep(PING_EVERY).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::store::OnStoreError;
+
+    fn settings(password: Option<&str>) -> StoreSettings {
+        StoreSettings {
+            url: "redis://127.0.0.1:1/".into(),
+            key_prefix: "fleet:".into(),
+            timeout: Duration::from_millis(20),
+            password: password.map(str::to_owned),
+            on_dpop_error: OnStoreError::Local,
+        }
+    }
+
+    #[test]
+    fn keys_are_the_prefix_a_kind_and_a_digest_in_hex() {
+        let s = SharedStore::new(settings(None));
+        assert_eq!(s.key("dpop", &[0x00, 0xab, 0x7f]), "fleet:dpop:00ab7f");
+    }
+
+    #[test]
+    fn the_password_is_never_printed() {
+        let text = format!("{:?}", settings(Some("hunter2")));
+        assert!(
+            !text.contains("hunter2") && text.contains("redacted"),
+            "{text}"
+        );
+    }
+
+    /// Paused time: any wait for a timeout would move the clock.
+    #[tokio::test(start_paused = true)]
+    async fn unconnected_calls_fail_at_once_and_are_counted_as_down() {
+        let s = SharedStore::new(settings(None));
+        let started = Instant::now();
+        assert_eq!(
+            s.spend("fleet:dpop:00", Duration::from_secs(1), None).await,
+            Err(StoreError::Unavailable)
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no Check waits for a connect"
+        );
+        assert!(!s.is_up());
+        // Nothing listens on port 1: the health task's connect fails and says so.
+        s.connect().await;
+        assert!(s.status().last_error.unwrap().starts_with("connect"));
+    }
+}

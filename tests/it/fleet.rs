@@ -598,3 +598,69 @@ async fn store_latency_measured() {
         );
     }
 }
+
+#[test]
+fn store_and_spread_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "hunter2\n").unwrap();
+    std::fs::write(dir.path().join("empty"), "").unwrap();
+    let path = dir.path().join("valet.yaml");
+    let err = |src: &str| match valet::load::parse(&format!("routes: []\n{src}"), &path) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        err("store: { redis: { url: \"redis://127.0.0.1:6379/0\" } }\n"),
+        ""
+    );
+    assert_eq!(
+        err(
+            "store: { redis: { url: \"rediss://r.example:6380\", password_file: pw, key_prefix: \"shop:\", timeout: 20ms } }\ndpop: { on_store_error: refuse }\n"
+        ),
+        ""
+    );
+    assert!(
+        err("store: { redis: { url: \"http://r:6379\" } }\n").contains("redis:// or rediss://")
+    );
+    assert!(
+        err("store: { redis: { url: \"redis://:secret@r:6379\" } }\n")
+            .contains("use password_file")
+    );
+    assert!(
+        err("store: { redis: { url: \"redis://r\", timeout: 10s } }\n")
+            .contains("between 1ms and 5s")
+    );
+    assert!(
+        err("store: { redis: { url: \"redis://r\", password_file: empty } }\n")
+            .contains("the file is empty")
+    );
+    assert!(
+        err("store: { redis: { url: \"redis://r\", password_file: nope } }\n")
+            .contains("cannot read")
+    );
+    assert!(
+        err("store: { redis: { url: \"redis://r\" } }\ndpop: { on_store_error: maybe }\n")
+            .contains("expected refuse or local")
+    );
+    assert!(err("dpop: { on_store_error: local }\n").contains("applies with `store` only"));
+    assert!(err("store: { redis: { url: \"redis://r\", db: 1 } }\n").contains("unknown field"));
+    let provider = |jwks: &str| {
+        format!("providers:\n  - name: p\n    issuer: https://idp.test/\n    jwks: {{ {jwks} }}\n")
+    };
+    assert_eq!(
+        err(&provider(
+            "uri: \"https://idp.test/jwks\", unknown_kid_spread: 500ms"
+        )),
+        ""
+    );
+    assert!(
+        err(&provider(
+            "uri: \"https://idp.test/jwks\", unknown_kid_spread: 950ms, unknown_kid_wait: 100ms"
+        ))
+        .contains("unknown_kid_spread + unknown_kid_wait at most 1s")
+    );
+    assert!(
+        err(&provider("file: j.json, unknown_kid_spread: 1ms"))
+            .contains("applies to uri and discovery only")
+    );
+}

@@ -270,12 +270,12 @@ impl Introspector {
                         // fleet before answering (one store round trip on top of the
                         // IdP's: a replica asked next finds it, deterministically).
                         let shared = this.shared.load_full();
-                        let (r, ttl) = match this.from_shared(shared.as_deref(), &k, now).await {
+                        let (r, ttl) = match this.shared_answer(shared.as_deref(), &k, now).await {
                             Some((answer, ttl)) => (Ok(answer), ttl),
                             None => {
                                 let r = this.request(&token, now, slot.suspect()).await;
                                 if let (Ok(answer), Some(store)) = (&r, &shared) {
-                                    this.to_shared(store, &k, answer, now).await;
+                                    this.tell_shared(store, &k, answer, now).await;
                                 }
                                 let ttl = r.as_ref().map_or(Duration::ZERO, |a| this.ttl(a, now));
                                 (r, ttl)
@@ -345,7 +345,7 @@ impl Introspector {
     /// An answer another replica got, cached here until the time it was cached
     /// there (never longer: a fleet does not stretch `cache_ttl`). A store that
     /// fails is skipped (counted): the IdP is asked, as without a store.
-    async fn from_shared(
+    async fn shared_answer(
         &self,
         store: Option<&SharedStore>,
         k: &Key,
@@ -371,7 +371,7 @@ impl Introspector {
         Some((answer, Duration::from_secs(until - now)))
     }
 
-    async fn to_shared(&self, store: &SharedStore, k: &Key, answer: &Answer, now: u64) {
+    async fn tell_shared(&self, store: &SharedStore, k: &Key, answer: &Answer, now: u64) {
         let ttl = self.ttl(answer, now);
         let claims = match answer {
             Answer::Active(claims) => Value::Object((**claims).clone()),

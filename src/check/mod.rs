@@ -62,7 +62,7 @@ pub struct Pending<'r> {
     /// `introspection_unavailable`, `dpop_store_unavailable`), dry run applied.
     pub fallback: Decision,
     /// For `Spend`: the decision once the store says the proof is fresh.
-    then: Option<Decision>,
+    then: Option<Box<Decision>>,
 }
 
 impl Pending<'_> {
@@ -187,6 +187,7 @@ pub fn spent(
     let Some(then) = then else {
         return fallback;
     };
+    let then = *then;
     match fresh {
         Ok(true) => then,
         Ok(false) => {
@@ -239,7 +240,7 @@ fn verify_step<'r>(
                         token,
                         now,
                         fallback,
-                        then: Some(then),
+                        then: Some(Box::new(then)),
                     })
                 }
                 result => Step::Done(routed(policy, req, ri, result.map(|(allow, _)| allow))),

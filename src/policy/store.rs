@@ -66,10 +66,7 @@ pub fn compile(
             OnStoreError::Local
         }
     };
-    let Some(file) = file else {
-        return None;
-    };
-    let r = file.redis;
+    let r = file?.redis;
     let at = "store.redis";
     match reqwest::Url::parse(&r.url) {
         Ok(u) if matches!(u.scheme(), "redis" | "rediss") => {

@@ -144,10 +144,14 @@ async fn serve_scoped(
     );
     telemetry::spawn(reloader.run());
     {
-        let state = state.clone();
+        let (state, pushed) = (state.clone(), state.clone());
         let clock = state.clock().clone();
         telemetry::spawn(crate::revocation::watch(
             move || state.snapshot().stores.revocation.clone(),
+            move || {
+                let snap = pushed.snapshot();
+                Some(snap.stores.shared.as_ref()?.denylist_changed.clone())
+            },
             clock,
         ));
     }

@@ -412,8 +412,13 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 /// Polls the denylist in force, as `current` says which (the one of the
 /// snapshot in force): a file every second, a URL every `refresh_interval`
-/// (less up to 10% jitter, so a fleet started together does not ask together).
-pub async fn watch(current: impl Fn() -> Option<Arc<Revocation>>, clock: Clock) {
+/// (less up to 10% jitter, so a fleet started together does not ask together),
+/// or at once when `changed` (the shared store's denylist channel) says so.
+pub async fn watch(
+    current: impl Fn() -> Option<Arc<Revocation>>,
+    changed: impl Fn() -> Option<Arc<tokio::sync::Notify>>,
+    clock: Clock,
+) {
     use rand::Rng;
     let client = reqwest::Client::builder()
         .user_agent(concat!("valet/", env!("CARGO_PKG_VERSION")))
@@ -430,7 +435,17 @@ pub async fn watch(current: impl Fn() -> Option<Arc<Revocation>>, clock: Clock) 
                     if let Some((age, stale)) = r.staleness(clock.unix()) {
                         telemetry::revocation_staleness(age, stale);
                     }
-                    pause.mul_f64(rand::rng().random_range(0.9..=1.0))
+                    let pause = pause.mul_f64(rand::rng().random_range(0.9..=1.0));
+                    match changed() {
+                        Some(pushed) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = pushed.notified() => {}
+                            }
+                            continue;
+                        }
+                        None => pause,
+                    }
                 }
                 None => {
                     // A stat per second; reading and parsing only on change, off the runtime.

@@ -79,6 +79,13 @@ pub struct SharedStore {
     pub settings: StoreSettings,
     client: Option<redis::Client>,
     conn: ArcSwapOption<ConnectionManager>,
+    /// Notified on every message of `<prefix>denylist`: the denylist URL's task
+    /// fetches at once instead of at its next interval.
+    pub denylist_changed: std::sync::Arc<tokio::sync::Notify>,
+    /// The RESP3 connection subscribed to that channel (resubscribed by the
+    /// manager after a reconnect); apart from `conn`, so a Redis without RESP3
+    /// only loses the push.
+    subscriber: ArcSwapOption<ConnectionManager>,
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
@@ -110,6 +117,8 @@ impl SharedStore {
             settings,
             client,
             conn: ArcSwapOption::empty(),
+            denylist_changed: std::sync::Arc::default(),
+            subscriber: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
@@ -271,6 +280,59 @@ impl SharedStore {
         }
     }
 
+    /// The channel an operator publishes to after changing the denylist URL's list.
+    pub fn denylist_channel(&self) -> String {
+        format!("{}denylist", self.settings.key_prefix)
+    }
+
+    /// Subscribes to the denylist channel once connected (for the health task).
+    async fn subscribe(&self) {
+        if self.subscriber.load().is_some() || self.conn.load().is_none() {
+            return;
+        }
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let Ok(client) = redis::Client::open(info.set_redis_settings(resp3)) else {
+            return;
+        };
+        let wake = self.denylist_changed.clone();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_max_delay(RECONNECT_EVERY)
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: redis::PushInfo| {
+                if push.kind == redis::PushKind::Message {
+                    wake.notify_one();
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let channel = self.denylist_channel();
+        let subscribed = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut c = ConnectionManager::new_with_config(client, config).await?;
+            c.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(c)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(c)) => {
+                tracing::info!(channel = %channel, "listening for denylist changes");
+                self.subscriber.store(Some(std::sync::Arc::new(c)));
+            }
+            Ok(Err(e)) => tracing::warn!(
+                channel = %channel,
+                "no denylist push (the URL is still polled): {:?}",
+                e.kind()
+            ),
+            Err(_) => {}
+        }
+    }
+
     fn connect_failed(&self, why: String) {
         telemetry::store_error("connect", StoreError::Unavailable.label());
         telemetry::store_up(false);
@@ -288,6 +350,7 @@ pub async fn watch(current: impl Fn() -> Option<std::sync::Arc<SharedStore>>) {
             s.connect().await;
             if s.conn.load().is_some() {
                 let _ = s.ping().await;
+                s.subscribe().await;
             }
         }
         tokio::time::sleep(PING_EVERY).await;

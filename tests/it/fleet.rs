@@ -664,3 +664,99 @@ fn store_and_spread_settings_are_checked() {
             .contains("applies to uri and discovery only")
     );
 }
+
+/// Pushed, not polled: with a store, `PUBLISH <prefix>denylist` after changing the
+/// list makes every replica fetch the URL at once, long before its interval
+/// (60s here). Measured and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_denylist_change_is_fetched_at_once() {
+    let redis = Redis::start(free_port());
+    let mut publisher = redis.connect().await;
+    let idp = DenylistServer::start("revoked: []\n").await;
+    let config = format!(
+        "providers:\n  - name: corp\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\nrevocation: {{ uri: \"{}\", refresh_interval: 60s, max_stale: 120s }}\nstore:\n  redis: {{ url: \"{}\", key_prefix: \"push:\" }}\n",
+        idp.url,
+        redis.url()
+    );
+    let fleet: Vec<Valet> = (0..2).map(|_| replica(&config)).collect();
+    for v in &fleet {
+        assert!(v.wait_ready(200, Duration::from_secs(30)).await);
+        assert!(
+            v.logged("listening for denylist changes").await,
+            "{}",
+            v.logs()
+        );
+    }
+    let victim = jwt(json!({"jti": "pushed-1"}));
+    let mut clients = Vec::new();
+    for v in &fleet {
+        let mut c = v.client().await;
+        assert_eq!(
+            check(&mut c, get("/orders/1").bearer(&victim))
+                .await
+                .reason(),
+            "verified"
+        );
+        clients.push(c);
+    }
+    idp.set("revoked:\n  - jti: pushed-1\n");
+    let published = Instant::now();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("push:denylist")
+        .arg("changed")
+        .query_async(&mut publisher)
+        .await
+        .unwrap();
+    let mut took = Vec::new();
+    for c in &mut clients {
+        loop {
+            if check(c, get("/orders/1").bearer(&victim)).await.reason() == "revoked" {
+                took.push(published.elapsed());
+                break;
+            }
+            assert!(
+                published.elapsed() < Duration::from_secs(30),
+                "not fetched at the push (the interval is 60s)"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "fleet: PUBLISH push:denylist → revoked at each replica after {took:?} (refresh_interval 60s)"
+    );
+
+    // Redis restarted: the subscription comes back by itself.
+    let port = redis.port;
+    let mut redis = redis;
+    redis.kill();
+    let redis = Redis::start(port);
+    let mut publisher = redis.connect().await;
+    for v in &fleet {
+        assert!(
+            v.wait_metric("valet_store_up", 1.0, Duration::from_secs(15))
+                .await
+        );
+    }
+    let second = jwt(json!({"jti": "pushed-2"}));
+    idp.set("revoked:\n  - jti: pushed-1\n  - jti: pushed-2\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for c in &mut clients {
+        loop {
+            // Published until heard: the resubscription may follow the reconnect.
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("push:denylist")
+                .arg("changed")
+                .query_async(&mut publisher)
+                .await
+                .unwrap();
+            if check(c, get("/orders/1").bearer(&second)).await.reason() == "revoked" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no push after the restart (the interval is 60s)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

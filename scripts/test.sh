@@ -30,8 +30,9 @@ VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.
 VALET_NGINX="$(scripts/install-test-deps.sh --print nginx | tail -n1)"
 VALET_TRAEFIK="$(scripts/install-test-deps.sh --print traefik | tail -n1)"
+VALET_REDIS="$(scripts/install-test-deps.sh --print redis | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
-export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_IDP_SERVER
+export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_REDIS VALET_IDP_SERVER
 phase "installs"
 build_ok=0
 wait "$build" || build_ok=$?

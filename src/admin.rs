@@ -82,6 +82,11 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: shutting down\n",
                 )
+            } else if missing.is_empty() && policy.denylist_pending() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no revocation denylist yet from its URL\n",
+                )
             } else if missing.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -136,6 +141,8 @@ fn status_json(admin: &Admin) -> serde_json::Value {
         "policy": *admin.state.reload_status(),
         "routes": policy.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
         "providers": providers,
+        "revocation": policy.stores.revocation.as_ref().map(|r| r.status(now)),
+        "store": policy.stores.shared.as_ref().map(|s| s.status()),
         "ready": admin.state.is_ready(),
         "draining": admin.state.is_draining(),
     })

@@ -129,8 +129,8 @@ async fn serve_scoped(
         default = ?policy.default,
         "policy loaded"
     );
-    if let Some(r) = &stores.revocation {
-        telemetry::revocation_loaded(&r.path, r.current().entries);
+    if let Some(r) = stores.revocation.as_ref().filter(|r| r.is_loaded()) {
+        telemetry::revocation_loaded(&r.source, r.current().entries);
     }
     for k in stores.api_key_files() {
         telemetry::api_keys_loaded(&k.provider, &k.path, k.current().len());
@@ -151,9 +151,21 @@ async fn serve_scoped(
     );
     telemetry::spawn(reloader.run());
     {
+        let (state, pushed) = (state.clone(), state.clone());
+        let clock = state.clock().clone();
+        telemetry::spawn(crate::revocation::watch(
+            move || state.snapshot().stores.revocation.clone(),
+            move || {
+                let snap = pushed.snapshot();
+                Some(snap.stores.shared.as_ref()?.denylist_changed.clone())
+            },
+            clock,
+        ));
+    }
+    {
         let state = state.clone();
-        telemetry::spawn(crate::revocation::watch(move || {
-            state.snapshot().stores.revocation.clone()
+        telemetry::spawn(crate::shared_store::watch(move || {
+            state.snapshot().stores.shared.clone()
         }));
     }
     {

@@ -37,10 +37,12 @@ pub enum Reason {
     Principal,
     PrincipalNotAllowed,
     UnknownApiKey,
+    /// The shared store could not spend a DPoP proof and `dpop.on_store_error: refuse`.
+    DpopStoreUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Anonymous,
         Reason::Verified,
         Reason::NoRoute,
@@ -69,6 +71,7 @@ impl Reason {
         Reason::Principal,
         Reason::PrincipalNotAllowed,
         Reason::UnknownApiKey,
+        Reason::DpopStoreUnavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -101,6 +104,7 @@ impl Reason {
             Reason::Principal => "principal",
             Reason::PrincipalNotAllowed => "principal_not_allowed",
             Reason::UnknownApiKey => "unknown_api_key",
+            Reason::DpopStoreUnavailable => "dpop_store_unavailable",
         }
     }
 }

@@ -57,7 +57,14 @@ pub async fn decide<P>(
                 }
                 refetched = true;
                 permit = None;
-                if !cell.refetch_for(&kid).await {
+                // Also within the Check's deadline (unknown_kid_spread + wait may be longer).
+                let fetched = match left(budget, started) {
+                    Some(left) => tokio::time::timeout(left, cell.refetch_for(&kid))
+                        .await
+                        .unwrap_or(false),
+                    None => cell.refetch_for(&kid).await,
+                };
+                if !fetched {
                     break pending.fallback;
                 }
                 match admit() {
@@ -65,6 +72,19 @@ pub async fn decide<P>(
                     None => break overloaded(),
                 }
                 step = check::resume(snap, &view, pending, None);
+            }
+            // A DPoP proof spent here, to be spent in the fleet's store too: one
+            // SET NX bounded by the store's timeout and the Check's deadline.
+            Need::Spend { proof } => {
+                let Some(store) = snap.stores.shared.clone() else {
+                    break pending.fallback;
+                };
+                let key = store.key("dpop", &proof);
+                let fresh = store
+                    .spend(&key, snap.dpop.replay_window(), left(budget, started))
+                    .await
+                    .map_err(|_| ());
+                break check::spent(snap, &view, pending, fresh);
             }
             // An opaque token not in the introspection cache: ask the IdP (one
             // request for all Checks of that token, bounded by its timeout and
@@ -74,9 +94,7 @@ pub async fn decide<P>(
                     break pending.fallback;
                 };
                 let asked = introspector.introspect(pending.token(), now, Client::of(req));
-                // Keep a margin to encode the answer before the caller's deadline.
-                let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
-                let result = match left {
+                let result = match left(budget, started) {
                     Some(left) => tokio::time::timeout(left, asked)
                         .await
                         .unwrap_or(Err(IntrospectError::Deadline)),
@@ -103,6 +121,12 @@ pub async fn decide<P>(
     };
     drop(permit);
     decision
+}
+
+/// What is left of the caller's budget, less a margin to encode the answer
+/// before its deadline.
+fn left(budget: Option<Duration>, started: Instant) -> Option<Duration> {
+    budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9))
 }
 
 /// Decides with claims taken as verified (`explain --claims`, policy tests):

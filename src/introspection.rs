@@ -20,6 +20,7 @@ use tokio::sync::watch;
 pub use gate::Client;
 use gate::{Gate, Lane, Outcome, Shed};
 
+use crate::shared_store::SharedStore;
 use crate::telemetry;
 
 /// Introspection answers are small; anything larger is refused.
@@ -116,6 +117,8 @@ pub struct Introspector {
     counters: std::sync::OnceLock<[metrics::Counter; 2]>,
     /// Shed counters by [`Shed`], likewise.
     shed: std::sync::OnceLock<[metrics::Counter; 4]>,
+    /// The fleet's store: answers are shared there, keyed by the token's hash.
+    shared: arc_swap::ArcSwapOption<SharedStore>,
 }
 
 /// A `known` entry without `exp` is remembered this long.
@@ -205,6 +208,7 @@ impl Introspector {
             client,
             counters: std::sync::OnceLock::new(),
             shed: std::sync::OnceLock::new(),
+            shared: arc_swap::ArcSwapOption::empty(),
         })
     }
 
@@ -262,7 +266,21 @@ impl Introspector {
                     let this = self.clone();
                     let token = token.to_string();
                     crate::telemetry::spawn(async move {
-                        let r = this.request(&token, now, slot.suspect()).await;
+                        // The fleet may have asked already; else ask, and tell the
+                        // fleet before answering (one store round trip on top of the
+                        // IdP's: a replica asked next finds it, deterministically).
+                        let shared = this.shared.load_full();
+                        let (r, ttl) = match this.shared_answer(shared.as_deref(), &k, now).await {
+                            Some((answer, ttl)) => (Ok(answer), ttl),
+                            None => {
+                                let r = this.request(&token, now, slot.suspect()).await;
+                                if let (Ok(answer), Some(store)) = (&r, &shared) {
+                                    this.tell_shared(store, &k, answer, now).await;
+                                }
+                                let ttl = r.as_ref().map_or(Duration::ZERO, |a| this.ttl(a, now));
+                                (r, ttl)
+                            }
+                        };
                         slot.set_outcome(match &r {
                             Ok(Answer::Active(_)) => Outcome::Active,
                             Ok(Answer::Inactive) | Err(IntrospectError::Throttled) => {
@@ -271,23 +289,7 @@ impl Introspector {
                             Err(_) => Outcome::Neutral,
                         });
                         if let Ok(answer) = &r {
-                            let until = Instant::now() + this.ttl(answer, now);
-                            match answer {
-                                Answer::Active(claims) => {
-                                    this.cache.insert(k, (answer.clone(), until));
-                                    let known = claims
-                                        .get("exp")
-                                        .and_then(Value::as_u64)
-                                        .map_or(KNOWN_FOR, |exp| {
-                                            Duration::from_secs(exp.saturating_sub(now))
-                                        });
-                                    let until = Instant::now() + known.min(KNOWN_FOR * 24);
-                                    this.known.insert(k, until);
-                                }
-                                Answer::Inactive => {
-                                    this.negative.insert(k, (answer.clone(), until));
-                                }
-                            }
+                            this.remember(k, answer, ttl, now);
                         }
                         // Cached first, then out of the flights: a later Check finds one or the other.
                         this.in_flight
@@ -306,6 +308,83 @@ impl Introspector {
             // The task ended without an answer (it panicked): nothing to wait for.
             Err(_) => Err(IntrospectError::Unreachable),
         }
+    }
+
+    /// Uses `store` for this introspector's answers from now on (None: none).
+    pub fn share(&self, store: Option<Arc<SharedStore>>) {
+        self.shared.store(store);
+    }
+
+    /// Caches `answer` for `ttl` (and remembers an active token until its `exp`).
+    fn remember(&self, k: Key, answer: &Answer, ttl: Duration, now: u64) {
+        let until = Instant::now() + ttl;
+        match answer {
+            Answer::Active(claims) => {
+                self.cache.insert(k, (answer.clone(), until));
+                let known = claims
+                    .get("exp")
+                    .and_then(Value::as_u64)
+                    .map_or(KNOWN_FOR, |exp| {
+                        Duration::from_secs(exp.saturating_sub(now))
+                    });
+                let until = Instant::now() + known.min(KNOWN_FOR * 24);
+                self.known.insert(k, until);
+            }
+            Answer::Inactive => {
+                self.negative.insert(k, (answer.clone(), until));
+            }
+        }
+    }
+
+    /// The store's key for a token's answers: the provider's name and the
+    /// token's SHA-256, nothing of the token itself.
+    fn shared_key(&self, store: &SharedStore, k: &Key) -> String {
+        store.key(&format!("intro:{}", self.provider), k)
+    }
+
+    /// An answer another replica got, cached here until the time it was cached
+    /// there (never longer: a fleet does not stretch `cache_ttl`). A store that
+    /// fails is skipped (counted): the IdP is asked, as without a store.
+    async fn shared_answer(
+        &self,
+        store: Option<&SharedStore>,
+        k: &Key,
+        now: u64,
+    ) -> Option<(Answer, Duration)> {
+        let store = store?;
+        let raw = match store.get(&self.shared_key(store, k), None).await {
+            Ok(raw) => raw?,
+            Err(_) => {
+                telemetry::store_fallback("introspection");
+                return None;
+            }
+        };
+        let v: Value = serde_json::from_slice(&raw).ok()?;
+        let until = v.get("until")?.as_u64()?;
+        if until <= now {
+            return None;
+        }
+        let answer = match v.get("claims") {
+            Some(Value::Object(claims)) => Answer::Active(Arc::new(claims.clone())),
+            _ => Answer::Inactive,
+        };
+        Some((answer, Duration::from_secs(until - now)))
+    }
+
+    async fn tell_shared(&self, store: &SharedStore, k: &Key, answer: &Answer, now: u64) {
+        let ttl = self.ttl(answer, now);
+        let claims = match answer {
+            Answer::Active(claims) => Value::Object((**claims).clone()),
+            Answer::Inactive => Value::Null,
+        };
+        let value = serde_json::json!({"until": now + ttl.as_secs(), "claims": claims});
+        let _ = store
+            .set(
+                &self.shared_key(store, k),
+                value.to_string().as_bytes(),
+                ttl,
+            )
+            .await;
     }
 
     fn count_shed(&self, shed: Shed) {

@@ -231,6 +231,7 @@ fn layers_keep_their_direction() {
                 "jwks",
                 "introspection",
                 "revocation",
+                "shared_store",
                 "load",
             ],
         ),
@@ -249,6 +250,20 @@ fn layers_keep_their_direction() {
             ],
         ),
         ("stores", &["check", "driver", "service", "state", "load"]),
+        // The shared store is a leaf of the stores: the policy's settings, telemetry.
+        (
+            "shared_store",
+            &[
+                "check",
+                "driver",
+                "service",
+                "state",
+                "load",
+                "stores",
+                "introspection",
+                "revocation",
+            ],
+        ),
     ];
     let mut wrong = Vec::new();
     for (module, rules) in forbidden {

@@ -27,6 +27,7 @@ pub mod reload;
 pub mod request;
 pub mod response;
 pub mod revocation;
+pub mod shared_store;
 /// Kept at its old path: the RFC 9728 documents are compiled policy now.
 pub use policy::resource_metadata;
 pub mod service;

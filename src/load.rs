@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::api_keys::ApiKeys;
 use crate::config::{self, ConfigError, Listen, LoadError, Problems, file::FileConfig};
+use crate::policy::denylist::DenylistSource;
 use crate::policy::{self, Inputs, Policy};
 use crate::revocation::Revocation;
 use crate::stores::{Snapshot, Stores};
@@ -46,10 +47,15 @@ pub fn parse(source: &str, path: &Path) -> Result<Loaded, LoadError> {
     let (file, positions) = config::parse_file(source, path)?;
     let mut problems = Problems::new(path, &positions);
     let base = path.parent().unwrap_or(Path::new("."));
-    let (inputs, revocation, api_keys) = read_inputs(&file, base);
+    let (inputs, mut revocation, api_keys) = read_inputs(&file, base);
     let (listen, policy) = policy::compile(file, base, &inputs, &mut problems);
     if !problems.errors.is_empty() {
         return Err(LoadError::Invalid(problems.errors));
+    }
+    // A URL's list is fetched by its task; until then the list is empty and
+    // readiness waits for it.
+    if let Some(DenylistSource::Uri(remote)) = &policy.revocation {
+        revocation = Some(Revocation::remote(remote.clone()));
     }
     Ok(Loaded {
         path: path.to_path_buf(),
@@ -72,9 +78,18 @@ fn read_inputs(file: &FileConfig, base: &Path) -> (Inputs, Option<Revocation>, V
             secrets.insert(path, read);
         }
     }
-    let (denylist, revocation) = match &file.revocation {
+    if let Some(f) = file
+        .store
+        .as_ref()
+        .and_then(|s| s.redis.password_file.as_ref())
+    {
+        let path = base.join(f);
+        let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+        secrets.insert(path, read);
+    }
+    let (denylist, revocation) = match file.revocation.as_ref().and_then(|r| r.file.as_ref()) {
         None => (None, None),
-        Some(r) => match Revocation::load(base.join(&r.file)) {
+        Some(f) => match Revocation::load(base.join(f)) {
             Ok(list) => (Some(Ok(())), Some(list)),
             Err(e) => (Some(Err(e)), None),
         },

@@ -77,6 +77,7 @@ fn provider() -> Label {
 const SUCCESS_ERROR: &[&str] = &["success", "error"];
 const HIT_MISS: &[&str] = &["hit", "miss"];
 const LISTENERS: &[&str] = &["grpc", "http", "admin"];
+const STORE_OPS: &[&str] = &["spend", "get", "set", "ping", "connect"];
 
 /// Every metric Valet registers, in README order.
 pub fn metrics() -> Vec<Metric> {
@@ -315,6 +316,40 @@ pub fn metrics() -> Vec<Metric> {
             Gauge,
             vec![provider()],
             "1 if the last read of the provider's API key file succeeded, 0 if the keys in force are older than the file",
+        ),
+        m(
+            t::REVOCATION_UNCONFIRMED_SECONDS,
+            Gauge,
+            vec![],
+            "Seconds since the denylist URL last confirmed the list in force (200 or 304); revocation.uri only",
+        ),
+        m(
+            t::REVOCATION_STALE,
+            Gauge,
+            vec![],
+            "1 while the denylist URL has not confirmed the list in force for longer than revocation.max_stale",
+        ),
+        m(t::STORE_UP, Gauge, vec![], t::STORE_UP_HELP),
+        m(
+            t::STORE_ERRORS,
+            Counter,
+            vec![
+                bounded("op", STORE_OPS),
+                bounded("kind", &["timeout", "unavailable", "error"]),
+            ],
+            t::STORE_ERRORS_HELP,
+        ),
+        m(
+            t::STORE_DURATION,
+            Histogram,
+            vec![bounded("op", &STORE_OPS[..4])],
+            t::STORE_DURATION_HELP,
+        ),
+        m(
+            t::STORE_FALLBACK,
+            Counter,
+            vec![bounded("use", &["dpop", "introspection"])],
+            t::STORE_FALLBACK_HELP,
         ),
         m(
             t::CONNECTIONS_OPEN,

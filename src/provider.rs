@@ -162,6 +162,8 @@ pub struct RemoteJwks {
     pub timeout: Duration,
     /// How long a Check waits for the refetch an unknown kid triggered.
     pub unknown_kid_wait: Duration,
+    /// An unknown-kid refetch starts within a random [0, this]: a fleet spreads its refetches.
+    pub unknown_kid_spread: Duration,
     /// Checks that may wait at once; past it an unknown kid is answered at once.
     pub unknown_kid_waiters: usize,
     /// Where the last good set is kept across restarts.

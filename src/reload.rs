@@ -129,8 +129,9 @@ impl Reloader {
                         .revocation
                         .as_ref()
                         .is_none_or(|old| !Arc::ptr_eq(old, r))
+                    && r.is_loaded()
                 {
-                    telemetry::revocation_loaded(&r.path, r.current().entries);
+                    telemetry::revocation_loaded(&r.source, r.current().entries);
                 }
                 let summary = (cfg.policy.routes.len(), cfg.policy.providers.len());
                 self.state.store_snapshot(Snapshot::new(cfg.policy, stores));

@@ -1,10 +1,14 @@
-//! Emergency revocation: a denylist file of token ids, subjects and "everything an
+//! Emergency revocation: a denylist of token ids, subjects and "everything an
 //! issuer issued before T", checked after a token is verified (cached or not,
-//! JWT or introspected). The file is polled every second and swapped whole; a
-//! broken file keeps the list in force and says what is wrong, where.
+//! JWT or introspected). A file is polled every second, a URL every
+//! `refresh_interval` (conditional on its ETag, so every replica of a fleet
+//! sees a change within one interval and one fetch); the list is swapped whole.
+//! A broken file or answer keeps the list in force and says what is wrong,
+//! where; a URL's list that goes unconfirmed for `max_stale` is reported stale.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +18,10 @@ use std::io::{BufRead, Read};
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
+use crate::clock::Clock;
 use crate::config::position::Position;
 use crate::config::{self, ConfigError, LoadError};
+use crate::policy::denylist::{DenylistSource, RemoteDenylist};
 use crate::telemetry;
 
 /// How often the file is looked at: propagation is at most this plus a read.
@@ -23,12 +29,55 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// A denylist is for emergencies, not for every token ever issued.
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The live list for one file, shared by successive policies that name the same file.
+/// The live list for one source, shared by successive policies that name the same one.
 pub struct Revocation {
-    pub path: PathBuf,
+    pub source: DenylistSource,
     list: ArcSwap<Denylist>,
     /// What the file looked like when last read, valid or not.
     seen: Mutex<Option<Stamp>>,
+    /// A URL's conditional-request state.
+    remote: Mutex<RemoteState>,
+    /// A list has been read (a URL's list is fetched after the policy loads).
+    loaded: AtomicBool,
+    /// Unix seconds when the source last confirmed the list in force (a URL's
+    /// 200 or 304); until then, when this `Revocation` was made.
+    confirmed_at: AtomicU64,
+    confirmed_ever: AtomicBool,
+    /// The last failure, for /statusz; None after a success.
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct RemoteState {
+    etag: Option<String>,
+    /// SHA-256 of the last body applied: the same body again is a confirmation.
+    body: Option<[u8; 32]>,
+}
+
+/// What /statusz shows of the denylist.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub source: String,
+    pub entries: usize,
+    pub loaded: bool,
+    /// Unix seconds of the last confirmation by a URL; None before the first.
+    pub confirmed_at: Option<u64>,
+    pub unconfirmed_seconds: Option<u64>,
+    pub stale: bool,
+    pub last_error: Option<String>,
+}
+
+/// Why a URL's denylist was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("request to {uri} failed: {reason}")]
+    Http { uri: String, reason: String },
+    #[error("{uri} answered HTTP {status}")]
+    Status { uri: String, status: u16 },
+    #[error("{uri} sent more than {MAX_FILE_BYTES} bytes")]
+    TooLarge { uri: String },
+    #[error("{0}")]
+    Invalid(LoadError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,25 +161,218 @@ impl Denylist {
 }
 
 impl Revocation {
+    fn with(source: DenylistSource, list: Denylist, loaded: bool) -> Self {
+        Revocation {
+            source,
+            list: ArcSwap::from_pointee(list),
+            seen: Mutex::new(None),
+            remote: Mutex::default(),
+            loaded: AtomicBool::new(loaded),
+            confirmed_at: AtomicU64::new(0),
+            confirmed_ever: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
     /// Reads the file now: a policy naming a denylist that cannot be read is invalid.
     pub fn load(path: PathBuf) -> Result<Self, LoadError> {
         let stamp = stamp(&path);
         let list = read(&path)?;
-        Ok(Revocation {
-            path,
-            list: ArcSwap::from_pointee(list),
-            seen: Mutex::new(stamp),
-        })
+        let r = Self::with(DenylistSource::File(path), list, true);
+        *r.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        Ok(r)
+    }
+
+    /// A URL's list, empty and not loaded until its task's first fetch
+    /// (readiness waits for it); unconfirmed from its task's first look.
+    pub fn remote(settings: RemoteDenylist) -> Self {
+        Self::with(DenylistSource::Uri(settings), Denylist::default(), false)
+    }
+
+    /// A new source takes over the list in force until its own first list
+    /// arrives: switching sources never revokes less in between.
+    pub fn adopt(&self, old: &Revocation) {
+        if !self.loaded.load(Ordering::Relaxed) && old.loaded.load(Ordering::Relaxed) {
+            self.list.store(old.list.load_full());
+            self.loaded.store(true, Ordering::Relaxed);
+        }
     }
 
     pub fn current(&self) -> arc_swap::Guard<Arc<Denylist>> {
         self.list.load()
     }
 
+    /// False only for a URL whose first list has not arrived yet.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    fn remote_settings(&self) -> Option<&RemoteDenylist> {
+        match &self.source {
+            DenylistSource::Uri(r) => Some(r),
+            DenylistSource::File(_) => None,
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// Seconds since the source last confirmed the list, and whether that is
+    /// past `max_stale` (a URL's only; a file is always current or an error).
+    pub fn staleness(&self, now: u64) -> Option<(u64, bool)> {
+        let r = self.remote_settings()?;
+        // Never confirmed: unconfirmed since first asked about, on the caller's clock.
+        let _ = self
+            .confirmed_at
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let age = now.saturating_sub(self.confirmed_at.load(Ordering::Relaxed));
+        Some((age, age > r.max_stale.as_secs()))
+    }
+
+    pub fn status(&self, now: u64) -> Status {
+        let staleness = self.staleness(now);
+        Status {
+            source: self.source.to_string(),
+            entries: self.current().entries,
+            loaded: self.is_loaded(),
+            confirmed_at: self
+                .confirmed_ever
+                .load(Ordering::Relaxed)
+                .then(|| self.confirmed_at.load(Ordering::Relaxed)),
+            unconfirmed_seconds: staleness.map(|s| s.0),
+            stale: staleness.is_some_and(|s| s.1),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    fn confirm(&self, now: u64) {
+        self.confirmed_at.store(now, Ordering::Relaxed);
+        self.confirmed_ever.store(true, Ordering::Relaxed);
+        self.set_error(None);
+    }
+
+    /// Asks the URL once (`If-None-Match` the list in force): a 304, or the
+    /// same body again, confirms the list; a new valid body replaces it; any
+    /// failure keeps it. Returns true when a new list was published.
+    pub async fn fetch(&self, client: &reqwest::Client, clock: &Clock) -> bool {
+        let Some(settings) = self.remote_settings() else {
+            return false;
+        };
+        match self.fetch_list(client, settings).await {
+            Ok(None) => {
+                self.confirm(clock.unix());
+                telemetry::revocation_confirmed();
+                false
+            }
+            Ok(Some((list, etag, body))) => {
+                let entries = list.entries;
+                self.list.store(Arc::new(list));
+                self.loaded.store(true, Ordering::Relaxed);
+                let mut st = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+                st.etag = etag;
+                st.body = Some(body);
+                drop(st);
+                self.confirm(clock.unix());
+                telemetry::revocation_loaded(&self.source, entries);
+                true
+            }
+            Err(e) => {
+                telemetry::revocation_failed(&self.source, &e);
+                self.set_error(Some(e.to_string()));
+                false
+            }
+        }
+    }
+
+    /// Ok(None): unchanged (304, or the same body).
+    #[allow(clippy::type_complexity)]
+    async fn fetch_list(
+        &self,
+        client: &reqwest::Client,
+        settings: &RemoteDenylist,
+    ) -> Result<Option<(Denylist, Option<String>, [u8; 32])>, FetchError> {
+        let uri = settings.uri.as_str();
+        let (etag, last_body) = {
+            let st = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            (st.etag.clone(), st.body)
+        };
+        let mut req = client.get(uri).timeout(settings.timeout);
+        if let Some(tag) = etag.as_deref().filter(|_| self.is_loaded()) {
+            req = req.header(reqwest::header::IF_NONE_MATCH, tag);
+        }
+        let http = |e: reqwest::Error| FetchError::Http {
+            uri: uri.into(),
+            reason: if e.is_timeout() {
+                "timed out".into()
+            } else if e.is_connect() {
+                "connection failed".into()
+            } else {
+                e.without_url().to_string()
+            },
+        };
+        let mut resp = req.send().await.map_err(http)?;
+        if resp.status() == reqwest::StatusCode::NOT_MODIFIED && etag.is_some() {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(FetchError::Status {
+                uri: uri.into(),
+                status: resp.status().as_u16(),
+            });
+        }
+        let too_large = || FetchError::TooLarge { uri: uri.into() };
+        if resp.content_length().is_some_and(|n| n > MAX_FILE_BYTES) {
+            return Err(too_large());
+        }
+        let new_etag = resp
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(http)? {
+            if body.len() + chunk.len() > MAX_FILE_BYTES as usize {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        if last_body == Some(digest) && self.is_loaded() {
+            // A server without ETags: the same list again is a confirmation.
+            self.remote.lock().unwrap_or_else(|e| e.into_inner()).etag = new_etag;
+            return Ok(None);
+        }
+        // Up to 16 MiB of YAML: parsed off the runtime.
+        let name = PathBuf::from(uri);
+        let list = crate::telemetry::spawn_blocking(move || {
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| config::whole_file(&name, "not UTF-8 text"))?;
+            parse(text, &name)
+        })
+        .await
+        .map_err(|e| FetchError::Http {
+            uri: uri.into(),
+            reason: e.to_string(),
+        })?
+        .map_err(FetchError::Invalid)?;
+        Ok(Some((list, new_etag, digest)))
+    }
+
     /// Re-reads the file if it changed since last looked at. Returns true when a
     /// new list was published.
     pub fn refresh(&self) -> bool {
-        let now = stamp(&self.path);
+        let DenylistSource::File(path) = &self.source else {
+            return false;
+        };
+        let now = stamp(path);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
@@ -138,10 +380,11 @@ impl Revocation {
             }
             *seen = now;
         }
-        match read(&self.path) {
+        match read(path) {
             Ok(list) => {
-                telemetry::revocation_loaded(&self.path, list.entries);
+                telemetry::revocation_loaded(&self.source, list.entries);
                 self.list.store(Arc::new(list));
+                self.set_error(None);
                 true
             }
             Err(e) => {
@@ -149,7 +392,8 @@ impl Revocation {
                     // Mid-swap or deleted: look again next tick.
                     *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
-                telemetry::revocation_failed(&self.path, &e);
+                telemetry::revocation_failed(&self.source, &e);
+                self.set_error(Some(e.to_string()));
                 false
             }
         }
@@ -167,16 +411,51 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// Polls the denylist in force, as `current` says which (the one of the
-/// snapshot in force).
-pub async fn watch(current: impl Fn() -> Option<Arc<Revocation>>) {
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// snapshot in force): a file every second, a URL every `refresh_interval`
+/// (less up to 10% jitter, so a fleet started together does not ask together),
+/// or at once when `changed` (the shared store's denylist channel) says so.
+pub async fn watch(
+    current: impl Fn() -> Option<Arc<Revocation>>,
+    changed: impl Fn() -> Option<Arc<tokio::sync::Notify>>,
+    clock: Clock,
+) {
+    use rand::Rng;
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("valet/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+        .unwrap_or_default();
     loop {
-        tick.tick().await;
-        if let Some(r) = current() {
-            // A stat per second; reading and parsing only on change, off the runtime.
-            let _ = crate::telemetry::spawn_blocking(move || r.refresh()).await;
-        }
+        let pause = match current() {
+            Some(r) => match r.remote_settings() {
+                Some(settings) => {
+                    let pause = settings.refresh_interval;
+                    r.fetch(&client, &clock).await;
+                    if let Some((age, stale)) = r.staleness(clock.unix()) {
+                        telemetry::revocation_staleness(age, stale);
+                    }
+                    let pause = pause.mul_f64(rand::rng().random_range(0.9..=1.0));
+                    match changed() {
+                        Some(pushed) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = pushed.notified() => {}
+                            }
+                            continue;
+                        }
+                        None => pause,
+                    }
+                }
+                None => {
+                    // A stat per second; reading and parsing only on change, off the runtime.
+                    let _ = crate::telemetry::spawn_blocking(move || r.refresh()).await;
+                    POLL
+                }
+            },
+            None => POLL,
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 

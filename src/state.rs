@@ -101,7 +101,8 @@ impl State {
 
     /// Ready: not draining, and every provider a route uses has keys.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.snapshot().providers_without_keys().is_empty()
+        let snap = self.snapshot();
+        !self.is_draining() && snap.providers_without_keys().is_empty() && !snap.denylist_pending()
     }
 
     pub fn reload_status(&self) -> Arc<ReloadStatus> {

@@ -49,6 +49,12 @@ pub const API_KEYS_RELOAD_TOTAL: &str = "valet_api_keys_reload_total";
 pub const API_KEYS_LAST_SUCCESSFUL: &str = "valet_api_keys_last_reload_successful";
 pub const REVOCATION_RELOAD_TOTAL: &str = "valet_revocation_reload_total";
 pub const REVOCATION_LAST_SUCCESSFUL: &str = "valet_revocation_last_reload_successful";
+pub const REVOCATION_UNCONFIRMED_SECONDS: &str = "valet_revocation_unconfirmed_seconds";
+pub const REVOCATION_STALE: &str = "valet_revocation_stale";
+pub const STORE_UP: &str = "valet_store_up";
+pub const STORE_ERRORS: &str = "valet_store_errors_total";
+pub const STORE_DURATION: &str = "valet_store_duration_seconds";
+pub const STORE_FALLBACK: &str = "valet_store_fallback_total";
 pub const CONNECTIONS_OPEN: &str = "valet_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "valet_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "valet_connections_closed_total";
@@ -92,6 +98,8 @@ impl Telemetry {
                 Matcher::Full(INTROSPECTION_DURATION.into()),
                 INTROSPECTION_BUCKETS,
             )
+            .expect("fixed buckets")
+            .set_buckets_for_metric(Matcher::Full(STORE_DURATION.into()), INTROSPECTION_BUCKETS)
             .expect("fixed buckets")
             .build_recorder();
         let handle = recorder.handle();
@@ -383,6 +391,18 @@ fn describe() {
         "1 if the last read of the provider's API key file succeeded, 0 if the keys in force are older than the file"
     );
     metrics::describe_gauge!(
+        REVOCATION_UNCONFIRMED_SECONDS,
+        "Seconds since the denylist URL last confirmed the list in force (200 or 304); revocation.uri only"
+    );
+    metrics::describe_gauge!(STORE_UP, STORE_UP_HELP);
+    metrics::describe_counter!(STORE_ERRORS, STORE_ERRORS_HELP);
+    metrics::describe_histogram!(STORE_DURATION, STORE_DURATION_HELP);
+    metrics::describe_counter!(STORE_FALLBACK, STORE_FALLBACK_HELP);
+    metrics::describe_gauge!(
+        REVOCATION_STALE,
+        "1 while the denylist URL has not confirmed the list in force for longer than revocation.max_stale"
+    );
+    metrics::describe_gauge!(
         CONNECTIONS_OPEN,
         "Connections open, by listener (grpc/http/admin)"
     );
@@ -633,17 +653,18 @@ pub fn policy_reload_failed() {
     metrics::gauge!(POLICY_LAST_SUCCESSFUL).set(0.0);
 }
 
-/// The denylist at start (from the policy load) or after a change of its file.
-pub fn revocation_loaded(path: &std::path::Path, entries: usize) {
-    tracing::info!(file = %path.display(), entries, "revocation denylist loaded");
+/// The denylist at start (from the policy load) or after a change of its file
+/// or URL's answer.
+pub fn revocation_loaded(source: &dyn std::fmt::Display, entries: usize) {
+    tracing::info!(denylist = %source, entries, "revocation denylist loaded");
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "success").increment(1);
     metrics::gauge!(REVOCATION_ENTRIES).set(entries as f64);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(1.0);
 }
 
-pub fn revocation_failed(path: &std::path::Path, error: &dyn std::fmt::Display) {
+pub fn revocation_failed(source: &dyn std::fmt::Display, error: &dyn std::fmt::Display) {
     for line in error.to_string().lines() {
-        tracing::error!(file = %path.display(), "revocation denylist not reloaded, keeping the list in force: {line}");
+        tracing::error!(denylist = %source, "revocation denylist not reloaded, keeping the list in force: {line}");
     }
     metrics::counter!(REVOCATION_RELOAD_TOTAL, "result" => "error").increment(1);
     metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(0.0);
@@ -666,6 +687,39 @@ pub fn api_keys_failed(provider: &str, path: &std::path::Path, error: &dyn std::
     metrics::counter!(API_KEYS_RELOAD_TOTAL, "provider" => provider.to_owned(), "result" => "error")
         .increment(1);
     metrics::gauge!(API_KEYS_LAST_SUCCESSFUL, "provider" => provider.to_owned()).set(0.0);
+}
+
+/// A denylist URL confirmed the list in force (304, or the same body).
+pub fn revocation_confirmed() {
+    metrics::gauge!(REVOCATION_LAST_SUCCESSFUL).set(1.0);
+}
+
+/// A denylist URL's list: seconds since its last confirmation, and whether past `max_stale`.
+pub fn revocation_staleness(age_secs: u64, stale: bool) {
+    metrics::gauge!(REVOCATION_UNCONFIRMED_SECONDS).set(age_secs as f64);
+    metrics::gauge!(REVOCATION_STALE).set(if stale { 1.0 } else { 0.0 });
+}
+
+pub const STORE_UP_HELP: &str =
+    "1 while the shared store (store.redis) answers, 0 while its calls fail";
+pub const STORE_ERRORS_HELP: &str = "Shared store calls that failed, by op (spend/get/set/ping/connect) and kind (timeout/unavailable/error)";
+pub const STORE_DURATION_HELP: &str = "Time of one shared store call, by op";
+pub const STORE_FALLBACK_HELP: &str = "Decisions taken without the shared store because it failed, by use (dpop: spent in this replica only; introspection: local cache and the IdP)";
+
+pub fn store_up(up: bool) {
+    metrics::gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn store_error(op: &'static str, kind: &'static str) {
+    metrics::counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
+}
+
+pub fn store_call(op: &'static str, took: Duration) {
+    metrics::histogram!(STORE_DURATION, "op" => op).record(took.as_secs_f64());
+}
+
+pub fn store_fallback(what: &'static str) {
+    metrics::counter!(STORE_FALLBACK, "use" => what).increment(1);
 }
 
 pub fn introspection_cache_counters(provider: &str) -> [metrics::Counter; 2] {

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 pub use crate::policy::{Binding, Dpop};
 use crate::provider::is_hmac;
 use crate::request::{Request, normalize, split_query};
-use crate::stores::replay::{ReplayCache, Spend};
+use crate::stores::replay::{ProofId, ReplayCache, Spend};
 
 /// How the token was presented: `Authorization: Bearer` (or any non-DPoP source)
 /// or `Authorization: DPoP` with a `DPoP` proof header.
@@ -62,7 +62,9 @@ impl BindingError {
     }
 }
 
-/// Checks the binding of verified `claims` against the request. `now` is Unix seconds.
+/// Checks the binding of verified `claims` against the request. `now` is Unix
+/// seconds. A DPoP proof that passes is spent in `replay` (this replica), and
+/// its id returned, for the fleet's store to spend too when there is one.
 #[allow(clippy::too_many_arguments)]
 pub fn check(
     req: &Request,
@@ -73,7 +75,7 @@ pub fn check(
     dpop: &Dpop,
     replay: &ReplayCache,
     now: u64,
-) -> Result<(), BindingError> {
+) -> Result<Option<ProofId>, BindingError> {
     let cnf = claims.get("cnf").and_then(Value::as_object);
     let x5t = cnf.and_then(|c| c.get("x5t#S256")).and_then(Value::as_str);
     let jkt = cnf.and_then(|c| c.get("jkt")).and_then(Value::as_str);
@@ -117,8 +119,9 @@ pub fn check(
     satisfied(required, claims)?;
     // Last: only a proof whose request passed every binding check uses up its jti.
     if let Some(proved) = spend {
-        match replay.spend(ReplayCache::id(&proved.thumbprint, &proved.jti), now) {
-            Spend::Fresh => {}
+        let id = ReplayCache::id(&proved.thumbprint, &proved.jti);
+        match replay.spend(id, now) {
+            Spend::Fresh => return Ok(Some(id)),
             Spend::Replayed => {
                 return Err(BindingError::InvalidProof(
                     "the DPoP proof was already used",
@@ -133,7 +136,7 @@ pub fn check(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Whether verified `claims` are bound as `required` asks (`require.binding`); the

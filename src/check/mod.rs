@@ -13,10 +13,12 @@ use serde_json::{Map, Value};
 
 use crate::decision::{Allow, Decision, Deny, DenyKind, Reason};
 use crate::policy::require::audience_contains;
+use crate::policy::store::OnStoreError;
 use crate::policy::{Access, DefaultAction, RequireError, Route};
 use crate::provider::TokenSource;
 use crate::request::Request;
 use crate::stores::Snapshot;
+use crate::stores::replay::ProofId;
 use binding::{Binding, BindingError, Scheme};
 use token::{Token, TokenError};
 use verify::{Verified, VerifyError};
@@ -44,6 +46,9 @@ pub enum Need {
     Keys { provider: usize, kid: Arc<str> },
     /// The introspection answer for the token, from `provider`'s endpoint.
     Introspection { provider: usize },
+    /// The fleet's store to spend this DPoP proof (spent here already): the
+    /// Check is decided but for a replay at another replica.
+    Spend { proof: ProofId },
 }
 
 /// A Check stopped at verification: its route and token are kept, so resuming
@@ -56,6 +61,8 @@ pub struct Pending<'r> {
     /// The answer if the need cannot be met (`unknown_key`,
     /// `introspection_unavailable`), dry run applied.
     pub fallback: Decision,
+    /// For `Spend`: the decision once the store says the proof is fresh.
+    then: Option<Box<Decision>>,
 }
 
 impl Pending<'_> {
@@ -138,7 +145,7 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
             DenyKind::NoToken,
             "no token",
         ));
-        let result = after_verify(policy, req, route, None, None, none);
+        let result = after_verify(policy, req, route, None, None, none).map(|(a, _)| a);
         return Step::Done(routed(policy, req, ri, result));
     }
     match identity {
@@ -154,7 +161,8 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
                             Deny::new(Reason::MalformedToken, DenyKind::InvalidToken, why)
                         }
                     };
-                    let result = after_verify(policy, req, route, None, None, Err(deny));
+                    let result =
+                        after_verify(policy, req, route, None, None, Err(deny)).map(|(a, _)| a);
                     return Step::Done(routed(policy, req, ri, result));
                 }
             };
@@ -162,7 +170,7 @@ pub fn start<'r>(policy: &'r Snapshot, req: &Request<'r>, identity: Identity) ->
         }
         Identity::Claims(claims) => {
             let verified = trusted(policy, &requirement.providers, claims);
-            let result = after_verify(policy, req, route, None, None, verified);
+            let result = after_verify(policy, req, route, None, None, verified).map(|(a, _)| a);
             Step::Done(routed(policy, req, ri, result))
         }
     }
@@ -182,6 +190,45 @@ pub fn resume<'r>(
     verify_step(policy, req, route, token, now, answer.as_ref())
 }
 
+/// The store answered a `Spend`: `Ok(true)` fresh, `Ok(false)` spent at another
+/// replica (a replay), `Err` unanswered (down, slow, past the deadline): then
+/// `dpop.on_store_error` decides, refuse or this replica's spend alone (counted).
+pub fn spent(
+    policy: &Snapshot,
+    req: &Request,
+    pending: Pending,
+    fresh: Result<bool, ()>,
+) -> Decision {
+    let Pending {
+        then,
+        fallback,
+        route,
+        ..
+    } = pending;
+    let Some(then) = then else {
+        return fallback;
+    };
+    let then = *then;
+    match fresh {
+        Ok(true) => then,
+        Ok(false) => {
+            let d = Deny::new(
+                Reason::InvalidDpopProof,
+                DenyKind::InvalidDpopProof,
+                "the DPoP proof was already used",
+            );
+            routed(policy, req, route, Err(d))
+        }
+        Err(()) => match policy.store.as_ref().map(|s| s.on_dpop_error) {
+            Some(OnStoreError::Local) => {
+                crate::telemetry::store_fallback("dpop");
+                then
+            }
+            _ => fallback,
+        },
+    }
+}
+
 fn verify_step<'r>(
     policy: &'r Snapshot,
     req: &Request<'r>,
@@ -196,8 +243,29 @@ fn verify_step<'r>(
     };
     match verify::verify(token.value, policy, &requirement.providers, now, given) {
         Ok(verified) => {
-            let result = after_verify(policy, req, route, Some(token), Some(now), Ok(verified));
-            Step::Done(routed(policy, req, ri, result))
+            let provider = verified.provider;
+            match after_verify(policy, req, route, Some(token), Some(now), Ok(verified)) {
+                // Spent here; the fleet's store must spend it too (an I/O step).
+                Ok((allow, Some(proof))) if policy.stores.shared.is_some() => {
+                    let then = routed(policy, req, ri, Ok(allow));
+                    let mut d = Deny::new(
+                        Reason::DpopStoreUnavailable,
+                        DenyKind::Unavailable,
+                        "the DPoP proof could not be checked against the fleet's store",
+                    );
+                    d.provider = Some(policy.providers[provider].name.clone());
+                    let fallback = routed(policy, req, ri, Err(d));
+                    Step::Need(Pending {
+                        need: Need::Spend { proof },
+                        route: ri,
+                        token,
+                        now,
+                        fallback,
+                        then: Some(Box::new(then)),
+                    })
+                }
+                result => Step::Done(routed(policy, req, ri, result.map(|(allow, _)| allow))),
+            }
         }
         Err(failed) => {
             let need = match (failed.error, failed.provider, &failed.kid) {
@@ -220,7 +288,7 @@ fn verify_step<'r>(
             d.provider = failed.provider.map(|i| policy.providers[i].name.clone());
             d.kid = failed.kid;
             // An alternative that needs no token may still hold.
-            let result = after_verify(policy, req, route, None, None, Err(d));
+            let result = after_verify(policy, req, route, None, None, Err(d)).map(|(a, _)| a);
             let fallback = routed(policy, req, ri, result);
             match need {
                 Some(need) => Step::Need(Pending {
@@ -229,6 +297,7 @@ fn verify_step<'r>(
                     token,
                     now,
                     fallback,
+                    then: None,
                 }),
                 None => Step::Done(fallback),
             }
@@ -299,12 +368,17 @@ fn after_verify(
     token: Option<Token>,
     token_now: Option<u64>,
     verified: Result<Verified, Deny>,
-) -> Result<Allow, Deny> {
+) -> Result<(Allow, Option<ProofId>), Deny> {
     let Access::Require(requirement) = &route.access else {
         unreachable!("verification is only reached on routes that require a token")
     };
-    let verified =
-        verified.and_then(|v| token_checks(policy, req, requirement, &token, token_now, v));
+    let mut proof = None;
+    let verified = verified.and_then(|v| {
+        token_checks(policy, req, requirement, &token, token_now, v).map(|(v, spent)| {
+            proof = spent;
+            v
+        })
+    });
     let alternatives = requirement.alternatives();
     // Grown only on failure: an allow allocates nothing here.
     let mut failures: Vec<Failed> = Vec::new();
@@ -316,9 +390,9 @@ fn after_verify(
                 };
                 let mut a = allow(policy, route, req, token, v);
                 a.alternative = (!requirement.any_of.is_empty()).then_some(k);
-                return Ok(a);
+                return Ok((a, proof));
             }
-            Ok(()) => return Ok(by_principal(policy, route, requirement, k)),
+            Ok(()) => return Ok((by_principal(policy, route, requirement, k), None)),
             Err(failed) => failures.push(failed),
         }
     }
@@ -355,7 +429,8 @@ fn after_verify(
 }
 
 /// What the token must pass whatever alternative holds: revocation, then the
-/// proof of its binding (a DPoP proof's `jti` is spent once, here).
+/// proof of its binding (a DPoP proof's `jti` is spent once, here; the proof
+/// is returned for the fleet's store to spend too).
 #[allow(clippy::result_large_err)]
 fn token_checks(
     policy: &Snapshot,
@@ -364,7 +439,7 @@ fn token_checks(
     token: &Option<Token>,
     token_now: Option<u64>,
     verified: Verified,
-) -> Result<Verified, Deny> {
+) -> Result<(Verified, Option<ProofId>), Deny> {
     // After verification, so a forged token cannot probe the list; before the
     // route's requirements, so a revoked token is 401 whatever the route wants.
     if let Some(revocation) = &policy.stores.revocation
@@ -380,9 +455,11 @@ fn token_checks(
         d.detail = Some(rule.label());
         return Err(d);
     }
+    let mut proof = None;
     if let Some(token) = token
         && let Some(now) = token_now
-        && let Err(e) = binding::check(
+    {
+        match binding::check(
             req,
             token.value,
             token.scheme,
@@ -396,11 +473,12 @@ fn token_checks(
             &policy.dpop,
             &policy.stores.replay,
             now,
-        )
-    {
-        return Err(binding_deny(policy, e, &verified));
+        ) {
+            Ok(spent) => proof = spent,
+            Err(e) => return Err(binding_deny(policy, e, &verified)),
+        }
     }
-    Ok(verified)
+    Ok((verified, proof))
 }
 
 fn binding_deny(policy: &Snapshot, e: BindingError, verified: &Verified) -> Deny {

@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub limits: Option<LimitsFile>,
     pub revocation: Option<RevocationFile>,
     pub dpop: Option<DpopFile>,
+    /// A store shared by the replicas of a fleet.
+    pub store: Option<StoreFile>,
     #[serde(default)]
     pub protected_resources: Vec<ResourceFile>,
 }
@@ -34,12 +36,36 @@ pub struct DpopFile {
     pub clock_skew: Option<String>,
     pub algorithms: Option<Vec<String>>,
     pub replay_cache_entries: Option<u64>,
+    /// With `store`: `refuse` or `local` when the store cannot spend a proof.
+    pub on_store_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub redis: RedisFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: String,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<String>,
+    pub password_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationFile {
-    pub file: String,
+    /// Exactly one of `file` and `uri`.
+    pub file: Option<String>,
+    pub uri: Option<String>,
+    /// For `uri`: how often it is asked, one fetch's timeout, and how long the
+    /// list may go unconfirmed before it is reported stale.
+    pub refresh_interval: Option<String>,
+    pub timeout: Option<String>,
+    pub max_stale: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +158,7 @@ pub struct JwksFile {
     pub max_refresh: Option<String>,
     pub timeout: Option<String>,
     pub unknown_kid_wait: Option<String>,
+    pub unknown_kid_spread: Option<String>,
     pub unknown_kid_waiters: Option<usize>,
     pub cache_dir: Option<String>,
     pub max_stale: Option<String>,

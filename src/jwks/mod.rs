@@ -45,6 +45,10 @@ struct Refetch {
     state: Mutex<RefetchState>,
     min_refresh: Duration,
     wait: Duration,
+    /// An unknown-kid refetch starts after a random delay in [0, spread], so a
+    /// fleet that meets a rotated key together does not refetch together;
+    /// waiting Checks wait `spread + wait`.
+    spread: Duration,
     /// Checks waiting now, and how many may.
     waiters: AtomicUsize,
     max_waiters: usize,
@@ -86,12 +90,21 @@ impl KeyCell {
                 state: Mutex::new(RefetchState::default()),
                 min_refresh,
                 wait,
+                spread: Duration::ZERO,
                 waiters: AtomicUsize::new(0),
                 max_waiters: waiters.max(1),
                 provider: provider.to_owned(),
             }),
             ..Default::default()
         }
+    }
+
+    /// Spreads unknown-kid refetches over [0, `spread`] (`jwks.unknown_kid_spread`).
+    pub fn with_spread(mut self, spread: Duration) -> Self {
+        if let Some(r) = &mut self.refetch {
+            r.spread = spread;
+        }
+        self
     }
 
     pub fn load(&self) -> Option<Arc<KeySet>> {
@@ -123,7 +136,8 @@ impl KeyCell {
     }
 
     /// A Check met an unknown `kid`: ask for a refetch and wait for it, within
-    /// `unknown_kid_wait`. At most one fetch per `min_refresh`, shared by every
+    /// `unknown_kid_spread` + `unknown_kid_wait` (the refetch starts within the
+    /// spread, and has `unknown_kid_wait` to complete). At most one fetch per `min_refresh`, shared by every
     /// waiting Check; kids a fresh set still lacked are not asked for again
     /// until `min_refresh` has passed. At most `unknown_kid_waiters` Checks wait at
     /// once: the others (a flood of random kids) are answered at once, while the
@@ -162,7 +176,7 @@ impl KeyCell {
         }
         let _waiting = Waiting(&r.waiters);
         matches!(
-            tokio::time::timeout(r.wait, rx.wait_for(|g| *g > seen)).await,
+            tokio::time::timeout(r.wait + r.spread, rx.wait_for(|g| *g > seen)).await,
             Ok(Ok(_))
         )
     }
@@ -176,6 +190,16 @@ impl KeyCell {
     }
 
     // --- for the refresher task ---
+
+    /// How long the refresher waits, once woken by an unknown kid, before it
+    /// fetches: uniform in [0, spread].
+    fn unknown_kid_delay(&self) -> Duration {
+        use rand::Rng;
+        match &self.refetch {
+            Some(r) if !r.spread.is_zero() => r.spread.mul_f64(rand::rng().random_range(0.0..=1.0)),
+            _ => Duration::ZERO,
+        }
+    }
 
     async fn woken(&self) {
         match &self.refetch {
@@ -363,6 +387,57 @@ mod tests {
             !cell.refetch_for("k1").await,
             "remembered kids are not refetched"
         );
+    }
+
+    /// A fleet of 200 replicas meets the first token of a rotated key at the same
+    /// instant: their refetches are spread over [0, spread], not one instant, and
+    /// every first Check still sees the new key within spread + one fetch, inside
+    /// the stated bound (spread + unknown_kid_wait). Paused time: no sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_spreads_its_unknown_kid_refetches_within_the_bound() {
+        let spread = Duration::from_millis(400);
+        let wait = Duration::from_millis(100);
+        let fetch = Duration::from_millis(30);
+        // tokio's Instant: paused time moves it.
+        let start = tokio::time::Instant::now();
+        let mut replicas = Vec::new();
+        for _ in 0..200 {
+            let cell = Arc::new(
+                KeyCell::remote("p", Duration::from_secs(30), wait, 8).with_spread(spread),
+            );
+            let fetched_at = Arc::new(Mutex::new(None));
+            // The refresher's unknown-kid path: woken, delayed, one fetch.
+            let (c, at) = (cell.clone(), fetched_at.clone());
+            tokio::spawn(async move {
+                c.woken().await;
+                tokio::time::sleep(c.unknown_kid_delay()).await;
+                c.fetch_started();
+                *at.lock().unwrap() = Some(start.elapsed());
+                tokio::time::sleep(fetch).await;
+                c.fetch_finished();
+            });
+            let c = cell.clone();
+            let check = tokio::spawn(async move {
+                let ok = c.refetch_for("rotated").await;
+                (ok, start.elapsed())
+            });
+            replicas.push((check, fetched_at));
+        }
+        let mut starts = Vec::new();
+        for (check, fetched_at) in replicas {
+            let (ok, waited) = check.await.unwrap();
+            assert!(ok, "the first rotated token sees its refetch");
+            assert!(waited <= spread + wait, "waited {waited:?}");
+            starts.push(fetched_at.lock().unwrap().unwrap());
+        }
+        starts.sort();
+        let (first, last) = (starts[0], starts[starts.len() - 1]);
+        assert!(last <= spread, "{last:?}");
+        // Uniform over 400ms: 200 fetches land in most of the 8 slots of 50ms.
+        let slots: std::collections::HashSet<_> =
+            starts.iter().map(|d| d.as_millis() / 50).collect();
+        assert!(slots.len() >= 6, "spread over {slots:?}");
+        assert!(last - first >= spread / 2, "{first:?}..{last:?}");
     }
 
     #[tokio::test]

@@ -108,12 +108,15 @@ impl Supervisor {
                 handle: None,
             },
             JwksSource::Remote(cfg) => {
-                let cell = Arc::new(KeyCell::remote(
-                    &name,
-                    cfg.min_refresh,
-                    cfg.unknown_kid_wait,
-                    cfg.unknown_kid_waiters,
-                ));
+                let cell = Arc::new(
+                    KeyCell::remote(
+                        &name,
+                        cfg.min_refresh,
+                        cfg.unknown_kid_wait,
+                        cfg.unknown_kid_waiters,
+                    )
+                    .with_spread(cfg.unknown_kid_spread),
+                );
                 if let Some(dir) = &cfg.cache_dir {
                     let now = self.clock.unix();
                     load_cache(&name, &provider.issuer, dir, cfg.max_stale, &cell, now);
@@ -302,6 +305,11 @@ async fn refresh_remote(
             _ = tokio::time::sleep(delay) => "interval",
             _ = cell.woken() => "unknown_kid",
         };
+        if trigger == "unknown_kid" {
+            // Spread a fleet's refetches for one rotation (`unknown_kid_spread`);
+            // Checks meanwhile wait for this fetch, as it is marked in flight.
+            tokio::time::sleep(cell.unknown_kid_delay()).await;
+        }
     }
 }
 
@@ -400,6 +408,7 @@ mod tests {
             max_refresh: Duration::from_secs(3600),
             timeout: Duration::from_secs(5),
             unknown_kid_wait: Duration::from_millis(100),
+            unknown_kid_spread: Duration::ZERO,
             unknown_kid_waiters: crate::jwks::DEFAULT_UNKNOWN_KID_WAITERS,
             cache_dir: None,
             max_stale: Duration::from_secs(86400),

@@ -116,10 +116,16 @@ fn exercise(telemetry: &t::Telemetry) {
     }
     t::policy_reloaded("file_change", 2, 3, 1, 1_700_000_000);
     t::policy_reload_failed();
-    t::revocation_loaded(std::path::Path::new("deny.txt"), 1);
-    t::revocation_failed(std::path::Path::new("deny.txt"), &"bad line");
     t::api_keys_loaded("partners", std::path::Path::new("keys.yaml"), 1);
     t::api_keys_failed("partners", std::path::Path::new("keys.yaml"), &"bad line");
+    t::revocation_loaded(&"deny.txt", 1);
+    t::revocation_failed(&"deny.txt", &"bad line");
+    t::revocation_confirmed();
+    t::store_up(true);
+    t::store_error("spend", "timeout");
+    t::store_call("get", Duration::from_millis(1));
+    t::store_fallback("dpop");
+    t::revocation_staleness(3, false);
     for c in t::introspection_cache_counters("opaque") {
         c.increment(1);
     }

@@ -172,21 +172,14 @@ pub fn compile(
     if !(256..=1024 * 1024).contains(&max_token_bytes) {
         p.error("limits.max_token_bytes", "must be between 256 and 1048576");
     }
-    let revocation = file.revocation.and_then(|r| match &inputs.denylist {
-        Some(Ok(())) => Some(base.join(&r.file)),
-        Some(Err(crate::config::LoadError::Invalid(errors))) => {
-            p.errors.extend(errors.iter().cloned());
-            None
-        }
-        Some(Err(e)) => {
-            p.error("revocation.file", e.to_string());
-            None
-        }
-        None => {
-            p.error("revocation.file", "the denylist was not read");
-            None
-        }
-    });
+    let revocation = file
+        .revocation
+        .and_then(|r| super::denylist::compile(r, inputs.denylist.as_ref(), base, p));
+    let on_store_error = file.dpop.as_ref().and_then(|d| d.on_store_error.clone());
+    if on_store_error.is_some() && file.store.is_none() {
+        p.error("dpop.on_store_error", "applies with `store` only");
+    }
+    let store = super::store::compile(file.store, on_store_error.as_deref(), inputs, base, p);
     let dpop = dpop_settings(file.dpop, p);
     let (protected_resources, route_resource) = super::resource_metadata::compile(
         file.protected_resources,
@@ -200,6 +193,7 @@ pub fn compile(
         route_resource,
         dpop,
         revocation,
+        store,
         index: super::index::RouteIndex::build(&routes),
         max_token_bytes,
         cache,
@@ -701,6 +695,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
         "unknown_kid_wait",
         Duration::from_millis(100),
     );
+    let unknown_kid_spread = duration(&j.unknown_kid_spread, "unknown_kid_spread", Duration::ZERO);
     let max_stale = duration(&j.max_stale, "max_stale", Duration::from_secs(24 * 3600));
     let location = match (&j.file, &j.uri, j.discovery.unwrap_or(false)) {
         (Some(f), None, false) => {
@@ -710,6 +705,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
                 ("max_refresh", j.max_refresh.is_some()),
                 ("timeout", j.timeout.is_some()),
                 ("unknown_kid_wait", j.unknown_kid_wait.is_some()),
+                ("unknown_kid_spread", j.unknown_kid_spread.is_some()),
                 ("unknown_kid_waiters", j.unknown_kid_waiters.is_some()),
                 ("cache_dir", j.cache_dir.is_some()),
                 ("max_stale", j.max_stale.is_some()),
@@ -749,6 +745,12 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
             "timeout must be positive and unknown_kid_wait at most 1s (Envoy's budget is 200ms by default)",
         );
     }
+    if unknown_kid_spread + unknown_kid_wait > Duration::from_secs(1) {
+        p.error(
+            format!("{at}.unknown_kid_spread"),
+            "unknown_kid_spread + unknown_kid_wait at most 1s: it is how long the first token of a rotated key may wait",
+        );
+    }
     let unknown_kid_waiters = j
         .unknown_kid_waiters
         .unwrap_or(crate::provider::DEFAULT_UNKNOWN_KID_WAITERS);
@@ -762,6 +764,7 @@ fn jwks_source(j: &JwksFile, issuer: &str, at: &str, base: &Path, p: &mut Proble
         max_refresh,
         timeout,
         unknown_kid_wait,
+        unknown_kid_spread,
         unknown_kid_waiters,
         cache_dir: j.cache_dir.as_ref().map(|d| base.join(d)),
         max_stale,

@@ -5,12 +5,14 @@
 //! whole.
 
 mod compile;
+pub mod denylist;
 pub mod dpop;
 pub mod index;
 pub mod principal;
 pub mod require;
 pub mod resource_metadata;
 pub mod route;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -85,11 +87,13 @@ pub struct Policy {
     /// Longer tokens are refused unread (`malformed_token`).
     pub max_token_bytes: usize,
     pub index: index::RouteIndex,
-    /// The emergency denylist's file, checked after verification (the list
-    /// itself is read by the loader and kept in the stores).
-    pub revocation: Option<PathBuf>,
+    /// Where the emergency denylist comes from, checked after verification (the
+    /// list itself is read by the loader or its task and kept in the stores).
+    pub revocation: Option<denylist::DenylistSource>,
     /// DPoP proof settings.
     pub dpop: Dpop,
+    /// The store a fleet shares (`store:`), if any.
+    pub store: Option<store::StoreSettings>,
     /// RFC 9728 metadata documents, and per route (by index) its resource.
     pub protected_resources: Vec<resource_metadata::ProtectedResource>,
     pub route_resource: Vec<Option<usize>>,

@@ -12,8 +12,9 @@
 //! | introspector: answers, circuit, gate | same provider name, issuer and introspection settings | new, empty |
 //! | verified-token cache | same `cache:` bounds and every provider the same name, issuer, audiences, algorithms, skew, `jwks` source, introspection and `metadata_claims` (entries hold the encoded metadata), in the same order | new, empty |
 //! | DPoP replay cache | same window and capacity | new, taking over every spent proof |
-//! | denylist | same file | the list just read |
 //! | API key table (per provider) | same file, provider name and issuer | the table just read |
+//! | shared store connection | same `store:` settings | a new connection |
+//! | denylist | same file, or same URL and settings | the list just read (a URL: the old list until its first answer) |
 
 pub mod cache;
 pub mod replay;
@@ -27,6 +28,7 @@ use crate::jwks::KeyCell;
 use crate::policy::{CacheSettings, Policy};
 use crate::provider::{JwksSource, Provider};
 use crate::revocation::Revocation;
+use crate::shared_store::SharedStore;
 use cache::VerifiedCache;
 use replay::ReplayCache;
 
@@ -41,6 +43,8 @@ pub struct Stores {
     /// By provider index: the live key table of each provider of API keys.
     /// Without one (stores built without `with_api_keys`) no key is accepted.
     pub api_keys: Vec<Option<Arc<ApiKeys>>>,
+    /// The store the fleet shares (`store:`), if any.
+    pub shared: Option<Arc<SharedStore>>,
 }
 
 /// One compiled policy and the stores that go with it.
@@ -59,6 +63,15 @@ impl Deref for Snapshot {
 impl Snapshot {
     pub fn new(policy: Policy, stores: Stores) -> Self {
         Snapshot { policy, stores }
+    }
+
+    /// A denylist URL whose first list has not arrived: not ready, since its
+    /// revocations would not be enforced.
+    pub fn denylist_pending(&self) -> bool {
+        self.stores
+            .revocation
+            .as_ref()
+            .is_some_and(|r| !r.is_loaded())
     }
 
     /// Names of required providers that have no keys yet; empty when ready.
@@ -99,6 +112,12 @@ impl Stores {
         revocation: Option<Revocation>,
         old: Option<&Snapshot>,
     ) -> Self {
+        // The same store settings keep the connection.
+        let shared = policy.store.as_ref().map(|settings| {
+            old.and_then(|o| o.stores.shared.clone())
+                .filter(|s| &s.settings == settings)
+                .unwrap_or_else(|| Arc::new(SharedStore::new(settings.clone())))
+        });
         let introspectors = policy
             .providers
             .iter()
@@ -122,7 +141,10 @@ impl Stores {
                     },
                 )
             })
-            .collect();
+            .collect::<Vec<Option<Arc<Introspector>>>>();
+        for i in introspectors.iter().flatten() {
+            i.share(shared.clone());
+        }
         let verified = old
             .filter(|o| {
                 o.policy.cache == policy.cache
@@ -143,10 +165,15 @@ impl Stores {
             }
             None => replay,
         };
-        // The denylist of the same file keeps its watch state (and its last good
-        // list if the file is broken now).
+        // The denylist of the same source keeps its watch state (and its last
+        // good list if the source is broken now); a new URL starts from the list
+        // in force until its first answer.
         let revocation = match (revocation, old.and_then(|o| o.stores.revocation.as_ref())) {
-            (Some(new), Some(old)) if new.path == old.path => Some(old.clone()),
+            (Some(new), Some(old)) if new.source == old.source => Some(old.clone()),
+            (Some(new), Some(old)) => {
+                new.adopt(old);
+                Some(Arc::new(new))
+            }
             (new, _) => new.map(Arc::new),
         };
         Stores {
@@ -156,6 +183,7 @@ impl Stores {
             replay,
             revocation,
             api_keys: Vec::new(),
+            shared,
         }
     }
 

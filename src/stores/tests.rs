@@ -129,7 +129,7 @@ fn another_denylist_file_is_the_list_just_read() {
         new.stores.revocation.as_ref().unwrap(),
     );
     assert!(!Arc::ptr_eq(o, n));
-    assert!(n.path.ends_with("other.yaml"));
+    assert!(n.source.to_string().ends_with("other.yaml"));
     // And no denylist at all drops it.
     let none = reload(
         d.path(),

@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+pub mod denylist_server;
 pub mod http1;
 pub mod idp;
 pub mod in_process;

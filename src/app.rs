@@ -130,8 +130,10 @@ async fn serve_scoped(
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
+    let observer = crate::observe::Observer::new(&policy);
     let state = Arc::new(
         State::new(Snapshot::new(policy, stores), status)
+            .with_observer(observer)
             .with_clock(clock)
             .with_max_in_flight(shutdown.max_in_flight)
             .with_telemetry(telemetry),

@@ -293,6 +293,9 @@ pub struct Deny {
     pub dpop_algs: Option<String>,
     /// RFC 9728: where the route's protected resource metadata is, for challenges.
     pub resource_metadata: Option<String>,
+    /// The verified claims, when the token verified and the route still said no
+    /// (revoked, binding, requirement): the audit trail names the client.
+    pub claims: Option<Arc<Map<String, Value>>>,
 }
 
 impl Decision {
@@ -357,6 +360,7 @@ impl Deny {
             detail: None,
             dpop_algs: None,
             resource_metadata: None,
+            claims: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod jwks;
 mod layers;
 pub mod load;
 pub mod metrics_contract;
+pub mod observe;
 pub mod policy;
 pub mod policy_test;
 pub mod provider;
@@ -32,3 +34,4 @@ pub mod service;
 pub mod state;
 pub mod stores;
 pub mod telemetry;
+pub mod trace_context;

@@ -37,6 +37,7 @@ impl CheckService {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 self.state.telemetry().check(&decision, Duration::ZERO);
+                self.state.observer().decided(&policy, &decision, None);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -46,6 +47,7 @@ impl CheckService {
                     (deny, false) => Decision::Deny(deny),
                 };
                 self.state.telemetry().check(&decision, Duration::ZERO);
+                self.state.observer().decided(&policy, &decision, None);
                 (decision, policy)
             }
         };
@@ -68,6 +70,7 @@ pub async fn decide(
     })
     .await;
     state.telemetry().check(&decision, started.elapsed());
+    state.observer().decided(&snap, &decision, Some(req));
     (decision, snap)
 }
 

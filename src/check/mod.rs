@@ -290,6 +290,7 @@ fn after_verify(
         );
         d.provider = Some(policy.providers[verified.provider].name.clone());
         d.kid = verified.kid;
+        d.claims = Some(verified.claims);
         d.detail = Some(rule.label());
         return Err(d);
     }
@@ -314,6 +315,7 @@ fn after_verify(
         let mut d = Deny::new(e.reason(), kind, e.description());
         d.provider = Some(policy.providers[verified.provider].name.clone());
         d.kid = verified.kid;
+        d.claims = Some(verified.claims);
         return Err(d);
     }
     if let Err(e) = requirement.check(&verified.claims) {
@@ -341,6 +343,7 @@ fn after_verify(
         d.scope = scope;
         d.provider = Some(policy.providers[verified.provider].name.clone());
         d.kid = verified.kid;
+        d.claims = Some(verified.claims);
         return Err(d);
     }
     Ok(allow(policy, route, req, token, verified))

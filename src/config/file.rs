@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub dpop: Option<DpopFile>,
     #[serde(default)]
     pub protected_resources: Vec<ResourceFile>,
+    pub audit: Option<super::observe::AuditFile>,
+    pub tracing: Option<super::observe::TracingFile>,
+    pub misuse: Option<super::observe::MisuseFile>,
 }
 
 #[derive(Debug, Deserialize)]

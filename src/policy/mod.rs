@@ -7,6 +7,7 @@
 mod compile;
 pub mod dpop;
 pub mod index;
+pub mod observe;
 pub mod require;
 pub mod resource_metadata;
 pub mod route;
@@ -90,6 +91,10 @@ pub struct Policy {
     /// RFC 9728 metadata documents, and per route (by index) its resource.
     pub protected_resources: Vec<resource_metadata::ProtectedResource>,
     pub route_resource: Vec<Option<usize>>,
+    /// `audit:`, `tracing:` (read at start) and `misuse:`.
+    pub audit: observe::Audit,
+    pub tracing: Option<observe::Tracing>,
+    pub misuse: Option<observe::Misuse>,
 }
 
 impl Policy {

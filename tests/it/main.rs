@@ -6,6 +6,7 @@
 mod common;
 
 mod adversarial;
+mod audit;
 mod binding;
 mod check;
 mod cli;

@@ -141,7 +141,7 @@ fn source_address(req: &CheckRequest) -> &str {
 
 /// A value from the token or the request, fit for one log field: at most
 /// `max` bytes, control characters replaced (a text log line stays one line).
-fn field(v: &str, max: usize) -> Cow<'_, str> {
+pub fn field(v: &str, max: usize) -> Cow<'_, str> {
     let cut = if v.len() > max {
         let mut end = max;
         while !v.is_char_boundary(end) {

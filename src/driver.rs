@@ -11,12 +11,14 @@ use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use crate::check::{self, Identity, Need, Step};
 use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::introspection::{Client, IntrospectError};
+use crate::otel::CheckSpan;
 use crate::stores::Snapshot;
 
 /// Decides `req` against `snap`. `budget` is how long the caller waits (Envoy's
 /// `grpc-timeout`), counted from `started`: an awaited introspection gives up
 /// in time for Valet, not Envoy, to answer. `admit` hands out an admission slot
 /// for the CPU-bound parts (None: overloaded); waiting holds none.
+#[allow(clippy::too_many_arguments)]
 pub async fn decide<P>(
     snap: &Snapshot,
     req: &CheckRequest,
@@ -24,6 +26,7 @@ pub async fn decide<P>(
     budget: Option<Duration>,
     started: Instant,
     admit: impl Fn() -> Option<P>,
+    span: Option<&CheckSpan>,
 ) -> Decision {
     let Some(permit) = admit() else {
         return overloaded();
@@ -57,7 +60,11 @@ pub async fn decide<P>(
                 }
                 refetched = true;
                 permit = None;
-                if !cell.refetch_for(&kid).await {
+                let child = span
+                    .and_then(|s| s.child("valet.jwks.refetch", &snap.providers[provider].name));
+                let found = cell.refetch_for(&kid).await;
+                drop(child);
+                if !found {
                     break pending.fallback;
                 }
                 match admit() {
@@ -76,6 +83,8 @@ pub async fn decide<P>(
                 let asked = introspector.introspect(pending.token(), now, Client::of(req));
                 // Keep a margin to encode the answer before the caller's deadline.
                 let left = budget.map(|b| b.saturating_sub(started.elapsed()).mul_f64(0.9));
+                let _child = span
+                    .and_then(|s| s.child("valet.introspection", &snap.providers[provider].name));
                 let result = match left {
                     Some(left) => tokio::time::timeout(left, asked)
                         .await
@@ -133,7 +142,15 @@ pub fn decide_blocking(snap: &Snapshot, req: &CheckRequest, identity: Identity) 
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(decide(snap, req, now, None, Instant::now(), || Some(()))),
+        Ok(rt) => rt.block_on(decide(
+            snap,
+            req,
+            now,
+            None,
+            Instant::now(),
+            || Some(()),
+            None,
+        )),
         Err(_) => check::check(snap, req, now),
     }
 }

@@ -21,6 +21,7 @@ mod layers;
 pub mod load;
 pub mod metrics_contract;
 pub mod observe;
+pub mod otel;
 pub mod policy;
 pub mod policy_test;
 pub mod provider;

@@ -37,7 +37,9 @@ impl CheckService {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 self.state.telemetry().check(&decision, Duration::ZERO);
-                self.state.observer().decided(&policy, &decision, None);
+                self.state
+                    .observer()
+                    .decided(&policy, &decision, None, None);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -47,7 +49,9 @@ impl CheckService {
                     (deny, false) => Decision::Deny(deny),
                 };
                 self.state.telemetry().check(&decision, Duration::ZERO);
-                self.state.observer().decided(&policy, &decision, None);
+                self.state
+                    .observer()
+                    .decided(&policy, &decision, None, None);
                 (decision, policy)
             }
         };
@@ -65,12 +69,19 @@ pub async fn decide(
 ) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
     let snap = state.snapshot();
-    let decision = driver::decide(&snap, req, state.clock().unix(), budget, started, || {
-        state.admit()
-    })
+    let span = state.observer().span(req);
+    let decision = driver::decide(
+        &snap,
+        req,
+        state.clock().unix(),
+        budget,
+        started,
+        || state.admit(),
+        span.as_ref(),
+    )
     .await;
     state.telemetry().check(&decision, started.elapsed());
-    state.observer().decided(&snap, &decision, Some(req));
+    state.observer().decided(&snap, &decision, Some(req), span);
     (decision, snap)
 }
 

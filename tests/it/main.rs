@@ -26,5 +26,6 @@ mod jwks;
 mod lifecycle;
 mod metrics;
 mod oidc;
+mod otlp;
 mod reload;
 mod revocation;

@@ -25,6 +25,7 @@ pub mod http1;
 pub mod idp;
 pub mod in_process;
 pub mod jwks_server;
+pub mod otlp;
 pub mod tools;
 
 pub const ISSUER: &str = "https://idp.test/";

@@ -43,7 +43,12 @@ pub struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    pub fn of(decision: &'a Decision, req: Option<&'a CheckRequest>) -> Facts<'a> {
+    /// `caller`: the span of the gRPC call, if it named one; else the request's.
+    pub fn of(
+        decision: &'a Decision,
+        req: Option<&'a CheckRequest>,
+        caller: Option<Parent<'a>>,
+    ) -> Facts<'a> {
         let (provider, kid, claims, status, dry_run) = match decision {
             Decision::Allow(a) => (&a.provider, &a.kid, a.claims.as_deref(), 200, a.dry_run),
             Decision::Deny(d) => (
@@ -81,7 +86,7 @@ impl<'a> Facts<'a> {
             source: req.map_or("", source_address),
             method,
             path: raw_path.split(['?', '#']).next().unwrap_or(""),
-            parent: Parent::extract(header),
+            parent: caller.or_else(|| Parent::extract(header)),
         }
     }
 
@@ -347,7 +352,7 @@ mod tests {
             "expired",
         ));
         for _ in 0..5 {
-            ring.push(&Facts::of(&deny, None));
+            ring.push(&Facts::of(&deny, None, None));
         }
         let list = ring.list();
         assert_eq!(list.len(), 3);

@@ -11,6 +11,7 @@ use crate::audit::{Facts, RecentDenials, Trail};
 use crate::decision::Decision;
 use crate::otel::{CheckSpan, Tracer};
 use crate::policy::Policy;
+use crate::trace_context::Parent;
 
 pub struct Observer {
     trail: Trail,
@@ -59,8 +60,8 @@ impl Observer {
     }
 
     /// The span of a Check about to be decided; None when tracing is off.
-    pub fn span(&self, req: &CheckRequest) -> Option<CheckSpan> {
-        self.tracer.as_ref().map(|t| t.check_span(req))
+    pub fn span(&self, req: &CheckRequest, caller: Option<Parent<'_>>) -> Option<CheckSpan> {
+        self.tracer.as_ref().map(|t| t.check_span(req, caller))
     }
 
     /// One Check decided under `policy`.
@@ -69,6 +70,7 @@ impl Observer {
         policy: &Policy,
         decision: &Decision,
         req: Option<&CheckRequest>,
+        caller: Option<Parent<'_>>,
         span: Option<CheckSpan>,
     ) {
         let audit = &policy.audit;
@@ -85,7 +87,7 @@ impl Observer {
             }
             return;
         }
-        let facts = Facts::of(decision, req);
+        let facts = Facts::of(decision, req, caller);
         self.trail.record(audit, &facts);
         self.denials.push(&facts);
         if let Some(span) = span {

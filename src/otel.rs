@@ -84,9 +84,10 @@ impl Tracer {
         })
     }
 
-    /// The span of one Check, a child of the one `req` arrived in.
-    pub fn check_span(&self, req: &CheckRequest) -> CheckSpan {
-        let parent = Parent::extract(|n| crate::request::header_of(req, n));
+    /// The span of one Check: a child of `caller` (the span of the gRPC call,
+    /// Envoy's ext_authz span), else of the one `req`'s headers name.
+    pub fn check_span(&self, req: &CheckRequest, caller: Option<Parent<'_>>) -> CheckSpan {
+        let parent = caller.or_else(|| Parent::extract(|n| crate::request::header_of(req, n)));
         let parent_cx = match parent {
             Some(p) => {
                 // B3 may defer the decision: then it is ours, by the root ratio.

@@ -11,6 +11,7 @@ use crate::decision::Decision;
 use crate::response::Answer;
 use crate::state::State;
 use crate::stores::Snapshot;
+use crate::trace_context::Parent;
 use crate::{check, driver};
 
 pub mod message;
@@ -31,15 +32,18 @@ impl CheckService {
     /// over the size cap a 413 `request_too_large`.
     pub async fn answer(&self, request: Request<Incoming>) -> Response<Answer> {
         let budget = grpc_timeout(request.metadata());
+        // Envoy's gRPC client sends its ext_authz span in the call's metadata.
+        let meta = request.metadata();
+        let caller = Parent::extract(|n| meta.get(n).and_then(|v| v.to_str().ok()));
         let (decision, policy) = match request.get_ref() {
-            Incoming::Check(check) => decide(&self.state, check, budget).await,
+            Incoming::Check(check) => decide_in(&self.state, check, budget, caller).await,
             Incoming::Undecodable(e) => {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 self.state.telemetry().check(&decision, Duration::ZERO);
                 self.state
                     .observer()
-                    .decided(&policy, &decision, None, None);
+                    .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -51,7 +55,7 @@ impl CheckService {
                 self.state.telemetry().check(&decision, Duration::ZERO);
                 self.state
                     .observer()
-                    .decided(&policy, &decision, None, None);
+                    .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
         };
@@ -67,9 +71,20 @@ pub async fn decide(
     req: &CheckRequest,
     budget: Option<Duration>,
 ) -> (Decision, Arc<Snapshot>) {
+    decide_in(state, req, budget, None).await
+}
+
+/// [`decide`] within the span `caller` names (the gRPC call's own trace
+/// headers), else the one the request's headers name.
+pub async fn decide_in(
+    state: &State,
+    req: &CheckRequest,
+    budget: Option<Duration>,
+    caller: Option<Parent<'_>>,
+) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
     let snap = state.snapshot();
-    let span = state.observer().span(req);
+    let span = state.observer().span(req, caller);
     let decision = driver::decide(
         &snap,
         req,
@@ -81,7 +96,9 @@ pub async fn decide(
     )
     .await;
     state.telemetry().check(&decision, started.elapsed());
-    state.observer().decided(&snap, &decision, Some(req), span);
+    state
+        .observer()
+        .decided(&snap, &decision, Some(req), caller, span);
     (decision, snap)
 }
 

@@ -640,6 +640,7 @@ mod tests {
                 None,
                 std::time::Instant::now(),
                 || Some(()),
+                None,
             )
         };
         assert_eq!(decide().await.reason(), Reason::Verified);

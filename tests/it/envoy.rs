@@ -41,7 +41,7 @@ default: deny
 // === Envoy ===
 
 /// examples/envoy.yaml with every port replaced; each must occur exactly once.
-fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {
+pub fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String {
     let mut yaml =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy.yaml"))
             .unwrap();
@@ -63,13 +63,13 @@ fn envoy_config(listener: u16, valet: u16, upstream: u16, admin: u16) -> String 
 }
 
 /// A running Envoy, killed by its PID when dropped.
-struct Envoy {
+pub struct Envoy {
     child: Child,
     log: PathBuf,
 }
 
 impl Envoy {
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -83,7 +83,7 @@ impl Drop for Envoy {
     }
 }
 
-fn validate(envoy: &Path, config: &Path) {
+pub fn validate(envoy: &Path, config: &Path) {
     let out = Command::new(envoy)
         .args(["--mode", "validate", "-c"])
         .arg(config)
@@ -101,7 +101,7 @@ fn validate(envoy: &Path, config: &Path) {
 }
 
 /// Starts Envoy and waits until its listener answers through to the upstream.
-async fn start_ready(envoy_bin: &Path, config: &Path, dir: &Path, listen_port: u16) -> Envoy {
+pub async fn start_ready(envoy_bin: &Path, config: &Path, dir: &Path, listen_port: u16) -> Envoy {
     let mut envoy = start_envoy(envoy_bin, config, dir);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -146,7 +146,7 @@ fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
 // === Upstream: echoes what reached it ===
 
 /// A GET (or "POST /x": another method) with Host api.example.com.
-async fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+pub async fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
     let (method, path) = path
         .split_once(' ')
         .filter(|(m, _)| m.bytes().all(|b| b.is_ascii_uppercase()))

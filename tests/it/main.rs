@@ -12,6 +12,7 @@ mod check;
 mod cli;
 mod differential;
 mod envoy;
+mod envoy_tracing;
 mod faults;
 mod floods_caches;
 mod floods_conn;

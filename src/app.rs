@@ -130,7 +130,7 @@ async fn serve_scoped(
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
-    let observer = crate::observe::Observer::new(&policy);
+    let observer = crate::observe::Observer::new(&policy, clock.clone());
     let state = Arc::new(
         State::new(Snapshot::new(policy, stores), status)
             .with_observer(observer)

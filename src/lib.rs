@@ -20,6 +20,7 @@ pub mod jwks;
 mod layers;
 pub mod load;
 pub mod metrics_contract;
+pub mod misuse;
 pub mod observe;
 pub mod otel;
 pub mod policy;

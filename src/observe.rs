@@ -8,7 +8,9 @@ use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use opentelemetry::KeyValue;
 
 use crate::audit::{Facts, RecentDenials, Trail};
+use crate::clock::Clock;
 use crate::decision::Decision;
+use crate::misuse::Watch;
 use crate::otel::{CheckSpan, Tracer};
 use crate::policy::Policy;
 use crate::trace_context::Parent;
@@ -17,14 +19,20 @@ pub struct Observer {
     trail: Trail,
     denials: RecentDenials,
     tracer: Option<Tracer>,
+    /// Made when the policy at start has `misuse:`; its settings are read per Check.
+    misuse: Option<Watch>,
+    clock: Clock,
 }
 
 impl Observer {
     /// For `policy` as loaded at start; its `tracing:` starts the exporter,
     /// hence inside the Valet's runtime.
-    pub fn new(policy: &Policy) -> Observer {
+    pub fn new(policy: &Policy, clock: Clock) -> Observer {
         if policy.audit.on() || policy.tracing.is_some() {
             crate::telemetry::observe_started();
+        }
+        if policy.misuse.is_some() {
+            crate::telemetry::misuse_started(policy.providers.iter().map(|p| &*p.name));
         }
         let tracer = policy
             .tracing
@@ -47,6 +55,8 @@ impl Observer {
             trail: Trail::new(),
             denials: RecentDenials::new(policy.audit.recent_denials),
             tracer,
+            misuse: policy.misuse.as_ref().map(Watch::new),
+            clock,
         }
     }
 
@@ -56,6 +66,8 @@ impl Observer {
             trail: Trail::new(),
             denials: RecentDenials::new(0),
             tracer: None,
+            misuse: None,
+            clock: Clock::system(),
         }
     }
 
@@ -75,7 +87,9 @@ impl Observer {
     ) {
         let audit = &policy.audit;
         let recording = span.as_ref().is_some_and(CheckSpan::is_recording);
+        let misuse = self.misuse.as_ref().zip(policy.misuse.as_ref());
         let wanted = recording
+            || misuse.is_some()
             || if decision.is_allow() {
                 audit.allow && audit.sample > 0.0
             } else {
@@ -90,6 +104,9 @@ impl Observer {
         let facts = Facts::of(decision, req, caller);
         self.trail.record(audit, &facts);
         self.denials.push(&facts);
+        if let Some((watch, settings)) = misuse {
+            watch.observe(settings, policy, decision, req, &facts, self.clock.unix());
+        }
         if let Some(span) = span {
             span.finish(facts.status >= 500, || span_attributes(&facts));
         }

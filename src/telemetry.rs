@@ -755,6 +755,17 @@ pub fn observe_started() {
     }
 }
 
+/// Misuse signals are on: their counters exist from zero for each provider
+/// (and `_none`, for clients denied before any provider was known).
+pub fn misuse_started<'a>(providers: impl IntoIterator<Item = &'a str>) {
+    for provider in providers.into_iter().chain([NO_ROUTE_LABEL]) {
+        for signal in ["token_addresses", "client_denials"] {
+            metrics::counter!(MISUSE_SIGNALS, "provider" => provider.to_owned(), "signal" => signal)
+                .increment(0);
+        }
+    }
+}
+
 /// A misuse signal: `token_addresses` (a verified token from more source
 /// addresses than `misuse.max_addresses_per_token`) or `client_denials` (a
 /// client denied more than `misuse.client_denials_per_minute` in a minute).

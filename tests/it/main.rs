@@ -26,6 +26,7 @@ mod introspection;
 mod jwks;
 mod lifecycle;
 mod metrics;
+mod misuse;
 mod oidc;
 mod otlp;
 mod reload;

@@ -8,9 +8,9 @@
 //!
 //! Bounded state: per token, a moka entry keyed by the token's SHA-256 that
 //! lives until the token's `exp` (at most `misuse.tracked_tokens` entries,
-//! least recently used out first), holding at most `max_addresses_per_token
-//! + 1` addresses; per client, a moka entry of three counters that lives two
-//! idle minutes (at most 10,000 clients).
+//! least recently used out first), holding at most one address more than
+//! `max_addresses_per_token`; per client, a moka entry of three counters that
+//! lives two idle minutes (at most 10,000 clients).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -168,3 +168,44 @@ async fn a_stuck_or_absent_collector_drops_spans_and_never_holds_a_check() {
     }
     assert_eq!(failed, 5.0, "every span of the absent collector counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awaited_key_refetch_is_a_child_span() {
+    use common::jwks_server::JwksServer;
+    let receiver = Receiver::start().await;
+    let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
+    let config = format!(
+        "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ uri: \"{}/jwks\" }}\n    algorithms: [RS256, ES256]\nroutes:\n  - name: orders-read\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\ntracing:\n  otlp: {{ endpoint: \"{}\" }}\n",
+        server.url(),
+        receiver.endpoint()
+    );
+    let v = Valet::in_process(&config);
+    assert!(
+        v.wait_ready(200, std::time::Duration::from_secs(10)).await,
+        "{}",
+        v.logs()
+    );
+    // The IdP rotates: a token signed with the new key names a kid Valet must fetch.
+    server.set_jwks(jwks_with(&["ec256-1", "rsa-1"]));
+    let mut c = v.client().await;
+    let rotated = token(jsonwebtoken::Algorithm::ES256, &claims("orders:read"));
+    let a = check(
+        &mut c,
+        get("/orders/1")
+            .bearer(&rotated)
+            .header("traceparent", &format!("00-{TRACE_ID}-{PARENT}-01")),
+    )
+    .await;
+    assert!(a.allowed(), "{a:?}");
+    let check_span = receiver
+        .wait_for(|s| s.span.name == "valet.check")
+        .await
+        .expect("the Check's span");
+    let refetch = receiver
+        .wait_for(|s| s.span.name == "valet.jwks.refetch")
+        .await
+        .expect("the refetch's span");
+    assert_eq!(refetch.trace_id(), TRACE_ID);
+    assert_eq!(refetch.parent_span_id(), check_span.span_id());
+    assert_eq!(refetch.attr("valet.provider").as_deref(), Some("corp"));
+}

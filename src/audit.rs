@@ -234,10 +234,14 @@ impl Default for Trail {
 
 /// Now, as RFC 3339 UTC with milliseconds (`2026-11-29T22:41:42.123Z`).
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
+    let ms = now_millis();
+    rfc3339(ms / 1000, (ms % 1000) as u32)
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(now.as_secs(), now.subsec_millis())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rfc3339(secs: u64, millis: u32) -> String {
@@ -266,7 +270,10 @@ fn rfc3339(secs: u64, millis: u32) -> String {
 pub struct Denial {
     #[serde(skip)]
     seq: u64,
+    /// RFC 3339, made when listed: a denial only notes the milliseconds.
     pub time: String,
+    #[serde(skip)]
+    millis: u64,
     pub route: String,
     pub reason: &'static str,
     pub status: u16,
@@ -301,7 +308,8 @@ impl RecentDenials {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let denial = Denial {
             seq,
-            time: now_rfc3339(),
+            time: String::new(),
+            millis: now_millis(),
             route: facts.route.to_owned(),
             reason: facts.reason,
             status: facts.status,
@@ -319,6 +327,10 @@ impl RecentDenials {
             .slots
             .iter()
             .filter_map(|s| s.load_full().map(|d| (*d).clone()))
+            .map(|mut d| {
+                d.time = rfc3339(d.millis / 1000, (d.millis % 1000) as u32);
+                d
+            })
             .collect();
         all.sort_by_key(|d| std::cmp::Reverse(d.seq));
         all

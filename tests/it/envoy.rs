@@ -18,7 +18,7 @@ use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
-const POLICY: &str = r#"
+pub const POLICY: &str = r#"
 providers:
   - name: corp
     issuer: https://idp.test/

@@ -3,29 +3,13 @@
 //! span, in the same trace as Envoy's span of the request.
 
 use crate::common;
-use crate::envoy::{envoy_config, request, start_ready, validate};
+use crate::envoy::{POLICY, envoy_config, request, start_ready, validate};
 
 use std::time::Instant;
 
 use common::otlp::Receiver;
 use common::tools::{envoy_path, free_port};
 use common::*;
-
-const POLICY: &str = r#"
-providers:
-  - name: corp
-    issuer: https://idp.test/
-    audiences: [orders-api]
-    jwks: { file: jwks.json }
-routes:
-  - name: health
-    match: { path: /healthz }
-    anonymous: true
-  - name: orders
-    match: { context: { route: orders } }
-    require: { scopes: [orders:read] }
-default: deny
-"#;
 
 /// examples/envoy.yaml with Envoy's OpenTelemetry tracer sending every request's
 /// spans to `otlp_port` (flushed at once, not every 5 s).

@@ -4,41 +4,18 @@
 
 use crate::common;
 
+use crate::audit::POLICY;
 use aws_lc_rs::digest::{SHA256, digest};
 use common::*;
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
 use serde_json::json;
 
-const POLICY: &str = r#"
-providers:
-  - name: corp
-    issuer: https://idp.test/
-    audiences: [orders-api]
-    jwks: { file: jwks.json }
-routes:
-  - name: orders-read
-    match: { methods: [GET], path_prefix: /orders }
-    require: { scopes: [orders:read] }
-default: deny
-misuse:
-  max_addresses_per_token: 2
-  client_denials_per_minute: 3
-"#;
+fn policy() -> String {
+    format!("{POLICY}misuse:\n  max_addresses_per_token: 2\n  client_denials_per_minute: 3\n")
+}
 
 fn from(req: Req, source: &str) -> CheckRequest {
-    let mut check = req.build();
-    check.attributes.as_mut().unwrap().source = Some(Peer {
-        address: Some(Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: source.into(),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    });
-    check
+    from_address(req.build(), source)
 }
 
 const TOKEN_SIGNAL: &str =
@@ -48,7 +25,7 @@ const CLIENT_SIGNAL: &str =
 
 #[tokio::test]
 async fn a_token_from_too_many_addresses_is_reported_once_by_its_hash() {
-    let v = Valet::in_process(POLICY);
+    let v = Valet::in_process(&policy());
     let mut c = v.client().await;
     assert_eq!(v.metric(TOKEN_SIGNAL).await, Some(0.0), "exists from zero");
     let token = rs256("orders:read");
@@ -103,7 +80,7 @@ async fn a_token_from_too_many_addresses_is_reported_once_by_its_hash() {
 async fn a_client_denied_too_often_in_a_minute_is_reported() {
     // Valet's minute stands still: the six denials fall in one.
     let clock = valet::clock::Clock::fixed_at(now() as u64);
-    let v = Valet::in_process_on(POLICY, clock);
+    let v = Valet::in_process_on(&policy(), clock);
     let mut c = v.client().await;
     let mut claims = claims("profile");
     claims["azp"] = json!("web-app");

@@ -5,22 +5,10 @@
 
 use crate::common;
 
+use crate::audit::POLICY;
 use common::otlp::Receiver;
 use common::*;
 use serde_json::json;
-
-const POLICY: &str = r#"
-providers:
-  - name: corp
-    issuer: https://idp.test/
-    audiences: [orders-api]
-    jwks: { file: jwks.json }
-routes:
-  - name: orders-read
-    match: { methods: [GET], path_prefix: /orders }
-    require: { scopes: [orders:read] }
-default: deny
-"#;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";

@@ -570,6 +570,21 @@ impl Req {
     }
 }
 
+/// `check` as Envoy sends it for a client at `address` (`attributes.source.address`).
+pub fn from_address(mut check: CheckRequest, address: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    check.attributes.get_or_insert_default().source = Some(Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: address.into(),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    check
+}
+
 #[derive(Debug)]
 pub struct Answer {
     pub grpc_code: i32,

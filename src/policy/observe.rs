@@ -164,3 +164,22 @@ pub fn misuse(file: Option<MisuseFile>, p: &mut Problems) -> Option<Misuse> {
     }
     Some(misuse)
 }
+
+/// The settings read only at start that differ between `old` and `new`: a
+/// reload warns that they wait for a restart.
+pub fn start_only_changes(old: &super::Policy, new: &super::Policy) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.tracing != new.tracing {
+        changed.push("tracing");
+    }
+    if old.audit.recent_denials != new.audit.recent_denials {
+        changed.push("audit.recent_denials");
+    }
+    if old.misuse.is_some() != new.misuse.is_some()
+        || old.misuse.as_ref().map(|m| m.tracked_tokens)
+            != new.misuse.as_ref().map(|m| m.tracked_tokens)
+    {
+        changed.push("misuse (on/off, tracked_tokens)");
+    }
+    changed
+}

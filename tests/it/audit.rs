@@ -183,3 +183,26 @@ async fn the_admin_port_lists_the_last_denials_newest_first() {
     // No audit line was asked for.
     assert!(!v.logs().contains("target=audit") && !v.logs().contains("audit:"));
 }
+
+#[tokio::test]
+async fn a_reload_says_which_settings_wait_for_a_restart() {
+    let v = Valet::start(&format!("{POLICY}audit: {{ recent_denials: 5 }}\n"));
+    let path = v.dir.path().join("valet.yaml");
+    let changed = with_free_ports(&format!(
+        "{POLICY}audit: {{ recent_denials: 9, allow: true }}\n"
+    ));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, changed).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(
+        v.logged("audit.recent_denials changed").await,
+        "{}",
+        v.logs()
+    );
+    // The rest of `audit:` applies at once: allows are audited now.
+    let mut c = v.client().await;
+    check(&mut c, get("/orders/1").bearer(&rs256("orders:read"))).await;
+    assert!(v.logged("decision=\"allow\"").await, "{}", v.logs());
+    let (_, body) = v.admin_get("/denials").await;
+    assert!(body.contains("\"capacity\":5"), "{body}");
+}

@@ -6,6 +6,7 @@
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use opentelemetry::KeyValue;
+use tonic::metadata::MetadataMap;
 
 use crate::audit::{Facts, RecentDenials, Trail};
 use crate::clock::Clock;
@@ -72,8 +73,10 @@ impl Observer {
     }
 
     /// The span of a Check about to be decided; None when tracing is off.
-    pub fn span(&self, req: &CheckRequest, caller: Option<Parent<'_>>) -> Option<CheckSpan> {
-        self.tracer.as_ref().map(|t| t.check_span(req, caller))
+    pub fn span(&self, req: &CheckRequest, caller: Option<&MetadataMap>) -> Option<CheckSpan> {
+        self.tracer
+            .as_ref()
+            .map(|t| t.check_span(req, caller.and_then(parent_of)))
     }
 
     /// One Check decided under `policy`.
@@ -82,7 +85,7 @@ impl Observer {
         policy: &Policy,
         decision: &Decision,
         req: Option<&CheckRequest>,
-        caller: Option<Parent<'_>>,
+        caller: Option<&MetadataMap>,
         span: Option<CheckSpan>,
     ) {
         let audit = &policy.audit;
@@ -101,7 +104,7 @@ impl Observer {
             }
             return;
         }
-        let facts = Facts::of(decision, req, caller);
+        let facts = Facts::of(decision, req, caller.and_then(parent_of));
         self.trail.record(audit, &facts);
         self.denials.push(&facts);
         if let Some((watch, settings)) = misuse {
@@ -115,6 +118,11 @@ impl Observer {
     pub fn denials(&self) -> &RecentDenials {
         &self.denials
     }
+}
+
+/// The span a gRPC call's metadata names (`traceparent`, B3).
+fn parent_of(meta: &MetadataMap) -> Option<Parent<'_>> {
+    Parent::extract(|n| meta.get(n).and_then(|v| v.to_str().ok()))
 }
 
 /// The Check span's attributes: never the token nor whole claims; the

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response};
 
 use crate::decision::Decision;
 use crate::response::Answer;
 use crate::state::State;
 use crate::stores::Snapshot;
-use crate::trace_context::Parent;
 use crate::{check, driver};
 
 pub mod message;
@@ -32,9 +32,9 @@ impl CheckService {
     /// over the size cap a 413 `request_too_large`.
     pub async fn answer(&self, request: Request<Incoming>) -> Response<Answer> {
         let budget = grpc_timeout(request.metadata());
-        // Envoy's gRPC client sends its ext_authz span in the call's metadata.
-        let meta = request.metadata();
-        let caller = Parent::extract(|n| meta.get(n).and_then(|v| v.to_str().ok()));
+        // Envoy's gRPC client sends its ext_authz span in the call's metadata
+        // (read only if something reports the Check).
+        let caller = Some(request.metadata());
         let (decision, policy) = match request.get_ref() {
             Incoming::Check(check) => decide_in(&self.state, check, budget, caller).await,
             Incoming::Undecodable(e) => {
@@ -74,13 +74,13 @@ pub async fn decide(
     decide_in(state, req, budget, None).await
 }
 
-/// [`decide`] within the span `caller` names (the gRPC call's own trace
-/// headers), else the one the request's headers name.
+/// [`decide`] within the span `caller` names (the gRPC call's metadata:
+/// Envoy's ext_authz span), else the one the request's headers name.
 pub async fn decide_in(
     state: &State,
     req: &CheckRequest,
     budget: Option<Duration>,
-    caller: Option<Parent<'_>>,
+    caller: Option<&MetadataMap>,
 ) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
     let snap = state.snapshot();

@@ -14,11 +14,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::conn::Gate;
+use crate::observe::Observer;
 use crate::state::State;
 
 pub struct Admin {
     pub state: Arc<State>,
     pub metrics: PrometheusHandle,
+    /// For `/denials`.
+    pub observer: Arc<Observer>,
 }
 
 /// Serves within `gate`, its own small connection budget: a flood of the Check
@@ -67,8 +70,8 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/denials" => json(&serde_json::json!({
-            "capacity": admin.state.observer().denials().capacity(),
-            "denials": admin.state.observer().denials().list(),
+            "capacity": admin.observer.denials().capacity(),
+            "denials": admin.observer.denials().list(),
         })),
         "/statusz" => json(&status_json(admin)),
         "/readyz" => {

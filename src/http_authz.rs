@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 pub use crate::config::HttpProxy;
 use crate::conn::Gate;
 use crate::decision::{Decision, Deny, DenyKind, Reason};
+use crate::observe::Observer;
 use crate::policy::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
@@ -70,7 +71,13 @@ impl HttpProxy {
 }
 
 /// Serves within `gate`: at most its cap of connections at once.
-pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, gate: Gate) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    observer: Arc<Observer>,
+    proxy: HttpProxy,
+    gate: Gate,
+) {
     tracing::info!(
         http_proxy = proxy.name(),
         "HTTP mode reads the original request as {} sends it",
@@ -79,11 +86,12 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
     loop {
         let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let state = state.clone();
+        let observer = observer.clone();
         crate::telemetry::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, proxy, req).await) }
+                let (state, observer) = (state.clone(), observer.clone());
+                async move { Ok::<_, Infallible>(answer(&state, &observer, proxy, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -94,7 +102,12 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, proxy: HttpProxy, g
     }
 }
 
-async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    state: &State,
+    observer: &Observer,
+    proxy: HttpProxy,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let check = match to_check(proxy, req.method(), req.uri(), req.headers()) {
         Ok(check) => check,
@@ -112,7 +125,7 @@ async fn answer(state: &State, proxy: HttpProxy, req: Request<Incoming>) -> Resp
     if let Some(doc) = metadata_document(state, &check) {
         return doc;
     }
-    let (decision, policy) = decide(state, &check, None).await;
+    let (decision, policy) = decide(state, observer, &check, None).await;
     match decision {
         Decision::Allow(a) => {
             let mut r = Response::new(Full::new(Bytes::new()));

@@ -9,6 +9,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response};
 
 use crate::decision::Decision;
+use crate::observe::Observer;
 use crate::response::Answer;
 use crate::state::State;
 use crate::stores::Snapshot;
@@ -20,11 +21,12 @@ pub use server::{CheckServer, ConnBudget, Incoming};
 
 pub struct CheckService {
     state: Arc<State>,
+    observer: Arc<Observer>,
 }
 
 impl CheckService {
-    pub fn new(state: Arc<State>) -> Self {
-        CheckService { state }
+    pub fn new(state: Arc<State>, observer: Arc<Observer>) -> Self {
+        CheckService { state, observer }
     }
 
     /// The answer to one Check, a denial included; a request that could not be
@@ -36,13 +38,14 @@ impl CheckService {
         // (read only if something reports the Check).
         let caller = Some(request.metadata());
         let (decision, policy) = match request.get_ref() {
-            Incoming::Check(check) => decide_in(&self.state, check, budget, caller).await,
+            Incoming::Check(check) => {
+                decide_in(&self.state, &self.observer, check, budget, caller).await
+            }
             Incoming::Undecodable(e) => {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 self.state.telemetry().check(&decision, Duration::ZERO);
-                self.state
-                    .observer()
+                self.observer
                     .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
@@ -53,8 +56,7 @@ impl CheckService {
                     (deny, false) => Decision::Deny(deny),
                 };
                 self.state.telemetry().check(&decision, Duration::ZERO);
-                self.state
-                    .observer()
+                self.observer
                     .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
@@ -68,23 +70,25 @@ impl CheckService {
 /// `grpc-timeout`).
 pub async fn decide(
     state: &State,
+    observer: &Observer,
     req: &CheckRequest,
     budget: Option<Duration>,
 ) -> (Decision, Arc<Snapshot>) {
-    decide_in(state, req, budget, None).await
+    decide_in(state, observer, req, budget, None).await
 }
 
 /// [`decide`] within the span `caller` names (the gRPC call's metadata:
 /// Envoy's ext_authz span), else the one the request's headers name.
 pub async fn decide_in(
     state: &State,
+    observer: &Observer,
     req: &CheckRequest,
     budget: Option<Duration>,
     caller: Option<&MetadataMap>,
 ) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
     let snap = state.snapshot();
-    let span = state.observer().span(req, caller);
+    let span = observer.span(req, caller);
     let decision = driver::decide(
         &snap,
         req,
@@ -96,9 +100,7 @@ pub async fn decide_in(
     )
     .await;
     state.telemetry().check(&decision, started.elapsed());
-    state
-        .observer()
-        .decided(&snap, &decision, Some(req), caller, span);
+    observer.decided(&snap, &decision, Some(req), caller, span);
     (decision, snap)
 }
 

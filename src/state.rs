@@ -11,7 +11,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 use crate::clock::Clock;
-use crate::observe::Observer;
 use crate::stores::Snapshot;
 use crate::telemetry::Telemetry;
 
@@ -26,8 +25,6 @@ pub struct State {
     clock: Clock,
     /// This Valet's metrics.
     telemetry: Telemetry,
-    /// Its audit trail, last denials, spans and misuse signals.
-    observer: Observer,
 }
 
 /// What the admin port reports about the policy in force.
@@ -53,7 +50,6 @@ impl State {
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
             clock: Clock::system(),
             telemetry: Telemetry::new(),
-            observer: Observer::off(),
         }
     }
 
@@ -64,15 +60,6 @@ impl State {
 
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
-    }
-
-    pub fn with_observer(mut self, observer: Observer) -> Self {
-        self.observer = observer;
-        self
-    }
-
-    pub fn observer(&self) -> &Observer {
-        &self.observer
     }
 
     /// One snapshot (policy and stores) per Check: load once at the top, pass

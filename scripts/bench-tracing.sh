@@ -2,9 +2,11 @@
 # What tracing costs a Check: three Valets on the shipped policy, served on one
 # core and loaded by h2load from the other, in interleaved rounds:
 #   off   no `tracing:` (no tracer, no span)
-#   s0    tracing on, sample_ratio 0 (Checks carry no parent: no span sampled)
-#   s1    tracing on, sample_ratio 1 (every Check's span exported to a real OTLP
-#         receiver, examples/otlp_sink)
+#   s0    tracing on, sample_ratio 0, and the request's traceparent (the one
+#         examples/check_body writes, as Envoy sends it) says "not sampled": the
+#         tracer runs, no span is recorded
+#   s1    tracing on, sample_ratio 1, traceparent sampled: every Check's span is
+#         recorded and exported to a real OTLP receiver (examples/otlp_sink)
 # Reported per scenario: median req/s and server CPU µs per Check
 # (/proc/PID/stat), and the ratio of each to `off` within the same run.
 #
@@ -38,6 +40,14 @@ trap cleanup EXIT
 
 bin=target/release
 "$bin/examples/check_body" --out "$work/allow.bin"
+# The same request with its traceparent's flags 00 (same length: the protobuf holds).
+python3 - "$work/allow.bin" "$work/unsampled.bin" <<'PY'
+import sys
+body = open(sys.argv[1], "rb").read()
+sampled = b"-00f067aa0ba902b7-01"
+assert body.count(sampled) == 1, "check_body's traceparent changed"
+open(sys.argv[2], "wb").write(body.replace(sampled, b"-00f067aa0ba902b7-00"))
+PY
 # shellcheck source=scripts/lib/bench.sh
 . scripts/lib/bench.sh
 shipped_configs "$work/policy"
@@ -53,7 +63,7 @@ for ratio in 0 1; do
     "$bin/valet" check-config --config "$work/s$ratio/valet.yaml" >/dev/null
 done
 
-declare -A addr_of pid_of
+declare -A addr_of pid_of body_of=([off]=$work/allow.bin [s0]=$work/unsampled.bin [s1]=$work/allow.bin)
 for s in off s0 s1; do
     config="$work/$s/valet.yaml"
     [[ $s == off ]] && config="$work/policy/valet.yaml"
@@ -68,7 +78,7 @@ run() {
     local s=$1 seconds=$2 tag=$3 out="$work/h2load-$1-$3.txt" c0 c1 rps ok
     c0=$(cpu_ticks "${pid_of[$s]}")
     taskset -c "$LOAD_CPU" h2load -D "$seconds" -c "$CLIENTS" -m "$STREAMS" \
-        -H 'content-type: application/grpc' -H 'te: trailers' -d "$work/allow.bin" \
+        -H 'content-type: application/grpc' -H 'te: trailers' -d "${body_of[$s]}" \
         "http://${addr_of[$s]}$CHECK_PATH" >"$out" 2>&1 || die "h2load failed: $(tail -n5 "$out")"
     c1=$(cpu_ticks "${pid_of[$s]}")
     rps=$(sed -nE 's/^finished in [^,]*, ([0-9.]+) req\/s.*/\1/p' "$out")

@@ -1,4 +1,4 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`. Plain HTTP/1.1, separate
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/statusz`, `/denials`. Plain HTTP/1.1, separate
 //! from the Check port so probes and scrapes never queue behind Envoy's traffic.
 
 use std::convert::Infallible;
@@ -14,11 +14,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::conn::Gate;
+use crate::observe::Observer;
 use crate::state::State;
 
 pub struct Admin {
     pub state: Arc<State>,
     pub metrics: PrometheusHandle,
+    /// For `/denials`.
+    pub observer: Arc<Observer>,
 }
 
 /// Serves within `gate`, its own small connection budget: a flood of the Check
@@ -66,14 +69,11 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/statusz" => {
-            let mut r = text(StatusCode::OK, &status_json(admin).to_string());
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                "application/json".parse().unwrap(),
-            );
-            r
-        }
+        "/denials" => json(&serde_json::json!({
+            "capacity": admin.observer.denials().capacity(),
+            "denials": admin.observer.denials().list(),
+        })),
+        "/statusz" => json(&status_json(admin)),
         "/readyz" => {
             let policy = admin.state.snapshot();
             let missing = policy.providers_without_keys();
@@ -101,9 +101,18 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz\n",
+            "not found: try /metrics, /healthz, /readyz, /statusz, /denials\n",
         ),
     }
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::OK, &value.to_string());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

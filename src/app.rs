@@ -17,6 +17,7 @@ use crate::conn::{self, Gate, Limits};
 use crate::http_authz;
 use crate::jwks::Supervisor;
 use crate::load::Loaded;
+use crate::observe::Observer;
 use crate::reload::{self, Reloader};
 use crate::service::message::{Budget, MessageLimits};
 use crate::service::{CheckServer, CheckService};
@@ -137,6 +138,7 @@ async fn serve_scoped(
     }
     let status = reload::initial_status(&config.path, clock.unix());
     telemetry::policy_loaded(status.generation, status.loaded_at);
+    let observer = Arc::new(Observer::new(&policy, clock.clone()));
     let state = Arc::new(
         State::new(Snapshot::new(policy, stores), status)
             .with_clock(clock)
@@ -195,6 +197,7 @@ async fn serve_scoped(
         tracing::info!(admin = %listener.local_addr()?, "listening");
         let admin = Arc::new(Admin {
             state: state.clone(),
+            observer: observer.clone(),
             metrics,
         });
         let gate = Gate::new("admin", conn::ADMIN_MAX_CONNECTIONS);
@@ -228,6 +231,7 @@ async fn serve_scoped(
         let http = http_authz::serve(
             listener,
             state.clone(),
+            observer.clone(),
             config.listen.http_proxy,
             config.listen.http_xfcc,
             Gate::new("http", cap),
@@ -250,7 +254,8 @@ async fn serve_scoped(
                     timeout: limits.message_timeout,
                     budget: Arc::new(Budget::new(limits.message_budget_bytes)),
                 };
-                let service = CheckServer::new(CheckService::new(state.clone()), messages);
+                let service =
+                    CheckServer::new(CheckService::new(state.clone(), observer.clone()), messages);
                 let routes = Routes::new(health_service).add_service(service).prepare();
                 let gate = Gate::new("grpc", cap);
                 conn::serve_grpc(listener, routes, limits.clone(), gate, stop_rx.clone()).await;

@@ -312,6 +312,9 @@ pub struct Deny {
     /// On a `require.any_of` route: why each alternative failed, in order (for
     /// `valet explain`; fixed text, never a value from the request).
     pub alternatives: Vec<(Reason, Cow<'static, str>)>,
+    /// The verified claims, when the token verified and the route still said no
+    /// (revoked, binding, requirement): the audit trail names the client.
+    pub claims: Option<Arc<Map<String, Value>>>,
 }
 
 impl Decision {
@@ -377,6 +380,7 @@ impl Deny {
             dpop_algs: None,
             resource_metadata: None,
             alternatives: Vec::new(),
+            claims: None,
         }
     }
 }

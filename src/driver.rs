@@ -11,12 +11,14 @@ use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use crate::check::{self, Identity, Need, Step};
 use crate::decision::{Decision, Deny, DenyKind, Reason};
 use crate::introspection::{Client, IntrospectError};
+use crate::otel::CheckSpan;
 use crate::stores::Snapshot;
 
 /// Decides `req` against `snap`. `budget` is how long the caller waits (Envoy's
 /// `grpc-timeout`), counted from `started`: an awaited introspection gives up
 /// in time for Valet, not Envoy, to answer. `admit` hands out an admission slot
 /// for the CPU-bound parts (None: overloaded); waiting holds none.
+#[allow(clippy::too_many_arguments)]
 pub async fn decide<P>(
     snap: &Snapshot,
     req: &CheckRequest,
@@ -24,6 +26,7 @@ pub async fn decide<P>(
     budget: Option<Duration>,
     started: Instant,
     admit: impl Fn() -> Option<P>,
+    span: Option<&CheckSpan>,
 ) -> Decision {
     let Some(permit) = admit() else {
         return overloaded();
@@ -57,6 +60,8 @@ pub async fn decide<P>(
                 }
                 refetched = true;
                 permit = None;
+                let child = span
+                    .and_then(|s| s.child("valet.jwks.refetch", &snap.providers[provider].name));
                 // Also within the Check's deadline (unknown_kid_spread + wait may be longer).
                 let fetched = match left(budget, started) {
                     Some(left) => tokio::time::timeout(left, cell.refetch_for(&kid))
@@ -64,6 +69,7 @@ pub async fn decide<P>(
                         .unwrap_or(false),
                     None => cell.refetch_for(&kid).await,
                 };
+                drop(child);
                 if !fetched {
                     break pending.fallback;
                 }
@@ -94,6 +100,8 @@ pub async fn decide<P>(
                     break pending.fallback;
                 };
                 let asked = introspector.introspect(pending.token(), now, Client::of(req));
+                let _child = span
+                    .and_then(|s| s.child("valet.introspection", &snap.providers[provider].name));
                 let result = match left(budget, started) {
                     Some(left) => tokio::time::timeout(left, asked)
                         .await
@@ -157,7 +165,15 @@ pub fn decide_blocking(snap: &Snapshot, req: &CheckRequest, identity: Identity) 
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(decide(snap, req, now, None, Instant::now(), || Some(()))),
+        Ok(rt) => rt.block_on(decide(
+            snap,
+            req,
+            now,
+            None,
+            Instant::now(),
+            || Some(()),
+            None,
+        )),
         Err(_) => check::check(snap, req, now),
     }
 }

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 pub use crate::config::HttpProxy;
 use crate::conn::Gate;
 use crate::decision::{Decision, Deny, DenyKind, Reason};
+use crate::observe::Observer;
 use crate::policy::resource_metadata::WELL_KNOWN;
 use crate::response::challenge;
 use crate::service::decide;
@@ -73,6 +74,7 @@ impl HttpProxy {
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    observer: Arc<Observer>,
     proxy: HttpProxy,
     xfcc: bool,
     gate: Gate,
@@ -85,11 +87,12 @@ pub async fn serve(
     loop {
         let (stream, slot) = crate::conn::accept(&listener, &gate).await;
         let state = state.clone();
+        let observer = observer.clone();
         crate::telemetry::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, proxy, xfcc, req).await) }
+                let (state, observer) = (state.clone(), observer.clone());
+                async move { Ok::<_, Infallible>(answer(&state, &observer, proxy, xfcc, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -102,6 +105,7 @@ pub async fn serve(
 
 async fn answer(
     state: &State,
+    observer: &Observer,
     proxy: HttpProxy,
     xfcc: bool,
     req: Request<Incoming>,
@@ -129,7 +133,7 @@ async fn answer(
     if let Some(doc) = metadata_document(state, &check) {
         return doc;
     }
-    let (decision, policy) = decide(state, &check, None).await;
+    let (decision, policy) = decide(state, observer, &check, None).await;
     match decision {
         Decision::Allow(a) => {
             let mut r = Response::new(Full::new(Bytes::new()));

@@ -378,6 +378,27 @@ pub fn metrics() -> Vec<Metric> {
             vec![provider(), bounded("result", &["valid", "invalid"])],
             "JWT signatures checked with the crypto (at most one per token), by provider and result (valid/invalid)",
         ),
+        m(
+            t::AUDIT_DROPPED,
+            Counter,
+            vec![],
+            "Audit lines not written because audit.max_per_second was reached",
+        ),
+        m(
+            t::TRACE_SPANS_DROPPED,
+            Counter,
+            vec![bounded("reason", &["queue_full", "export_failed"])],
+            "Check spans not exported, by reason (queue_full: the export queue was full; export_failed: the collector refused, timed out or is absent)",
+        ),
+        m(
+            t::MISUSE_SIGNALS,
+            Counter,
+            vec![
+                provider(),
+                bounded("signal", &["token_addresses", "client_denials"]),
+            ],
+            "Token misuse signals, by provider and signal (token_addresses: a verified token from more source addresses than misuse.max_addresses_per_token; client_denials: a client denied more than misuse.client_denials_per_minute in a minute)",
+        ),
     ]
 }
 

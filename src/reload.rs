@@ -111,6 +111,12 @@ impl Reloader {
                 }
                 let cells = self.keys.adopt(&cfg.policy.providers);
                 let old = self.state.snapshot();
+                for what in crate::policy::observe::start_only_changes(&old, &cfg.policy) {
+                    tracing::warn!(
+                        "{what} changed in {}: it takes effect only after a restart",
+                        self.path.display()
+                    );
+                }
                 let stores = Stores::carry(&cfg.policy, cells, cfg.revocation, Some(&old))
                     .with_api_keys(&cfg.policy, cfg.api_keys, Some(&old));
                 for k in stores.api_key_files() {

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response};
 
 use crate::decision::Decision;
+use crate::observe::Observer;
 use crate::response::Answer;
 use crate::state::State;
 use crate::stores::Snapshot;
@@ -19,11 +21,12 @@ pub use server::{CheckServer, ConnBudget, Incoming};
 
 pub struct CheckService {
     state: Arc<State>,
+    observer: Arc<Observer>,
 }
 
 impl CheckService {
-    pub fn new(state: Arc<State>) -> Self {
-        CheckService { state }
+    pub fn new(state: Arc<State>, observer: Arc<Observer>) -> Self {
+        CheckService { state, observer }
     }
 
     /// The answer to one Check, a denial included; a request that could not be
@@ -31,12 +34,19 @@ impl CheckService {
     /// over the size cap a 413 `request_too_large`.
     pub async fn answer(&self, request: Request<Incoming>) -> Response<Answer> {
         let budget = grpc_timeout(request.metadata());
+        // Envoy's gRPC client sends its ext_authz span in the call's metadata
+        // (read only if something reports the Check).
+        let caller = Some(request.metadata());
         let (decision, policy) = match request.get_ref() {
-            Incoming::Check(check) => decide(&self.state, check, budget).await,
+            Incoming::Check(check) => {
+                decide_in(&self.state, &self.observer, check, budget, caller).await
+            }
             Incoming::Undecodable(e) => {
                 let policy = self.state.snapshot();
                 let decision = check::undecodable(&policy, e);
                 self.state.telemetry().check(&decision, Duration::ZERO);
+                self.observer
+                    .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
             Incoming::Unread(unread) => {
@@ -46,6 +56,8 @@ impl CheckService {
                     (deny, false) => Decision::Deny(deny),
                 };
                 self.state.telemetry().check(&decision, Duration::ZERO);
+                self.observer
+                    .decided(&policy, &decision, None, caller, None);
                 (decision, policy)
             }
         };
@@ -58,16 +70,37 @@ impl CheckService {
 /// `grpc-timeout`).
 pub async fn decide(
     state: &State,
+    observer: &Observer,
     req: &CheckRequest,
     budget: Option<Duration>,
 ) -> (Decision, Arc<Snapshot>) {
+    decide_in(state, observer, req, budget, None).await
+}
+
+/// [`decide`] within the span `caller` names (the gRPC call's metadata:
+/// Envoy's ext_authz span), else the one the request's headers name.
+pub async fn decide_in(
+    state: &State,
+    observer: &Observer,
+    req: &CheckRequest,
+    budget: Option<Duration>,
+    caller: Option<&MetadataMap>,
+) -> (Decision, Arc<Snapshot>) {
     let started = Instant::now();
     let snap = state.snapshot();
-    let decision = driver::decide(&snap, req, state.clock().unix(), budget, started, || {
-        state.admit()
-    })
+    let span = observer.span(req, caller);
+    let decision = driver::decide(
+        &snap,
+        req,
+        state.clock().unix(),
+        budget,
+        started,
+        || state.admit(),
+        span.as_ref(),
+    )
     .await;
     state.telemetry().check(&decision, started.elapsed());
+    observer.decided(&snap, &decision, Some(req), caller, span);
     (decision, snap)
 }
 

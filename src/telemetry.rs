@@ -427,6 +427,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time spent deciding one Check, from request to response"
     );
+    describe_observe();
 }
 
 impl Telemetry {
@@ -507,36 +508,54 @@ const DENY_LOGS_PER_SEC: u32 = 100;
 /// A per-second budget of deny lines, without a lock: at a second's turn a few
 /// lines more or less may pass, which is all a log budget needs.
 #[derive(Default)]
-struct DenyLog {
+struct DenyLog(LineBudget);
+
+impl DenyLog {
+    fn allowed(&self) -> bool {
+        match self.0.take(DENY_LOGS_PER_SEC) {
+            Some(suppressed) => {
+                if suppressed > 0 {
+                    tracing::info!(
+                        suppressed,
+                        "deny log lines suppressed (over {DENY_LOGS_PER_SEC}/s); valet_check_total counts them all"
+                    );
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A per-second budget of log lines, without a lock (deny logs, audit lines).
+#[derive(Default)]
+pub struct LineBudget {
     second: AtomicU64,
     count: AtomicU32,
     suppressed: AtomicU64,
 }
 
-impl DenyLog {
-    fn allowed(&self) -> bool {
+impl LineBudget {
+    /// While under `per_sec`, Some with how many lines the last second refused
+    /// (once, at the first line of a new second, else 0); None past it.
+    pub fn take(&self, per_sec: u32) -> Option<u64> {
         let now = crate::clock::system_unix();
         let second = self.second.load(Ordering::Relaxed);
+        let mut suppressed = 0;
         if second != now
             && self
                 .second
                 .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-            if suppressed > 0 {
-                tracing::info!(
-                    suppressed,
-                    "deny log lines suppressed (over {DENY_LOGS_PER_SEC}/s); valet_check_total counts them all"
-                );
-            }
+            suppressed = self.suppressed.swap(0, Ordering::Relaxed);
             self.count.store(0, Ordering::Relaxed);
         }
-        if self.count.fetch_add(1, Ordering::Relaxed) < DENY_LOGS_PER_SEC {
-            true
+        if self.count.fetch_add(1, Ordering::Relaxed) < per_sec {
+            Some(suppressed)
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
-            false
+            None
         }
     }
 }
@@ -796,4 +815,61 @@ pub fn connection_refused(listener: &'static str, cap: usize) {
 pub fn connection_closed(listener: &'static str, cause: &'static str) {
     metrics::counter!(CONNECTIONS_CLOSED, "listener" => listener, "cause" => cause).increment(1);
     tracing::debug!(listener, cause, "connection closed");
+}
+
+pub const AUDIT_DROPPED: &str = "valet_audit_dropped_total";
+pub const TRACE_SPANS_DROPPED: &str = "valet_trace_spans_dropped_total";
+pub const MISUSE_SIGNALS: &str = "valet_misuse_signals_total";
+
+/// An audit line not written: over `audit.max_per_second`.
+pub fn audit_dropped() {
+    metrics::counter!(AUDIT_DROPPED).increment(1);
+}
+
+/// Spans not exported, by why: `queue_full` (the collector is slower than
+/// Checks) or `export_failed` (it refused, timed out or is absent).
+pub fn trace_spans_dropped(reason: &'static str, n: u64) {
+    metrics::counter!(TRACE_SPANS_DROPPED, "reason" => reason).increment(n);
+}
+
+/// The drop counters of traces and audit lines exist from zero once either is on.
+pub fn observe_started() {
+    metrics::counter!(AUDIT_DROPPED).increment(0);
+    for reason in ["queue_full", "export_failed"] {
+        metrics::counter!(TRACE_SPANS_DROPPED, "reason" => reason).increment(0);
+    }
+}
+
+/// Misuse signals are on: their counters exist from zero for each provider
+/// (and `_none`, for clients denied before any provider was known).
+pub fn misuse_started<'a>(providers: impl IntoIterator<Item = &'a str>) {
+    for provider in providers.into_iter().chain([NO_ROUTE_LABEL]) {
+        for signal in ["token_addresses", "client_denials"] {
+            metrics::counter!(MISUSE_SIGNALS, "provider" => provider.to_owned(), "signal" => signal)
+                .increment(0);
+        }
+    }
+}
+
+/// A misuse signal: `token_addresses` (a verified token from more source
+/// addresses than `misuse.max_addresses_per_token`) or `client_denials` (a
+/// client denied more than `misuse.client_denials_per_minute` in a minute).
+pub fn misuse_signal(provider: &str, signal: &'static str) {
+    metrics::counter!(MISUSE_SIGNALS, "provider" => provider.to_owned(), "signal" => signal)
+        .increment(1);
+}
+
+fn describe_observe() {
+    metrics::describe_counter!(
+        AUDIT_DROPPED,
+        "Audit lines not written because audit.max_per_second was reached"
+    );
+    metrics::describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Check spans not exported, by reason (queue_full: the export queue was full; export_failed: the collector refused, timed out or is absent)"
+    );
+    metrics::describe_counter!(
+        MISUSE_SIGNALS,
+        "Token misuse signals, by provider and signal (token_addresses: a verified token from more source addresses than misuse.max_addresses_per_token; client_denials: a client denied more than misuse.client_denials_per_minute in a minute)"
+    );
 }

@@ -452,6 +452,7 @@ fn token_checks(
         );
         d.provider = Some(policy.providers[verified.provider].name.clone());
         d.kid = verified.kid;
+        d.claims = Some(verified.claims);
         d.detail = Some(rule.label());
         return Err(d);
     }
@@ -490,6 +491,7 @@ fn binding_deny(policy: &Snapshot, e: BindingError, verified: &Verified) -> Deny
     let mut d = Deny::new(e.reason(), kind, e.description());
     d.provider = Some(policy.providers[verified.provider].name.clone());
     d.kid = verified.kid.clone();
+    d.claims = Some(verified.claims.clone());
     d
 }
 
@@ -520,6 +522,7 @@ fn alternative(
         let with_token = |mut d: Deny| {
             d.provider = Some(policy.providers[v.provider].name.clone());
             d.kid = v.kid.clone();
+            d.claims = Some(v.claims.clone());
             Err(Failed::Deny(d))
         };
         if !alt.providers.is_empty() && !alt.providers.contains(&v.provider) {
@@ -888,6 +891,7 @@ mod tests {
                 None,
                 std::time::Instant::now(),
                 || Some(()),
+                None,
             )
         };
         assert_eq!(decide().await.reason(), Reason::Verified);

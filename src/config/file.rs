@@ -27,6 +27,9 @@ pub struct FileConfig {
     pub store: Option<StoreFile>,
     #[serde(default)]
     pub protected_resources: Vec<ResourceFile>,
+    pub audit: Option<super::observe::AuditFile>,
+    pub tracing: Option<super::observe::TracingFile>,
+    pub misuse: Option<super::observe::MisuseFile>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod listen;
+pub mod observe;
 pub mod position;
 
 use std::fmt;

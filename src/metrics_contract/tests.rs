@@ -141,6 +141,10 @@ fn exercise(telemetry: &t::Telemetry) {
     t::connections_open("grpc", 1);
     t::connection_refused("grpc", 1);
     t::connection_closed("grpc", "idle_timeout");
+    t::observe_started();
+    t::audit_dropped();
+    t::trace_spans_dropped("queue_full", 1);
+    t::misuse_signal("idp", "token_addresses");
 }
 
 #[test]

@@ -189,6 +189,9 @@ pub fn compile(
         p,
     );
     let policy = Policy {
+        audit: super::observe::audit(file.audit, p),
+        tracing: super::observe::tracing(file.tracing, p),
+        misuse: super::observe::misuse(file.misuse, p),
         protected_resources,
         route_resource,
         dpop,

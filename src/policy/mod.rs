@@ -8,6 +8,7 @@ mod compile;
 pub mod denylist;
 pub mod dpop;
 pub mod index;
+pub mod observe;
 pub mod principal;
 pub mod require;
 pub mod resource_metadata;
@@ -97,6 +98,10 @@ pub struct Policy {
     /// RFC 9728 metadata documents, and per route (by index) its resource.
     pub protected_resources: Vec<resource_metadata::ProtectedResource>,
     pub route_resource: Vec<Option<usize>>,
+    /// `audit:`, `tracing:` (read at start) and `misuse:`.
+    pub audit: observe::Audit,
+    pub tracing: Option<observe::Tracing>,
+    pub misuse: Option<observe::Misuse>,
 }
 
 impl Policy {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 
 pub use path::{PathError, is_pchar, normalize, split_query};
 
@@ -58,6 +59,38 @@ enum Headers<'a> {
     Raw(&'a [envoy_types::pb::envoy::config::core::v3::HeaderValue]),
 }
 
+impl<'a> Headers<'a> {
+    fn of(http: &'a HttpRequest) -> Self {
+        match &http.header_map {
+            Some(map) if http.headers.is_empty() => Headers::Raw(&map.headers),
+            _ => Headers::Map(&http.headers),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        match *self {
+            Headers::Map(map) => map.get(name).map(String::as_str),
+            Headers::Raw(list) => list
+                .iter()
+                .find(|h| h.key.eq_ignore_ascii_case(name))
+                .and_then(|h| {
+                    if h.raw_value.is_empty() {
+                        Some(h.value.as_str())
+                    } else {
+                        std::str::from_utf8(&h.raw_value).ok()
+                    }
+                }),
+        }
+    }
+}
+
+/// A header of `check`'s request by lower-case name, without building a
+/// [`Request`] (for the audit trail and tracing, which read a few).
+pub fn header_of<'a>(check: &'a CheckRequest, name: &str) -> Option<&'a str> {
+    let http = check.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+    Headers::of(http).get(name)
+}
+
 impl<'a> Request<'a> {
     pub fn from_check(check: &'a CheckRequest) -> Result<Self, RequestError> {
         let attributes = check.attributes.as_ref();
@@ -65,10 +98,7 @@ impl<'a> Request<'a> {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .ok_or(RequestError::NoHttpAttributes)?;
-        let headers = match &http.header_map {
-            Some(map) if http.headers.is_empty() => Headers::Raw(&map.headers),
-            _ => Headers::Map(&http.headers),
-        };
+        let headers = Headers::of(http);
         let mut request = Request {
             method: &http.method,
             host: String::new(),
@@ -109,19 +139,7 @@ impl<'a> Request<'a> {
 
     /// A request header by lower-case name.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        match self.headers {
-            Headers::Map(map) => map.get(name).map(String::as_str),
-            Headers::Raw(list) => list
-                .iter()
-                .find(|h| h.key.eq_ignore_ascii_case(name))
-                .and_then(|h| {
-                    if h.raw_value.is_empty() {
-                        Some(h.value.as_str())
-                    } else {
-                        std::str::from_utf8(&h.raw_value).ok()
-                    }
-                }),
-        }
+        self.headers.get(name)
     }
 
     /// The first header name (lower-case in a map, as sent in a raw list) for

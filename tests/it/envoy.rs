@@ -18,7 +18,7 @@ use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
-const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 providers:
   - name: corp
     issuer: https://idp.test/
@@ -101,7 +101,12 @@ pub(crate) fn validate(envoy: &Path, config: &Path) {
 }
 
 /// Starts Envoy and waits until its listener answers through to the upstream.
-async fn start_ready(envoy_bin: &Path, config: &Path, dir: &Path, listen_port: u16) -> Envoy {
+pub(crate) async fn start_ready(
+    envoy_bin: &Path,
+    config: &Path,
+    dir: &Path,
+    listen_port: u16,
+) -> Envoy {
     let mut envoy = start_envoy(envoy_bin, config, dir);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -146,7 +151,11 @@ pub(crate) fn start_envoy(envoy: &Path, config: &Path, dir: &Path) -> Envoy {
 // === Upstream: echoes what reached it ===
 
 /// A GET (or "POST /x": another method) with Host api.example.com.
-async fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+pub(crate) async fn request(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Reply> {
     let (method, path) = path
         .split_once(' ')
         .filter(|(m, _)| m.bytes().all(|b| b.is_ascii_uppercase()))

@@ -26,6 +26,7 @@ pub mod http1;
 pub mod idp;
 pub mod in_process;
 pub mod jwks_server;
+pub mod otlp;
 pub mod pki;
 pub mod tools;
 
@@ -579,6 +580,21 @@ impl Req {
             }),
         }
     }
+}
+
+/// `check` as Envoy sends it for a client at `address` (`attributes.source.address`).
+pub fn from_address(mut check: CheckRequest, address: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    check.attributes.get_or_insert_default().source = Some(Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: address.into(),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    check
 }
 
 #[derive(Debug)]

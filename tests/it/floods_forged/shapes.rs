@@ -9,7 +9,7 @@
 //! has the right length and shape and only the crypto can tell it is wrong.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -32,15 +32,6 @@ pub struct Shape {
     pub reason: &'static str,
     /// Signature verifications this Check may cost, at most.
     pub max_verifications: u64,
-}
-
-fn keys_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
-}
-
-fn pem(name: &str) -> Vec<u8> {
-    let path = keys_dir().join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -87,13 +78,12 @@ impl Kind {
             (Kind::EdDsa, i) => format!("flood/ed25519-{i}.pem"),
             (Kind::Rsa4096, i) => format!("flood/rsa4096-{i}.pem"),
         };
-        let bytes = pem(&file);
-        match self {
-            Kind::Rs256 | Kind::Rsa4096 => EncodingKey::from_rsa_pem(&bytes),
-            Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem(&bytes),
-            Kind::EdDsa => EncodingKey::from_ed_pem(&bytes),
-        }
-        .unwrap()
+        let parse = match self {
+            Kind::Rs256 | Kind::Rsa4096 => EncodingKey::from_rsa_pem,
+            Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem,
+            Kind::EdDsa => EncodingKey::from_ed_pem,
+        };
+        crate::common::pem_key(&file, parse)
     }
 
     pub fn kid(self, i: usize) -> String {

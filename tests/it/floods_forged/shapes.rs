@@ -8,8 +8,10 @@
 //! are tokens signed by a key of the set and then altered, so every signature
 //! has the right length and shape and only the crypto can tell it is wrong.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -32,6 +34,15 @@ pub struct Shape {
     pub reason: &'static str,
     /// Signature verifications this Check may cost, at most.
     pub max_verifications: u64,
+}
+
+fn keys_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    let path = keys_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,7 +94,15 @@ impl Kind {
             Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem,
             Kind::EdDsa => EncodingKey::from_ed_pem,
         };
-        crate::common::pem_key(&file, parse)
+        // Parsed once per process: PEM decoding is slow in debug builds.
+        static KEYS: OnceLock<Mutex<HashMap<String, EncodingKey>>> = OnceLock::new();
+        let keys = KEYS.get_or_init(Default::default);
+        if let Some(k) = keys.lock().unwrap().get(&file) {
+            return k.clone();
+        }
+        let key = parse(&pem(&file)).unwrap();
+        keys.lock().unwrap().insert(file, key.clone());
+        key
     }
 
     pub fn kid(self, i: usize) -> String {

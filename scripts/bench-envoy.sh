@@ -3,14 +3,14 @@
 # measured with h2load on 127.0.0.1 only.
 #
 #   scripts/bench-envoy.sh              # 3 interleaved rounds of 5 s per scenario, ~3 minutes once built
-#   scripts/bench-envoy.sh --smoke      # 1 round of 1 s per scenario (checks it all works)
+#   scripts/bench-envoy.sh --smoke      # 1 round of 0.3 s per scenario (checks it all works)
 #   scripts/bench-envoy.sh --smoke --debug  # the same with the debug build (scripts/test.sh, CI)
 #   BENCH_SECONDS=10 ROUNDS=5 scripts/bench-envoy.sh
 #   SCENARIOS="noauth anon anonlegacy" ROUNDS=9 scripts/bench-envoy.sh   # an A/B of a few
 #   BENCH_PROTO=h2 scripts/bench-envoy.sh   # h2c to Envoy: -c 4 -m 16 instead of HTTP/1.1 -c 16 -m 1
 #
 # --debug: target/debug binaries (`cargo build` of valet, noop_authz and mint: seconds
-# after `cargo test --all-targets`) instead of the release build with fat LTO (minutes):
+# after scripts/test.sh has built them) instead of the release build with fat LTO (minutes):
 # for checking that everything works, not for figures.
 # --no-build: use the binaries already in target/ as they are. --smoke never fails
 # on figures or on requests failed under load (reported); a scenario whose check
@@ -89,7 +89,7 @@ AUTHZ_CPU=${AUTHZ_CPU:-0}
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 for arg in "$@"; do
     case $arg in
-        --smoke) ROUNDS=1 BENCH_SECONDS=1 WARMUP=0 SMOKE=1 ;;
+        --smoke) ROUNDS=1 BENCH_SECONDS=300ms WARMUP=0 SMOKE=1 ;; # h2load -D takes units
         --debug) PROFILE=debug ;;
         --no-build) BUILD='' ;;
         -h | --help) usage; exit 0 ;;
@@ -681,7 +681,9 @@ echo
 [[ $PROFILE == debug ]] && echo "**Debug build: these figures only show that the benchmark runs; measure with the release build.**"
 echo "## Valet through Envoy $("$ENVOY" --version | sed -n 's|.*version: [0-9a-f]*/\([0-9.]*\)/.*|\1|p') (--concurrency 1)"
 echo
-echo "h2load $proto_desc, GET with \`authorization: Bearer <RS256>\`, ${BENCH_SECONDS}s per run" \
+per_run=$BENCH_SECONDS
+[[ $per_run == *[a-z] ]] || per_run+=s
+echo "h2load $proto_desc, GET with \`authorization: Bearer <RS256>\`, $per_run per run" \
     "(+${WARMUP}s warm-up), $ROUNDS interleaved rounds; $cores cores: Envoy on cpu $ENVOY_CPU," \
     "upstream Envoy on cpu $UPSTREAM_CPU, h2load on cpu $LOAD_CPU, authorizers on cpu $AUTHZ_CPU." \
     "Medians over rounds; ratios are medians of per-round ratios (their range in brackets)." \

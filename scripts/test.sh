@@ -19,10 +19,19 @@ if [[ ${CI:-} == true ]]; then
     export CARGO_INCREMENTAL=0
 fi
 
-# Everything compiles (benches and examples too) while the installs below run:
-# they mostly wait on the network and the disk. Its output is shown when it is done.
+# What the tests run (unit tests, the binary, the `it` suites) and the examples (the
+# Envoy smoke below runs two of them) compile while the installs below run: they
+# mostly wait on the network and the disk. Its output is shown when it is done.
+# Not the criterion benches: they are a tenth of a cold build and would only be
+# compiled here, never run, nor the examples the smoke does not run; `cargo clippy
+# --all-targets` (before every commit) keeps them all building. The two examples
+# are built as the smoke runs them (`cargo build`), not as test harnesses.
+targets=(--lib --bins --tests)
 build_log="$(mktemp)"
-cargo test --locked --all-targets --no-run >"$build_log" 2>&1 &
+{
+    cargo test --locked "${targets[@]}" --no-run &&
+        cargo build --locked --example noop_authz --example mint
+} >"$build_log" 2>&1 &
 build=$!
 trap 'kill "$build" 2>/dev/null || true; rm -f "$build_log"' EXIT
 
@@ -53,7 +62,9 @@ wait "$lint"
 wait "$observability"
 phase "offline checks"
 
-cargo test --locked --all-targets
+# Four test threads on two cores: most tests wait (on an IdP, a proxy, a reload)
+# more than they compute; the load tests take one of two `common::load_slot`s.
+cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-4}"
 phase "tests"
 
 # The Envoy benchmark in its smoke mode, on the debug binaries just built: every

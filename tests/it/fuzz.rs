@@ -40,7 +40,12 @@ fn decide(path: &str, host: &str, headers: &[(&str, &str)]) -> Decision {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 512,
+        // proptest's default per run (these are most of the suite's CPU in a debug
+        // build); PROPTEST_CASES=N runs more.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256),
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
         )),

@@ -16,6 +16,13 @@ use idp::{DpopKey, Idp, ORDERS};
 fn config(idp: &Idp, dir: &std::path::Path, extra: &str) -> String {
     let (endpoint, id, secret) = idp.introspection();
     std::fs::write(dir.join("introspection-secret"), format!("{secret}\n")).unwrap();
+    // A patient timeout unless the test sets its own: the IdP (node) shares two
+    // cores with the rest of the suite, and a slow IdP is not what these tests are about.
+    let extra = if extra.contains("timeout:") {
+        extra.to_string()
+    } else {
+        format!("      timeout: 10s\n{extra}")
+    };
     format!(
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"{ORDERS}\"]\n    jwks: {{ discovery: true }}\n    claims_to_headers: {{ client_id: x-client-id }}\n    introspection:\n      endpoint: {endpoint}\n      client_id: {id}\n      client_secret_file: introspection-secret\n{extra}routes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
         idp.issuer
@@ -176,7 +183,9 @@ async fn dpop_bound_opaque_tokens_need_their_proof() {
 async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
     let idp = Idp::start();
     let bad = JwksServer::start(serde_json::json!({})).await;
-    bad.set_mode(Mode::Slow(Duration::from_secs(3)));
+    // The endpoint never answers until released: an answer at all is the timeout's.
+    let gate = common::jwks_server::held();
+    bad.set_mode(Mode::Held(gate.clone()));
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         &idp,
@@ -188,7 +197,6 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
     let mut c = v.client().await;
 
     for i in 0..3 {
-        let started = Instant::now();
         let a = check(&mut c, get("/orders/1").bearer(&format!("opaque-{i}"))).await;
         assert_eq!(
             (a.http_status, a.reason().as_str()),
@@ -200,10 +208,6 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
                 .unwrap()
                 .contains("in time"),
             "{a:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "bounded by the timeout"
         );
     }
     // Open: answered at once, without asking the endpoint.
@@ -228,9 +232,20 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
     assert!(check(&mut c, get("/orders/1").bearer(&jwt)).await.allowed());
 
     // The endpoint answers garbage (not an introspection response): still unavailable.
+    common::jwks_server::release(&gate);
     bad.set_mode(Mode::Ok);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let a = check(&mut c, get("/orders/1").bearer("opaque-y")).await;
+    // Until open_for (1 s) has passed, the circuit answers: ask until it lets a trial through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        let a = check(&mut c, get("/orders/1").bearer("opaque-y")).await;
+        let open = a.body["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("circuit open"));
+        if !open || Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         a.body["error_description"]
             .as_str()
@@ -308,27 +323,31 @@ async fn answers_are_checked_like_claims_and_deadlines_are_valets() {
         }
     }
 
-    // Envoy waits 200 ms (grpc-timeout); the endpoint takes 600 ms: Valet answers
-    // 503 itself, in time, and the late answer is cached for the next Check.
+    // Envoy waits 1 s (grpc-timeout); the endpoint holds its answer until the test
+    // lets it go: Valet answers 503 itself, before the deadline (tonic's own
+    // deadline would make it a gRPC error), and the late answer is kept for the
+    // next Check. No timing is guessed: the endpoint answers only when released.
     endpoint.set_jwks(json!({"active": true, "scope": "orders:read", "aud": "orders-api"}));
-    endpoint.set_mode(Mode::Slow(Duration::from_millis(600)));
+    let gate = common::jwks_server::held();
+    endpoint.set_mode(Mode::Held(gate.clone()));
+    let asked = endpoint.requests();
     let mut req = tonic::Request::new(get("/orders/1").bearer("slow-token").build());
-    req.set_timeout(Duration::from_millis(200));
-    let started = Instant::now();
+    req.set_timeout(Duration::from_secs(1));
     let r = c
         .check(req)
         .await
         .expect("an answer, not a gRPC deadline error")
         .into_inner();
-    assert!(
-        started.elapsed() < Duration::from_millis(200),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(r.status.unwrap().code, 14, "UNAVAILABLE");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    common::jwks_server::release(&gate);
+    // The next Check joins the request still in flight or finds its cached answer.
     let a = check(&mut c, get("/orders/1").bearer("slow-token")).await;
-    assert_eq!(a.reason(), "verified", "the late answer was cached: {a:?}");
+    assert_eq!(a.reason(), "verified", "the late answer was kept: {a:?}");
+    assert_eq!(
+        endpoint.requests(),
+        asked + 1,
+        "the endpoint was asked once"
+    );
 
     // `valet explain --token` introspects an opaque token once, as the server would.
     endpoint.set_mode(Mode::Ok);

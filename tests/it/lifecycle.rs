@@ -58,7 +58,9 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     .unwrap();
     let v = Valet::spawn(dir, &path, &[("VALET_MAX_IN_FLIGHT", "1")]);
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
-    server.set_mode(Mode::Slow(Duration::from_secs(2)));
+    // The server holds its answers until released: no guess at how long a Check waits.
+    let gate = common::jwks_server::held();
+    server.set_mode(Mode::Held(gate.clone()));
     let mut c2 = v.client().await;
 
     // A token with a new kid makes its Check wait for a refetch; waiting holds no
@@ -71,22 +73,36 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
         jsonwebtoken::Algorithm::RS256,
     );
     let mut c1 = v.client().await;
+    let asked = server.requests();
     let waiting = tokio::spawn(async move { check(&mut c1, get("/").bearer(&new_kid)).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The refetch has reached the server: the Check is waiting on it.
+    assert!(
+        server
+            .wait_requests(asked, 1, Duration::from_secs(10))
+            .await
+    );
     assert!(check(&mut c2, get("/").bearer(&rs256(""))).await.allowed());
     assert_eq!(waiting.await.unwrap().reason(), "unknown_key");
 
     // An opaque token's Check awaits its introspection, working on it: it holds
     // the only slot, and the next Check is shed.
     let mut c1 = v.client().await;
+    let asked = server.requests();
     let introspecting =
         tokio::spawn(async move { check(&mut c1, get("/").bearer("opaque-token")).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The introspection has reached the server: its Check holds the slot.
+    assert!(
+        server
+            .wait_requests(asked, 1, Duration::from_secs(10))
+            .await
+    );
     let a = check(&mut c2, get("/").bearer(&rs256(""))).await;
     assert_eq!(
         (a.http_status, a.grpc_code, a.reason().as_str()),
         (503, 14, "overloaded")
     );
+    // The endpoint answers (a JWKS, not an introspection response).
+    common::jwks_server::release(&gate);
     assert_eq!(
         introspecting.await.unwrap().reason(),
         "introspection_unavailable"

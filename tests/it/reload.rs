@@ -51,6 +51,9 @@ fn k8s_write(dir: &Path, content: &str, n: usize) {
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
 
+const WRITES: usize = 20;
+const RELOAD_ERRORS: &str = "valet_policy_reload_total{result=\"error\"}";
+
 async fn reload_under_load(k8s: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("valet.yaml");
@@ -63,7 +66,7 @@ async fn reload_under_load(k8s: bool) {
         std::fs::write(&path, policy(true)).unwrap();
     }
     let root = dir.path().to_path_buf();
-    let v = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    let v = Valet::in_process_at(dir, &path);
 
     // Checks that every policy allows run throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -89,7 +92,8 @@ async fn reload_under_load(k8s: bool) {
     let mut c = v.client().await;
     let mut public = true;
     let mut latencies = Vec::new();
-    for n in 1..=50 {
+    // 20 writes: 14 valid, 6 invalid (every kind in INVALID at least once).
+    for n in 1..=WRITES {
         let valid = n % 3 != 0;
         let written = Instant::now();
         let content = if valid {
@@ -98,34 +102,40 @@ async fn reload_under_load(k8s: bool) {
         } else {
             INVALID[n % INVALID.len()].to_string()
         };
+        let errors = v.metric(RELOAD_ERRORS).await.unwrap_or(0.0);
         if k8s {
             k8s_write(&root, &content, n);
         } else {
             write(&path, &content);
         }
+        let want = if public { "anonymous" } else { "missing_token" };
         if valid {
-            let want = if public { "anonymous" } else { "missing_token" };
             loop {
                 if check(&mut c, get("/beta")).await.reason() == want {
                     latencies.push(written.elapsed());
                     break;
                 }
+                // Below the 10 s fallback poll: a write the watcher missed fails here.
                 assert!(
-                    written.elapsed() < Duration::from_secs(2),
-                    "write {n} not in force after 2s"
+                    written.elapsed() < Duration::from_secs(5),
+                    "write {n} not in force after 5 s"
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         } else {
-            let want = if public { "anonymous" } else { "missing_token" };
-            let until = Instant::now() + Duration::from_millis(400);
-            while Instant::now() < until {
+            // Valet read the broken file and refused it (its error counter moved);
+            // the decisions are still the last good policy's.
+            assert!(
+                v.wait_metric_above(RELOAD_ERRORS, errors, Duration::from_secs(5))
+                    .await,
+                "invalid write {n} not read within 5 s"
+            );
+            for _ in 0..5 {
                 assert_eq!(
                     check(&mut c, get("/beta")).await.reason(),
                     want,
                     "invalid write {n} changed a decision"
                 );
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
@@ -149,16 +159,13 @@ async fn reload_under_load(k8s: bool) {
         0,
         "a Check failed during reloads"
     );
-    let errors = v
-        .metric("valet_policy_reload_total{result=\"error\"}")
-        .await
-        .unwrap();
-    assert!(errors >= 16.0, "{errors}");
+    let errors = v.metric(RELOAD_ERRORS).await.unwrap();
+    assert!(errors >= (WRITES / 3) as f64, "{errors}");
     assert!(
         v.metric("valet_policy_reload_total{result=\"success\"}")
             .await
             .unwrap()
-            >= 33.0
+            >= (WRITES - WRITES / 3) as f64
     );
     let logs = v.logs();
     assert!(

@@ -22,6 +22,9 @@ pub enum Mode {
     Status(u16),
     /// Answers after this long.
     Slow(Duration),
+    /// Holds every answer until the gate is closed ([`release`]): a slow endpoint
+    /// whose answer the test lets go, with no timing to guess.
+    Held(Arc<tokio::sync::Semaphore>),
     Garbage,
     /// A body of this many bytes.
     Huge(usize),
@@ -192,6 +195,11 @@ async fn answer(
             tokio::time::sleep(d).await;
             Response::new(Full::new(Bytes::from(body)))
         }
+        Mode::Held(gate) => {
+            // Closed means released: every held answer goes, and later ones at once.
+            let _ = gate.acquire().await;
+            Response::new(Full::new(Bytes::from(body)))
+        }
         Mode::Garbage => Response::new(Full::new(Bytes::from_static(b"<html>maintenance</html>"))),
         Mode::Huge(n) => Response::new(Full::new(Bytes::from(vec![b' '; n]))),
     };
@@ -201,6 +209,16 @@ async fn answer(
             .insert("cache-control", format!("max-age={age}").parse().unwrap());
     }
     response
+}
+
+/// A gate for [`Mode::Held`]: answers wait until [`release`].
+pub fn held() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(0))
+}
+
+/// Lets every answer held at `gate` go.
+pub fn release(gate: &tokio::sync::Semaphore) {
+    gate.close();
 }
 
 fn fxhash(s: &str) -> u64 {

@@ -51,25 +51,33 @@ fn pem(name: &str) -> Vec<u8> {
     std::fs::read(fixture(&format!("keys/{name}"))).unwrap()
 }
 
+/// The fixture key in `keys/{name}`, parsed once per test process: PEM decoding
+/// is slow in debug builds, and tests sign thousands of tokens.
+pub fn pem_key(
+    name: &str,
+    parse: fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>,
+) -> EncodingKey {
+    static KEYS: std::sync::OnceLock<Mutex<HashMap<String, EncodingKey>>> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(Default::default);
+    if let Some(k) = keys.lock().unwrap().get(name) {
+        return k.clone();
+    }
+    let key = parse(&pem(name)).unwrap();
+    keys.lock().unwrap().insert(name.to_string(), key.clone());
+    key
+}
+
 /// The signing key and kid the fixture JWKS publishes for `alg`.
 pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
     use Algorithm::*;
     match alg {
         RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
-            (EncodingKey::from_rsa_pem(&pem("rsa.pem")).unwrap(), "rsa-1")
+            (pem_key("rsa.pem", EncodingKey::from_rsa_pem), "rsa-1")
         }
-        ES256 => (
-            EncodingKey::from_ec_pem(&pem("ec256.pem")).unwrap(),
-            "ec256-1",
-        ),
-        ES384 => (
-            EncodingKey::from_ec_pem(&pem("ec384.pem")).unwrap(),
-            "ec384-1",
-        ),
-        EdDSA => (
-            EncodingKey::from_ed_pem(&pem("ed25519.pem")).unwrap(),
-            "ed-1",
-        ),
+        ES256 => (pem_key("ec256.pem", EncodingKey::from_ec_pem), "ec256-1"),
+        ES384 => (pem_key("ec384.pem", EncodingKey::from_ec_pem), "ec384-1"),
+        EdDSA => (pem_key("ed25519.pem", EncodingKey::from_ed_pem), "ed-1"),
         HS256 | HS384 | HS512 => (EncodingKey::from_secret(HMAC_SECRET), "hs-1"),
         other => panic!("no fixture key for {other:?}"),
     }
@@ -77,7 +85,7 @@ pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
 
 /// An RSA key the JWKS does not hold.
 pub fn other_rsa_key() -> EncodingKey {
-    EncodingKey::from_rsa_pem(&pem("rsa-other.pem")).unwrap()
+    pem_key("rsa-other.pem", EncodingKey::from_rsa_pem)
 }
 
 pub fn rsa_public_pem() -> Vec<u8> {
@@ -418,6 +426,18 @@ impl Valet {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Waits until a metric series is above `value`; false if not within `within`.
+    pub async fn wait_metric_above(&self, series: &str, value: f64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.metric(series).await.is_some_and(|v| v > value) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
     }

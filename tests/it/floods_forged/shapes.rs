@@ -8,8 +8,10 @@
 //! are tokens signed by a key of the set and then altered, so every signature
 //! has the right length and shape and only the crypto can tell it is wrong.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -87,13 +89,20 @@ impl Kind {
             (Kind::EdDsa, i) => format!("flood/ed25519-{i}.pem"),
             (Kind::Rsa4096, i) => format!("flood/rsa4096-{i}.pem"),
         };
-        let bytes = pem(&file);
-        match self {
-            Kind::Rs256 | Kind::Rsa4096 => EncodingKey::from_rsa_pem(&bytes),
-            Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem(&bytes),
-            Kind::EdDsa => EncodingKey::from_ed_pem(&bytes),
+        let parse = match self {
+            Kind::Rs256 | Kind::Rsa4096 => EncodingKey::from_rsa_pem,
+            Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem,
+            Kind::EdDsa => EncodingKey::from_ed_pem,
+        };
+        // Parsed once per process: PEM decoding is slow in debug builds.
+        static KEYS: OnceLock<Mutex<HashMap<String, EncodingKey>>> = OnceLock::new();
+        let keys = KEYS.get_or_init(Default::default);
+        if let Some(k) = keys.lock().unwrap().get(&file) {
+            return k.clone();
         }
-        .unwrap()
+        let key = parse(&pem(&file)).unwrap();
+        keys.lock().unwrap().insert(file, key.clone());
+        key
     }
 
     pub fn kid(self, i: usize) -> String {

@@ -106,7 +106,7 @@ async fn a_key_stands_for_its_claims_and_never_goes_upstream() {
         "revoked:\n  - sub: acme-billing\n",
     )
     .unwrap();
-    assert!(v.logged("revocation denylist loaded file").await);
+    assert!(v.logged("revocation denylist loaded denylist=").await);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let a = check(&mut c, get("/partner/r").header("x-api-key", &acme)).await;

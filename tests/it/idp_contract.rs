@@ -81,7 +81,9 @@ async fn opaque_tokens_introspect_active_until_revoked() {
 
 #[tokio::test]
 async fn opaque_tokens_expire() {
-    let idp = Idp::start_with(&[("IDP_ACCESS_TOKEN_TTL", "1")]);
+    // Not 1 s: `exp` is whole seconds, so a token issued late in a second could be
+    // expired before a loaded machine introspects it (seen once with four test threads).
+    let idp = Idp::start_with(&[("IDP_ACCESS_TOKEN_TTL", "3")]);
     let token = idp.opaque_token("orders:read").await;
     let r = idp.introspect(&token).await;
     assert_eq!(r["active"], true, "{r}");

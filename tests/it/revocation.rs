@@ -84,7 +84,10 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         );
     }
 
-    // Load: every victim and both bystanders, over and over, from 4 clients.
+    // Load: every victim and both bystanders, over and over, from 4 clients at
+    // `common::load::STEADY` Checks a second together: each victim is still asked every
+    // ~40 ms (8 tokens a round, 4 clients), fine enough for a propagation of about
+    // a second, and each write lands among Checks in flight.
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let checks = Arc::new(AtomicU64::new(0));
@@ -107,8 +110,10 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         let victims: Vec<String> = rounds.iter().map(|(t, _)| t.clone()).collect();
         let others = bystanders.clone();
         load.push(tokio::spawn(async move {
+            let mut pace = common::load::Pace::share(common::load::STEADY, 4);
             while !stop.load(Ordering::Relaxed) {
                 for (i, v) in victims.iter().enumerate() {
+                    pace.tick().await;
                     let sent = Instant::now();
                     let a = check(&mut client, get("/orders").bearer(v)).await;
                     checks.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +130,7 @@ async fn revocation_propagates_in_about_a_second_under_load() {
                     }
                 }
                 for o in &others {
+                    pace.tick().await;
                     let a = check(&mut client, get("/orders").bearer(o)).await;
                     checks.fetch_add(1, Ordering::Relaxed);
                     if a.reason() != "verified" {

@@ -26,6 +26,7 @@ pub mod http1;
 pub mod idp;
 pub mod in_process;
 pub mod jwks_server;
+pub mod load;
 pub mod otlp;
 pub mod pki;
 pub mod tools;

@@ -68,7 +68,9 @@ async fn reload_under_load(k8s: bool) {
     let root = dir.path().to_path_buf();
     let v = Valet::in_process_at(dir, &path);
 
-    // Checks that every policy allows run throughout.
+    // Checks that every policy allows run throughout, at `common::load::STEADY` a
+    // second: each of the 20 writes lands among them (a reload takes 150 ms of
+    // debounce at least, so dozens of Checks each), and none may fail.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let load = {
@@ -76,7 +78,9 @@ async fn reload_under_load(k8s: bool) {
         let mut c = v.client().await;
         let token = rs256("orders:read");
         tokio::spawn(async move {
+            let mut pace = common::load::Pace::share(common::load::STEADY, 1);
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 if check(&mut c, get("/orders/1").bearer(&token))
                     .await
                     .allowed()

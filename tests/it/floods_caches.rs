@@ -406,6 +406,10 @@ async fn a_random_kid_flood_during_a_slow_fetch_does_not_make_valid_checks_overl
     server.set_mode(Mode::Slow(fetch));
     let from = server.requests();
     let stop = Arc::new(AtomicBool::new(false));
+    // 32 flooders, 800 forged Checks a second together (each one every 40 ms),
+    // not as fast as they can: a waiter freed (after unknown_kid_wait) is taken
+    // again within milliseconds, so the 8 waiter slots stay full all the while and
+    // the other flooders keep asking (and are answered at once) meanwhile.
     let flooders = 32;
     let mut tasks = Vec::new();
     for w in 0..flooders {
@@ -414,7 +418,9 @@ async fn a_random_kid_flood_during_a_slow_fetch_does_not_make_valid_checks_overl
             let (key, _) = signing_key(Algorithm::ES256);
             let mut reasons = Vec::new();
             let mut i = 0;
+            let mut pace = common::load::Pace::share(800, flooders);
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 let forged = sign_raw(
                     &json!({"alg": "ES256", "kid": format!("random-{w}-{i}")}),
                     &claims("orders:read"),

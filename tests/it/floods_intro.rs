@@ -98,7 +98,13 @@ struct Flood {
 
 impl Flood {
     /// `workers` concurrent Checks, each with a new random token, from `sources`
-    /// (round robin) until stopped.
+    /// (round robin) until stopped. Each worker asks at most 10 times a second:
+    /// a Check that reaches the IdP takes longer than that under a flood, so
+    /// without the gate the workers would still hold up to `workers` introspection
+    /// slots at once (64: all of them by default); a shed one is answered at once,
+    /// and spinning on those would only burn the CPU the suite shares. 10 a second
+    /// is 80 new tokens a second from each of 8 attacker addresses, 40 times what a
+    /// client's inactive budget forgives (2 a second).
     async fn start(v: &Valet, workers: usize, sources: &[String]) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
@@ -115,7 +121,9 @@ impl Flood {
             let sources = sources.to_vec();
             tasks.push(tokio::spawn(async move {
                 let mut i = w;
+                let mut pace = common::load::Pace::share(10, 1);
                 while !stop.load(Ordering::Relaxed) {
+                    pace.tick().await;
                     let source = (!sources.is_empty()).then(|| sources[i % sources.len()].as_str());
                     let r = ask(&mut c, request(&random_token(), source)).await;
                     assert!(r.is_err(), "a random token passed");

@@ -183,6 +183,21 @@ pub async fn load_slot() -> tokio::sync::SemaphorePermit<'static> {
     LOAD.acquire().await.unwrap()
 }
 
+/// The client of every `admin_get`: tests poll /metrics and /readyz every few
+/// milliseconds, and `reqwest::get` built a new client each time (its TLS setup
+/// parses the root certificates: most of a poll's CPU in a debug build). Nothing
+/// pooled, so no connection outlives the test runtime that opened it.
+fn admin_http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .no_proxy()
+            .build()
+            .unwrap()
+    })
+}
+
 // === Valet process ===
 
 /// `config` (which has no `listen:`) with both ports chosen by the kernel.
@@ -395,7 +410,7 @@ impl Valet {
     /// GET on the admin port: (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let url = format!("http://{}{path}", self.admin.expect("admin port"));
-        let r = reqwest::get(url).await.expect("admin answers");
+        let r = admin_http().get(url).send().await.expect("admin answers");
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -475,13 +490,26 @@ impl Valet {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Whether a log line from the `from`th on contains `needle`; where to look
+    /// from next time. Polls read only the lines new since the last one: under
+    /// load every Check logs a line, and joining them all every 20 ms was most of
+    /// what a waiting test spent.
+    fn logged_since(&self, needle: &str, from: usize) -> (bool, usize) {
+        let logs = self.logs.lock().unwrap();
+        let from = from.min(logs.len());
+        (logs[from..].iter().any(|l| l.contains(needle)), logs.len())
+    }
+
     /// Waits until a log line contains `needle`, without blocking the runtime.
     pub async fn logged(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut from = 0;
         while Instant::now() < deadline {
-            if self.logs().contains(needle) {
+            let (found, next) = self.logged_since(needle, from);
+            if found {
                 return true;
             }
+            from = next;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
@@ -490,10 +518,13 @@ impl Valet {
     /// Waits until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut from = 0;
         while Instant::now() < deadline {
-            if self.logs().contains(needle) {
+            let (found, next) = self.logged_since(needle, from);
+            if found {
                 return true;
             }
+            from = next;
             std::thread::sleep(Duration::from_millis(20));
         }
         false

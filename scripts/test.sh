@@ -64,9 +64,11 @@ wait "$lint"
 wait "$observability"
 phase "offline checks"
 
-# Four test threads on two cores: most tests wait (on an IdP, a proxy, a reload)
-# more than they compute; the load tests take one of two `common::load_slot`s.
-cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-4}"
+# Six test threads on two cores: most tests wait (on an IdP, a proxy, a reload)
+# more than they compute (per-test wall times add up to about twice the phase's
+# CPU time), and the load generators are paced (tests/it/common/load.rs); the
+# load tests take one of two `common::load_slot`s.
+cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-6}"
 phase "tests"
 
 # The Envoy benchmark in its smoke mode, on the debug binaries just built: every

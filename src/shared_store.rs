@@ -443,6 +443,149 @@ mod tests {
         );
     }
 
+    /// A stand-in Redis on 127.0.0.1 (a unit's mock: the fleet tests use the
+    /// real one): answers each command with `answer(connection number, command
+    /// number, the command's arguments joined by spaces)`, `None` closing the
+    /// connection without a reply.
+    async fn fake_redis(
+        answer: impl Fn(usize, usize, &[u8]) -> Option<&'static [u8]> + Send + Sync + 'static,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/", listener.local_addr().unwrap());
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            for conn in 0.. {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let (mut buf, mut n) = (Vec::new(), 0);
+                    loop {
+                        while let Ok(Some((cmd, used))) = resp::parse(&buf) {
+                            buf.drain(..used);
+                            let resp::Value::Array(args) = cmd else {
+                                return;
+                            };
+                            let args: Vec<&[u8]> = args
+                                .iter()
+                                .map(|a| match a {
+                                    resp::Value::Bulk(b) => b.as_slice(),
+                                    _ => b"?",
+                                })
+                                .collect();
+                            let Some(reply) = answer(conn, n, &args.join(&b' ')) else {
+                                return;
+                            };
+                            n += 1;
+                            sock.write_all(reply).await.unwrap();
+                        }
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn settings_at(url: String, timeout: Duration) -> StoreSettings {
+        StoreSettings {
+            url,
+            timeout,
+            ..settings(None)
+        }
+    }
+
+    /// A connection closed under a call fails it at once (`unavailable`, not
+    /// after the 5s `timeout`); the next call starts a reconnect and the store
+    /// comes back without the health task.
+    #[tokio::test]
+    async fn a_dropped_connection_fails_its_calls_and_is_reopened_by_the_next() {
+        let url = fake_redis(|conn, n, _| match (conn, n) {
+            (0, 0) => Some(b"+PONG\r\n"),
+            (0, _) => None,
+            _ => Some(b"$2\r\nhi\r\n"),
+        })
+        .await;
+        let s = SharedStore::new(settings_at(url, Duration::from_secs(5)));
+        s.connect().await;
+        assert_eq!(s.ping().await, Ok(()));
+        assert!(s.is_up());
+        assert_eq!(s.get("k", None).await, Err(StoreError::Unavailable));
+        assert!(!s.is_up());
+        let mut calls = 0;
+        let value = loop {
+            calls += 1;
+            match s.get("k", None).await {
+                Ok(v) => break v,
+                Err(e) => assert_eq!(e, StoreError::Unavailable),
+            }
+            assert!(calls < 500, "never reconnected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(value, Some(b"hi".to_vec()));
+        assert!(s.is_up() && s.status().last_error.is_none());
+    }
+
+    /// Replies come back in order: a call that gave up (timeout) does not
+    /// shift the next call's answer onto the wrong caller.
+    #[tokio::test]
+    async fn a_late_reply_goes_to_the_call_that_asked_for_it() {
+        // The first command is answered only with the second's.
+        let url = fake_redis(|_, n, _| match n {
+            0 => Some(b""),
+            _ => Some(b"$5\r\nfirst\r\n$6\r\nsecond\r\n"),
+        })
+        .await;
+        let s = SharedStore::new(settings_at(url, Duration::from_millis(50)));
+        s.connect().await;
+        assert_eq!(s.get("a", None).await, Err(StoreError::Timeout));
+        assert_eq!(
+            s.get("b", Some(Duration::from_secs(5))).await,
+            Ok(Some(b"second".to_vec()))
+        );
+    }
+
+    /// Connecting logs in (`AUTH user password`, the URL's user and
+    /// `password_file`) and selects the URL's database; a refused AUTH is
+    /// reported by its code, never with the password.
+    #[tokio::test]
+    async fn a_connect_logs_in_and_selects_the_database() {
+        let url = fake_redis(|conn, _, cmd| match (conn, cmd) {
+            (0, b"AUTH valet hunter2") | (_, b"SELECT 2") => Some(b"+OK\r\n"),
+            (_, b"PING") => Some(b"+PONG\r\n"),
+            (_, b"AUTH valet wrong") => Some(b"-WRONGPASS invalid username-password pair\r\n"),
+            _ => Some(b"-ERR unexpected\r\n"),
+        })
+        .await;
+        let url = url.replace("redis://", "redis://valet@") + "2";
+        let mut ok = settings_at(url.clone(), Duration::from_secs(5));
+        ok.password = Some("hunter2".into());
+        let s = SharedStore::new(ok);
+        s.connect().await;
+        assert_eq!(s.status().last_error, None);
+        assert_eq!(s.ping().await, Ok(()));
+
+        let mut wrong = settings_at(url, Duration::from_secs(5));
+        wrong.password = Some("wrong".into());
+        let s = SharedStore::new(wrong);
+        s.connect().await;
+        let error = s.status().last_error.unwrap();
+        assert_eq!(error, "connect: AUTH refused: WRONGPASS");
+        assert_eq!(s.ping().await, Err(StoreError::Unavailable));
+    }
+
+    /// A reply over the caps closes the connection: the call fails, nothing is
+    /// allocated for it.
+    #[tokio::test]
+    async fn an_oversized_reply_closes_the_connection() {
+        let url = fake_redis(|_, _, _| Some(b"$999999999999\r\n")).await;
+        let s = SharedStore::new(settings_at(url, Duration::from_secs(5)));
+        s.connect().await;
+        assert_eq!(s.get("k", None).await, Err(StoreError::Unavailable));
+    }
+
     /// Paused time: any wait for a timeout would move the clock.
     #[tokio::test(start_paused = true)]
     async fn unconnected_calls_fail_at_once_and_are_counted_as_down() {

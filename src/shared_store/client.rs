@@ -94,9 +94,8 @@ impl Target {
             let mut auth: Vec<&[u8]> = vec![b"AUTH"];
             auth.extend(self.user.as_deref().map(str::as_bytes));
             auth.push(password.as_bytes());
-            match command(&mut io, &mut buf, &auth).await? {
-                Value::Error(e) => return Err(format!("AUTH refused: {}", first_word(&e))),
-                _ => {}
+            if let Value::Error(e) = command(&mut io, &mut buf, &auth).await? {
+                return Err(format!("AUTH refused: {}", first_word(&e)));
             }
         }
         if self.db != 0 {

@@ -502,8 +502,9 @@ mod tests {
     /// comes back without the health task.
     #[tokio::test]
     async fn a_dropped_connection_fails_its_calls_and_is_reopened_by_the_next() {
-        let url = fake_redis(|conn, n, _| match (conn, n) {
-            (0, 0) => Some(b"+PONG\r\n"),
+        // The first connection closes at its first GET.
+        let url = fake_redis(|conn, _, cmd| match (conn, cmd) {
+            (_, b"PING") => Some(b"+PONG\r\n"),
             (0, _) => None,
             _ => Some(b"$2\r\nhi\r\n"),
         })
@@ -534,7 +535,8 @@ mod tests {
     async fn a_late_reply_goes_to_the_call_that_asked_for_it() {
         // The first command is answered only with the second's.
         let url = fake_redis(|_, n, _| match n {
-            0 => Some(b""),
+            0 => Some(b"+PONG\r\n"),
+            1 => Some(b""),
             _ => Some(b"$5\r\nfirst\r\n$6\r\nsecond\r\n"),
         })
         .await;
@@ -553,7 +555,7 @@ mod tests {
     #[tokio::test]
     async fn a_connect_logs_in_and_selects_the_database() {
         let url = fake_redis(|conn, _, cmd| match (conn, cmd) {
-            (0, b"AUTH valet hunter2") | (_, b"SELECT 2") => Some(b"+OK\r\n"),
+            (0, b"AUTH valet hunter2") | (0, b"SELECT 2") => Some(b"+OK\r\n"),
             (_, b"PING") => Some(b"+PONG\r\n"),
             (_, b"AUTH valet wrong") => Some(b"-WRONGPASS invalid username-password pair\r\n"),
             _ => Some(b"-ERR unexpected\r\n"),
@@ -580,7 +582,11 @@ mod tests {
     /// allocated for it.
     #[tokio::test]
     async fn an_oversized_reply_closes_the_connection() {
-        let url = fake_redis(|_, _, _| Some(b"$999999999999\r\n")).await;
+        let url = fake_redis(|_, n, _| match n {
+            0 => Some(b"+PONG\r\n"),
+            _ => Some(b"$999999999999\r\n"),
+        })
+        .await;
         let s = SharedStore::new(settings_at(url, Duration::from_secs(5)));
         s.connect().await;
         assert_eq!(s.get("k", None).await, Err(StoreError::Unavailable));

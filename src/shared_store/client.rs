@@ -70,8 +70,8 @@ impl Target {
         })
     }
 
-    /// Opens a connection, logged in and on its database. The error says what
-    /// failed, never with the password.
+    /// Opens a connection, logged in, on its database, and answering. The
+    /// error says what failed, never with the password.
     pub async fn open(&self) -> Result<Box<dyn Io>, String> {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
@@ -104,6 +104,11 @@ impl Target {
             {
                 return Err(format!("SELECT {db}: {e}"));
             }
+        }
+        // Handed over only once Redis has answered: a server that accepts and
+        // stays silent fails the connect (within its bound), not every call.
+        if let Value::Error(e) = command(&mut io, &mut buf, &[b"PING"]).await? {
+            return Err(format!("PING: {}", first_word(&e)));
         }
         Ok(io)
     }

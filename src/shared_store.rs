@@ -5,8 +5,8 @@
 //! parser; `client`: URL, TCP/TLS, AUTH, SELECT, one multiplexed connection).
 //! Valet sends five commands (SET NX PX, GET, SET PX, PING, SUBSCRIBE); the
 //! `redis` crate and what only it pulled (combine, arcstr, xxhash-rust...)
-//! were ~17 core-seconds of every cold build (redis alone the 5th most
-//! expensive unit) for them: see README "Running a fleet" for the figures.
+//! were 13 units and ~30 core-seconds of every cold test build (redis alone
+//! the 5th most expensive unit) for them: README "The Redis client".
 //! `rediss://` goes through tokio-rustls on the process's aws-lc-rs provider
 //! (no second crypto stack; the crates were already there for reqwest),
 //! certificates checked against the system roots.

@@ -26,6 +26,8 @@ use common::idp::DpopKey;
 use common::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use serde_json::json;
+use valet::shared_store::resp::Value;
+use valet::shared_store::{Conn, Target};
 
 const REFRESH: Duration = Duration::from_millis(500);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -55,15 +57,14 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    async fn connect(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).unwrap();
+    /// A connection of the test's own (Valet's RESP client: the `redis` crate
+    /// is no longer built), once Redis answers PING.
+    async fn connect(&self) -> Conn {
+        let target = Target::parse(&self.url(), None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
+            if let Ok(c) = Conn::connect(&target).await
+                && c.call(&[b"PING"]).await.is_ok()
             {
                 return c;
             }
@@ -91,6 +92,14 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A bulk string reply as text.
+fn bulk(v: Value) -> Option<String> {
+    match v {
+        Value::Bulk(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        _ => None,
     }
 }
 
@@ -308,7 +317,7 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
     let fallbacks = metric_sum(&fleet, "valet_store_fallback_total{use=\"dpop\"}").await;
     let port = redis.port;
     redis = Redis::start(port);
-    let mut scan = redis.connect().await;
+    let scan = redis.connect().await;
     for v in &fleet {
         assert!(
             v.wait_metric("valet_store_up", 1.0, Duration::from_secs(15))
@@ -373,20 +382,14 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
         .iter()
         .filter_map(|t| t.split('.').nth(1).map(str::to_owned))
         .collect();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut scan)
-        .await
-        .unwrap();
+    let Ok(Value::Array(keys)) = scan.call(&[b"KEYS", b"*"]).await else {
+        panic!("KEYS *")
+    };
+    let keys: Vec<String> = keys.into_iter().map(|k| bulk(k).unwrap()).collect();
     assert!(!keys.is_empty(), "the fleet wrote to the store");
     for k in &keys {
         assert!(k.starts_with("fleet:"), "{k}");
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(k)
-            .query_async(&mut scan)
-            .await
-            .unwrap();
-        let value = String::from_utf8_lossy(&value.unwrap_or_default()).to_string();
+        let value = bulk(scan.call(&[b"GET", k.as_bytes()]).await.unwrap()).unwrap_or_default();
         for secret in tokens.iter().chain(&payloads) {
             assert!(
                 !k.contains(secret.as_str()) && !value.contains(secret.as_str()),
@@ -671,7 +674,7 @@ fn store_and_spread_settings_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_published_denylist_change_is_fetched_at_once() {
     let redis = Redis::start(free_port());
-    let mut publisher = redis.connect().await;
+    let publisher = redis.connect().await;
     let idp = DenylistServer::start("revoked: []\n").await;
     let config = format!(
         "providers:\n  - name: corp\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\nrevocation: {{ uri: \"{}\", refresh_interval: 60s, max_stale: 120s }}\nstore:\n  redis: {{ url: \"{}\", key_prefix: \"push:\" }}\n",
@@ -701,10 +704,8 @@ async fn a_published_denylist_change_is_fetched_at_once() {
     }
     idp.set("revoked:\n  - jti: pushed-1\n");
     let published = Instant::now();
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg("push:denylist")
-        .arg("changed")
-        .query_async(&mut publisher)
+    publisher
+        .call(&[b"PUBLISH", b"push:denylist", b"changed"])
         .await
         .unwrap();
     let mut took = Vec::new();
@@ -730,7 +731,7 @@ async fn a_published_denylist_change_is_fetched_at_once() {
     let mut redis = redis;
     redis.kill();
     let redis = Redis::start(port);
-    let mut publisher = redis.connect().await;
+    let publisher = redis.connect().await;
     for v in &fleet {
         assert!(
             v.wait_metric("valet_store_up", 1.0, Duration::from_secs(15))
@@ -743,10 +744,8 @@ async fn a_published_denylist_change_is_fetched_at_once() {
     for c in &mut clients {
         loop {
             // Published until heard: the resubscription may follow the reconnect.
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg("push:denylist")
-                .arg("changed")
-                .query_async(&mut publisher)
+            publisher
+                .call(&[b"PUBLISH", b"push:denylist", b"changed"])
                 .await
                 .unwrap();
             if check(c, get("/orders/1").bearer(&second)).await.reason() == "revoked" {

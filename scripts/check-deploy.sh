@@ -7,10 +7,9 @@
 # stdout is a one-line summary.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Oldest supported (the preStop `sleep` action is on by default from 1.30) and newest.
-K8S_VERSIONS="1.30.0 1.37.0"
 # shellcheck source=lib/tools.sh
 . "$REPO/scripts/lib/tools.sh"
 check_tools check-deploy envoy
+# K8S_VERSIONS (scripts/lib/venv.sh): the oldest supported and the newest.
 exec "$PY" "$REPO/scripts/check_deploy.py" "$REPO" "$ENVOY" "$VALET" \
     "$(command -v kubectl || true)" "$K8S_VERSIONS"

@@ -3,12 +3,15 @@ apiVersion, kind and metadata.name, no duplicates), every JSON file parsed, and
 built-in objects validated against the real OpenAPI schemas, strictly (unknown
 fields are errors). The schemas come bundled in the PyPI package
 `kubernetes-validate`: no cluster and no network. Custom resources (Prometheus
-Operator, Istio) have no schema there: they are parsed only."""
+Operator, Istio) have no schema there: they are parsed only. scripts/lib/venv.sh
+unpacks the schemas of the versions validated only (K8S_VERSIONS): a version
+without its own would silently get an older one's, so that is an error here."""
 
 import json
 import os
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
@@ -83,7 +86,17 @@ def load(repo):
 
 def check_schemas(objects, versions):
     """Returns (objects valid for every version, custom resources skipped)."""
-    VERSIONS = versions
+    have = set(kubernetes_validate.utils.all_versions())
+    VERSIONS = []
+    for version in versions:
+        if version in have:
+            VERSIONS.append(version)
+        else:
+            fail(
+                "kubernetes-validate",
+                f"no schemas for Kubernetes {version} here (it has {' '.join(sorted(have))}): "
+                "scripts/lib/venv.sh unpacks those of K8S_VERSIONS",
+            )
     n_schema = n_custom = 0
     for rel, i, doc in objects:
         if group_of(doc["apiVersion"]) in CRD_GROUPS:

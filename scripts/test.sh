@@ -14,6 +14,50 @@ phase() {
     mark=$SECONDS
 }
 
+# Jobs that run beside the rest, each started by `job NAME CMD...` with its output in a
+# file (or straight to stdout with `job --live`), shown when it ends, with its wall
+# time, by `await_jobs`; one that fails fails the run when all have ended.
+tmp="$(mktemp -d)"
+declare -A job_pid=() job_start=() job_live=()
+failed=()
+job() {
+    local live=
+    if [[ $1 == --live ]]; then live=1; shift; fi
+    local name=$1
+    shift
+    job_start[$name]=$SECONDS
+    job_live[$name]=$live
+    if [[ $live ]]; then "$@" & else "$@" >"$tmp/$name.log" 2>&1 & fi
+    job_pid[$name]=$!
+}
+# await_jobs NAME...: waits for those jobs, showing each as it ends. (Polled: bash's
+# `wait -n` misses a job that ended before it was called.)
+await_jobs() {
+    local pending=("$@") n rc
+    [[ -p $tmp/tick ]] || { mkfifo "$tmp/tick" && exec 3<>"$tmp/tick"; }
+    while ((${#pending[@]})); do
+        local rest=()
+        for n in "${pending[@]}"; do
+            if kill -0 "${job_pid[$n]}" 2>/dev/null; then
+                rest+=("$n")
+                continue
+            fi
+            rc=0
+            wait "${job_pid[$n]}" || rc=$?
+            unset "job_pid[$n]"
+            [[ ${job_live[$n]} ]] || cat "$tmp/$n.log"
+            echo "== $n: $((SECONDS - job_start[$n])) s (from $((job_start[$n] - started)) s to $((SECONDS - started)) s)"
+            if ((rc != 0)); then
+                echo "== $n FAILED (exit $rc)"
+                failed+=("$n")
+            fi
+        done
+        pending=("${rest[@]+"${rest[@]}"}")
+        # A fifo nobody writes: a 0.2 s wait without a process.
+        ((${#pending[@]} == 0)) || read -r -t 0.2 -u 3 _ || true
+    done
+}
+
 # CI builds once from scratch: incremental compilation only adds work there.
 if [[ ${CI:-} == true ]]; then
     export CARGO_INCREMENTAL=0
@@ -35,7 +79,7 @@ build_log="$(mktemp)"
         cargo build --locked --example noop_authz --example mint
 } >"$build_log" 2>&1 &
 build=$!
-trap 'kill "$build" 2>/dev/null || true; rm -f "$build_log"' EXIT
+trap 'kill "$build" "${job_pid[@]}" 2>/dev/null || true; rm -rf "$build_log" "$tmp"' EXIT
 
 VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.
@@ -45,35 +89,33 @@ VALET_REDIS="$(scripts/install-test-deps.sh --print redis | tail -n1)"
 VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
 export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_REDIS VALET_IDP_SERVER
 phase "installs"
+# ruff and shellcheck need only the installs: they run while the compile goes on (its
+# last crates and links leave a core idle).
+job lint scripts/lint.sh
 build_ok=0
 wait "$build" || build_ok=$?
 cat "$build_log"
 [[ $build_ok == 0 ]] || exit "$build_ok"
 phase "compile (the rest of it)"
 
-# At once: the tooling linted (ruff, shellcheck); alert rules, dashboard and README's
-# metric table checked against `valet metrics`, alerts unit-tested with promtool; the
-# Kubernetes, Istio and Docker recipes validated offline (schemas, envoy --mode
-# validate, valet check-config).
-scripts/lint.sh &
-lint=$!
-scripts/check-observability.sh &
-observability=$!
-scripts/check-deploy.sh
-wait "$lint"
-wait "$observability"
-phase "offline checks"
-
-# Six test threads on two cores: most tests wait (on an IdP, a proxy, a reload)
-# more than they compute (per-test wall times add up to about twice the phase's
-# CPU time), and the load generators are paced (tests/it/common/load.rs); the
-# load tests take one of two `common::load_slot`s.
-cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-6}"
-phase "tests"
-
-# The Envoy benchmark in its smoke mode, on the debug binaries just built: every
-# scenario is set up and checked (200 with the token, 401/403 without, the auth's
-# own counters moved) and loaded for a second. It fails on a broken scenario, never
-# on its figures.
-ENVOY="$VALET_ENVOY" scripts/bench-envoy.sh --smoke --debug
-phase "envoy bench smoke"
+# The tests, and beside them: alert rules, dashboard and README's metric table checked
+# against `valet metrics`, alerts unit-tested with promtool; the Kubernetes, Istio and
+# Docker recipes validated offline (schemas, envoy --mode validate, valet
+# check-config); and the Envoy benchmark in its smoke mode on the debug binaries just
+# built (--no-build: the compile above built them, a no-op cargo build costs ~1 s): every scenario
+# set up and checked (200 with the token, 401/403 without, the auth's own counters
+# moved) and loaded for a moment. It fails on a broken scenario, never on its figures.
+# Six test threads on two cores: most tests wait (on an IdP, a proxy, a reload) more
+# than they compute (per-test wall times add up to about twice the phase's CPU time),
+# and so does much of what runs beside them; the load generators are paced
+# (tests/it/common/load.rs) and the load tests take one of two `common::load_slot`s.
+job --live tests cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-6}"
+job observability scripts/check-observability.sh
+job deploy scripts/check-deploy.sh
+job "envoy smoke" env ENVOY="$VALET_ENVOY" scripts/bench-envoy.sh --smoke --debug --no-build
+await_jobs lint tests observability deploy "envoy smoke"
+phase "tests, checks and Envoy smoke"
+if ((${#failed[@]})); then
+    echo "== FAILED: ${failed[*]}"
+    exit 1
+fi

@@ -1,7 +1,7 @@
 //! End to end: a real Envoy (examples/envoy.yaml, ports rewritten) in front of a
 //! hand-written upstream, asking the real `valet` binary over ext_authz gRPC.
 //!
-//! Needs Envoy: `VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`.
+//! Needs Envoy: `VALET_ENVOY`, else `<repo>/.tools/py-venv/bin/envoy`.
 //! `scripts/test.sh` installs it and exports `VALET_ENVOY`.
 
 use crate::common;

@@ -5,8 +5,8 @@
 //! records what reached it.
 //!
 //! Needs the proxies: `VALET_NGINX` (else `/usr/sbin/nginx`), `VALET_TRAEFIK` (else
-//! `<repo>/.tools/traefik-venv/bin/traefik`), `VALET_ENVOY` (else
-//! `<repo>/.tools/envoy-venv/bin/envoy`). `scripts/test.sh` installs them all
+//! `<repo>/.tools/py-venv/bin/traefik`), `VALET_ENVOY` (else
+//! `<repo>/.tools/py-venv/bin/envoy`). `scripts/test.sh` installs them all
 //! (scripts/install-test-deps.sh) and exports the three variables.
 
 use crate::common;

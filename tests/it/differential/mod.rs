@@ -25,9 +25,9 @@
 //!   VALET_DIFF_CONNS=N   client connections (default 8)
 //!   VALET_DIFF_VERBOSE=1 one line per case: proxy status, upstream request line, Valet alone
 //!
-//! Needs Envoy (`VALET_ENVOY`, else `<repo>/.tools/envoy-venv/bin/envoy`), nginx
+//! Needs Envoy (`VALET_ENVOY`, else `<repo>/.tools/py-venv/bin/envoy`), nginx
 //! (`VALET_NGINX`, else /usr/sbin/nginx) and Traefik (`VALET_TRAEFIK`, else
-//! `<repo>/.tools/traefik-venv/bin/traefik`): scripts/install-test-deps.sh
+//! `<repo>/.tools/py-venv/bin/traefik`): scripts/install-test-deps.sh
 //! installs them.
 
 mod cases;

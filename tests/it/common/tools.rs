@@ -50,12 +50,36 @@ pub fn traefik_path() -> PathBuf {
     )
 }
 
+/// A TCP port on 127.0.0.1 that is free now, for a peer that binds it itself.
+///
+/// Below the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by
+/// default): a port the kernel hands out for `bind(:0)` or an outgoing connection
+/// could be taken by one between this check and the peer's own bind (seen:
+/// Envoy's "Address already in use" with tests and the Envoy smoke running side by
+/// side). Each process starts at its own offset, so concurrent test processes
+/// rarely try the same ports.
 pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .clamp(LOW + 1_000, 32_768);
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..(high - LOW) {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % (high - LOW)) as u16;
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{LOW}..{high}")
 }
 
 /// A child process, its stdout and stderr in `log`, stopped by its PID when

@@ -26,6 +26,9 @@ use valet::decision::{Decision, Reason};
 use valet::jwks::KeySet;
 use valet::stores::Snapshot;
 
+#[path = "../tests/it/common/pem_key.rs"]
+mod pem_key;
+
 const ISSUER: &str = "https://idp.bench/";
 const AUDIENCE: &str = "orders-api";
 
@@ -88,17 +91,17 @@ fn signers() -> Vec<Signer> {
         Signer {
             alg: Algorithm::RS256,
             kid: "rsa-1",
-            key: EncodingKey::from_rsa_pem(&fixture_key("rsa.pem")).unwrap(),
+            key: pem_key::encoding_key(&fixture_key("rsa.pem"), Algorithm::RS256).unwrap(),
         },
         Signer {
             alg: Algorithm::ES256,
             kid: "ec256-1",
-            key: EncodingKey::from_ec_pem(&fixture_key("ec256.pem")).unwrap(),
+            key: pem_key::encoding_key(&fixture_key("ec256.pem"), Algorithm::ES256).unwrap(),
         },
         Signer {
             alg: Algorithm::EdDSA,
             kid: "ed-1",
-            key: EncodingKey::from_ed_pem(&fixture_key("ed25519.pem")).unwrap(),
+            key: pem_key::encoding_key(&fixture_key("ed25519.pem"), Algorithm::EdDSA).unwrap(),
         },
     ]
 }
@@ -257,7 +260,7 @@ fn bench_check(c: &mut Criterion) {
         Reason::MissingToken,
     ));
     // Signed by a key the JWKS does not hold, under the kid of one it does.
-    let other = EncodingKey::from_rsa_pem(&fixture_key("rsa-other.pem")).unwrap();
+    let other = pem_key::encoding_key(&fixture_key("rsa-other.pem"), Algorithm::RS256).unwrap();
     let forged = token(Algorithm::RS256, "rsa-1", &other);
     cases.push((
         "bad_signature",

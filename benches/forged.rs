@@ -21,8 +21,14 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use tonic::transport::Channel;
 
+#[path = "../tests/it/common/pem_key.rs"]
+mod pem_key;
 #[path = "../tests/it/floods_forged/shapes.rs"]
 mod shapes;
+/// What shapes.rs takes from the test binary's `common`.
+mod common {
+    pub(crate) use super::pem_key;
+}
 
 const CALLERS: u64 = 16;
 const GOAL: f64 = 20.0;

@@ -17,9 +17,12 @@ use clap::Parser;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use prost::Message;
 use serde_json::json;
+
+#[path = "../tests/it/common/pem_key.rs"]
+mod pem_key;
 
 #[derive(Parser)]
 struct Args {
@@ -111,7 +114,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// An RS256 token for the shipped config, valid for 24 hours.
 fn mint(args: &Args) -> Result<String, Box<dyn std::error::Error>> {
-    let key = EncodingKey::from_rsa_pem(&std::fs::read(&args.key)?)?;
+    let key = pem_key::encoding_key(&std::fs::read(&args.key)?, Algorithm::RS256)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = json!({
         "iss": args.iss,

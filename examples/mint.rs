@@ -9,8 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde_json::{Map, Value, json};
+
+#[path = "../tests/it/common/pem_key.rs"]
+mod pem_key;
 
 #[derive(Parser)]
 struct Args {
@@ -45,17 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let alg: Algorithm = args.alg.parse()?;
     let pem = std::fs::read(&args.key)?;
-    let key = match alg {
-        Algorithm::RS256
-        | Algorithm::RS384
-        | Algorithm::RS512
-        | Algorithm::PS256
-        | Algorithm::PS384
-        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem)?,
-        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem)?,
-        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem)?,
-        _ => return Err("HMAC keys are not minted here".into()),
-    };
+    let key = pem_key::encoding_key(&pem, alg)?;
     if args.jwks {
         let mut jwk = Jwk::from_encoding_key(&key, alg)?;
         jwk.common.key_id = Some(args.kid);

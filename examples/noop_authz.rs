@@ -13,8 +13,6 @@ use envoy_types::ext_authz::v3::pb::{
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 #[derive(Parser)]
@@ -50,17 +48,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .block_on(async move {
             let listener = TcpListener::bind(args.addr).await?;
             eprintln!("noop_authz listening grpc={}", listener.local_addr()?);
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            Server::builder()
-                .tcp_nodelay(true)
-                .max_concurrent_streams(1024)
-                .add_service(
-                    AuthorizationServer::new(Noop).max_decoding_message_size(4 * 1024 * 1024),
-                )
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+            let service = AuthorizationServer::new(Noop).max_decoding_message_size(4 * 1024 * 1024);
+            valet::grpc_mux::serve(listener, service, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
             Ok(())
         })
 }

@@ -14,8 +14,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 #[derive(Parser)]
 struct Args {
@@ -50,9 +48,8 @@ impl TraceService for Sink {
 async fn main() {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.addr).await.unwrap();
-    Server::builder()
-        .add_service(TraceServiceServer::new(Sink))
-        .serve_with_incoming(TcpIncoming::from(listener))
+    let forever = std::future::pending();
+    valet::grpc_mux::serve(listener, TraceServiceServer::new(Sink), forever)
         .await
         .unwrap();
 }

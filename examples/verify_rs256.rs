@@ -12,8 +12,11 @@ use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::Parser;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde_json::{Value, json};
+
+#[path = "../tests/it/common/pem_key.rs"]
+mod pem_key;
 
 #[derive(Parser)]
 struct Args {
@@ -34,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("dev-1".into());
-    let key = EncodingKey::from_rsa_pem(&std::fs::read(&args.key)?)?;
+    let key = pem_key::encoding_key(&std::fs::read(&args.key)?, Algorithm::RS256)?;
     let token = jsonwebtoken::encode(&header, &claims, &key)?;
     let jwks: Value = serde_json::from_slice(&std::fs::read(&args.jwks)?)?;
     let jwk = &jwks["keys"][0];

@@ -68,7 +68,7 @@ fi
 # mostly wait on the network and the disk. Its output is shown when it is done.
 # Not the criterion benches: they are a tenth of a cold build and would only be
 # compiled here, never run, nor the examples the smoke does not run; `cargo clippy
-# --all-targets` (before every commit) keeps them all building. The two examples
+# --all-targets --features bench` (before every commit) keeps them all building. The two examples
 # are built as the smoke runs them (`cargo build`), not as test harnesses.
 # Not --bins: src/main.rs has no unit tests, and its test harness would be one more
 # compile of it; the `it` suites get the valet binary built for them anyway.

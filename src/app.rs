@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, Admin};
 use crate::clock::Clock;
 use crate::conn::{self, Gate, Limits};
+use crate::grpc_mux::Mux;
 use crate::http_authz;
 use crate::jwks::Supervisor;
 use crate::load::Loaded;
@@ -256,7 +256,7 @@ async fn serve_scoped(
                 };
                 let service =
                     CheckServer::new(CheckService::new(state.clone(), observer.clone()), messages);
-                let routes = Routes::new(health_service).add_service(service).prepare();
+                let routes = Mux::new(health_service).with(service);
                 let gate = Gate::new("grpc", cap);
                 conn::serve_grpc(listener, routes, limits.clone(), gate, stop_rx.clone()).await;
                 Ok::<(), std::io::Error>(())

@@ -6,6 +6,7 @@
 //! age that starts with GOAWAY (tonic's, with a grace, only ever cuts). Envoy
 //! keeps a few long-lived, busy connections; none of this touches it.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tonic::codegen::{Service, http};
-use tonic::service::Routes;
 
 use crate::service::ConnBudget;
 use crate::service::message::Budget;
@@ -210,13 +210,19 @@ pub async fn accept(listener: &TcpListener, gate: &Gate) -> (TcpStream, Slot) {
 
 /// Serves HTTP/2 (gRPC) on `listener` until `stop`, then lets open connections
 /// finish (GOAWAY) and returns once all are closed.
-pub async fn serve_grpc(
+pub async fn serve_grpc<S>(
     listener: TcpListener,
-    routes: Routes,
+    routes: S,
     limits: Limits,
     gate: Gate,
     stop: watch::Receiver<bool>,
-) {
+) where
+    S: Service<GrpcRequest, Response = http::Response<tonic::body::Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut h2 = hyper::server::conn::http2::Builder::new(crate::telemetry::Executor);
     h2.timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -248,14 +254,23 @@ pub async fn serve_grpc(
     }
 }
 
-struct Connection {
+type GrpcRequest = http::Request<tonic::body::Body>;
+
+struct Connection<S> {
     h2: hyper::server::conn::http2::Builder<crate::telemetry::Executor>,
-    routes: Routes,
+    routes: S,
     limits: Arc<Limits>,
     stop: watch::Receiver<bool>,
 }
 
-impl Connection {
+impl<S> Connection<S>
+where
+    S: Service<GrpcRequest, Response = http::Response<tonic::body::Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     async fn serve(mut self, tcp: TcpStream, slot: Slot) {
         let born = Instant::now();
         let read = Arc::new(AtomicU64::new(0));

@@ -212,6 +212,8 @@ fn layers_keep_their_direction() {
         // Decision and request views are leaves.
         ("decision", &["*"]),
         ("request", &["*"]),
+        // gRPC dispatch by service name knows no Valet service.
+        ("grpc_mux", &["*"]),
         // Parsing knows nothing of compiled policy or anything above it.
         (
             "config",

@@ -14,6 +14,7 @@ pub mod decision;
 pub mod driver;
 pub mod envoy_config;
 pub mod explain;
+pub mod grpc_mux;
 pub mod http_authz;
 pub mod introspection;
 pub mod jwks;

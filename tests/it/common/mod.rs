@@ -28,6 +28,7 @@ pub mod in_process;
 pub mod jwks_server;
 pub mod load;
 pub mod otlp;
+pub mod pem_key;
 pub mod pki;
 pub mod tools;
 
@@ -54,17 +55,14 @@ fn pem(name: &str) -> Vec<u8> {
 
 /// The fixture key in `keys/{name}`, parsed once per test process: PEM decoding
 /// is slow in debug builds, and tests sign thousands of tokens.
-pub fn pem_key(
-    name: &str,
-    parse: fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>,
-) -> EncodingKey {
+pub fn pem_key(name: &str, alg: Algorithm) -> EncodingKey {
     static KEYS: std::sync::OnceLock<Mutex<HashMap<String, EncodingKey>>> =
         std::sync::OnceLock::new();
     let keys = KEYS.get_or_init(Default::default);
     if let Some(k) = keys.lock().unwrap().get(name) {
         return k.clone();
     }
-    let key = parse(&pem(name)).unwrap();
+    let key = pem_key::encoding_key(&pem(name), alg).unwrap();
     keys.lock().unwrap().insert(name.to_string(), key.clone());
     key
 }
@@ -73,12 +71,10 @@ pub fn pem_key(
 pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
     use Algorithm::*;
     match alg {
-        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
-            (pem_key("rsa.pem", EncodingKey::from_rsa_pem), "rsa-1")
-        }
-        ES256 => (pem_key("ec256.pem", EncodingKey::from_ec_pem), "ec256-1"),
-        ES384 => (pem_key("ec384.pem", EncodingKey::from_ec_pem), "ec384-1"),
-        EdDSA => (pem_key("ed25519.pem", EncodingKey::from_ed_pem), "ed-1"),
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => (pem_key("rsa.pem", alg), "rsa-1"),
+        ES256 => (pem_key("ec256.pem", alg), "ec256-1"),
+        ES384 => (pem_key("ec384.pem", alg), "ec384-1"),
+        EdDSA => (pem_key("ed25519.pem", alg), "ed-1"),
         HS256 | HS384 | HS512 => (EncodingKey::from_secret(HMAC_SECRET), "hs-1"),
         other => panic!("no fixture key for {other:?}"),
     }
@@ -86,7 +82,7 @@ pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
 
 /// An RSA key the JWKS does not hold.
 pub fn other_rsa_key() -> EncodingKey {
-    pem_key("rsa-other.pem", EncodingKey::from_rsa_pem)
+    pem_key("rsa-other.pem", Algorithm::RS256)
 }
 
 pub fn rsa_public_pem() -> Vec<u8> {

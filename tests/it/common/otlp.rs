@@ -105,16 +105,11 @@ impl Receiver {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = TraceServiceServer::new(sink.clone());
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                )
-                .await
-                .unwrap();
+            valet::grpc_mux::serve(listener, service, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
         });
         Receiver {
             addr,

@@ -89,18 +89,13 @@ impl Kind {
             (Kind::EdDsa, i) => format!("flood/ed25519-{i}.pem"),
             (Kind::Rsa4096, i) => format!("flood/rsa4096-{i}.pem"),
         };
-        let parse = match self {
-            Kind::Rs256 | Kind::Rsa4096 => EncodingKey::from_rsa_pem,
-            Kind::Es256 | Kind::Es384 => EncodingKey::from_ec_pem,
-            Kind::EdDsa => EncodingKey::from_ed_pem,
-        };
         // Parsed once per process: PEM decoding is slow in debug builds.
         static KEYS: OnceLock<Mutex<HashMap<String, EncodingKey>>> = OnceLock::new();
         let keys = KEYS.get_or_init(Default::default);
         if let Some(k) = keys.lock().unwrap().get(&file) {
             return k.clone();
         }
-        let key = parse(&pem(&file)).unwrap();
+        let key = crate::common::pem_key::encoding_key(&pem(&file), self.alg()).unwrap();
         keys.lock().unwrap().insert(file, key.clone());
         key
     }

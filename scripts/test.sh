@@ -81,17 +81,21 @@ build_log="$(mktemp)"
 build=$!
 trap 'kill "$build" "${job_pid[@]}" 2>/dev/null || true; rm -rf "$build_log" "$tmp"' EXIT
 
-VALET_ENVOY="$(scripts/install-test-deps.sh | tail -n1)"
+# The installs (and lint, after them) run at the lowest priority, nice 19: the compile
+# keeps both cores while it can use them, and the installs take what it leaves idle
+# (its last crates, envoy-types and then ours, compile mostly one at a time). Run
+# first at normal priority, they delayed a cold compile by about their own CPU.
+VALET_ENVOY="$(nice -n 19 scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.
 VALET_NGINX="$(scripts/install-test-deps.sh --print nginx | tail -n1)"
 VALET_TRAEFIK="$(scripts/install-test-deps.sh --print traefik | tail -n1)"
 VALET_REDIS="$(scripts/install-test-deps.sh --print redis | tail -n1)"
-VALET_IDP_SERVER="$(scripts/install-idp.sh | tail -n1)"
+VALET_IDP_SERVER="$(nice -n 19 scripts/install-idp.sh | tail -n1)"
 export VALET_ENVOY VALET_NGINX VALET_TRAEFIK VALET_REDIS VALET_IDP_SERVER
 phase "installs"
 # ruff and shellcheck need only the installs: they run while the compile goes on (its
 # last crates and links leave a core idle).
-job lint scripts/lint.sh
+job lint nice -n 19 scripts/lint.sh
 build_ok=0
 wait "$build" || build_ok=$?
 cat "$build_log"

@@ -109,11 +109,11 @@ phase "compile (the rest of it)"
 # built (--no-build: the compile above built them, a no-op cargo build costs ~1 s): every scenario
 # set up and checked (200 with the token, 401/403 without, the auth's own counters
 # moved) and loaded for a moment. It fails on a broken scenario, never on its figures.
-# Six test threads on two cores: most tests wait (on an IdP, a proxy, a reload) more
+# Eight test threads on two cores: most tests wait (on an IdP, a proxy, a reload) more
 # than they compute (per-test wall times add up to about twice the phase's CPU time),
 # and so does much of what runs beside them; the load generators are paced
 # (tests/it/common/load.rs) and the load tests take one of two `common::load_slot`s.
-job --live tests cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-6}"
+job --live tests cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-8}"
 job observability scripts/check-observability.sh
 job deploy scripts/check-deploy.sh
 job "envoy smoke" env ENVOY="$VALET_ENVOY" scripts/bench-envoy.sh --smoke --debug --no-build

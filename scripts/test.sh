@@ -68,15 +68,16 @@ fi
 # mostly wait on the network and the disk. Its output is shown when it is done.
 # Not the criterion benches: they are a tenth of a cold build and would only be
 # compiled here, never run, nor the examples the smoke does not run; `cargo clippy
-# --all-targets --features bench` (before every commit) keeps them all building.
-# One `cargo build`: it builds the test harnesses `cargo test` then runs as they are
-# (`--tests`), and the two examples as the smoke runs them, not as test harnesses; in
-# one run the examples compile beside the last test harness.
+# --all-targets --features bench` (before every commit) keeps them all building. The two examples
+# are built as the smoke runs them (`cargo build`), not as test harnesses.
 # Not --bins: src/main.rs has no unit tests, and its test harness would be one more
 # compile of it; the `it` suites get the valet binary built for them anyway.
 targets=(--lib --tests)
 build_log="$(mktemp)"
-cargo build --locked "${targets[@]}" --example noop_authz --example mint >"$build_log" 2>&1 &
+{
+    cargo test --locked "${targets[@]}" --no-run &&
+        cargo build --locked --example noop_authz --example mint
+} >"$build_log" 2>&1 &
 build=$!
 trap 'kill "$build" "${job_pid[@]}" 2>/dev/null || true; rm -rf "$build_log" "$tmp"' EXIT
 

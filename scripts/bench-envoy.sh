@@ -3,7 +3,7 @@
 # measured with h2load on 127.0.0.1 only.
 #
 #   scripts/bench-envoy.sh              # 3 interleaved rounds of 5 s per scenario, ~3 minutes once built
-#   scripts/bench-envoy.sh --smoke      # 1 round of 0.3 s per scenario (checks it all works)
+#   scripts/bench-envoy.sh --smoke      # 1 round of 0.1 s per scenario (checks it all works)
 #   scripts/bench-envoy.sh --smoke --debug  # the same with the debug build (scripts/test.sh, CI)
 #   BENCH_SECONDS=10 ROUNDS=5 scripts/bench-envoy.sh
 #   SCENARIOS="noauth anon anonlegacy" ROUNDS=9 scripts/bench-envoy.sh   # an A/B of a few
@@ -89,7 +89,7 @@ AUTHZ_CPU=${AUTHZ_CPU:-0}
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 for arg in "$@"; do
     case $arg in
-        --smoke) ROUNDS=1 BENCH_SECONDS=300ms WARMUP=0 SMOKE=1 ;; # h2load -D takes units
+        --smoke) ROUNDS=1 BENCH_SECONDS=100ms WARMUP=0 SMOKE=1 ;; # h2load -D takes units
         --debug) PROFILE=debug ;;
         --no-build) BUILD='' ;;
         -h | --help) usage; exit 0 ;;

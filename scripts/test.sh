@@ -81,10 +81,19 @@ build_log="$(mktemp)"
 build=$!
 trap 'kill "$build" "${job_pid[@]}" 2>/dev/null || true; rm -rf "$build_log" "$tmp"' EXIT
 
-# The installs (and lint, after them) run at the lowest priority, nice 19: the compile
-# keeps both cores while it can use them, and the installs take what it leaves idle
-# (its last crates, envoy-types and then ours, compile mostly one at a time). Run
-# first at normal priority, they delayed a cold compile by about their own CPU.
+# The installs (and lint, after them) wait for the compile to reach envoy-types, then
+# run at the lowest priority, nice 19. A cold compile keeps both cores busy until
+# then; envoy-types is its longest crate and cargo starts it among the last (its
+# priority is its number of dependents: few), so for 15-25 s it compiles alone and
+# one core is idle: the installs (~20 core-s) fit there. Run from the start, even at
+# nice 19, they delayed a cold compile by about half their CPU (148 -> 159 s). A warm
+# run reaches `Compiling valet` (or its end) at once.
+[[ -p $tmp/tick ]] || { mkfifo "$tmp/tick" && exec 3<>"$tmp/tick"; }
+while kill -0 "$build" 2>/dev/null &&
+    ! grep -qE '^ *Compiling (envoy-types|valet) ' "$build_log"; do
+    read -r -t 0.5 -u 3 _ || true
+done
+phase "compile (until envoy-types)"
 VALET_ENVOY="$(nice -n 19 scripts/install-test-deps.sh | tail -n1)"
 # Already installed by the line above: these only print the paths.
 VALET_NGINX="$(scripts/install-test-deps.sh --print nginx | tail -n1)"

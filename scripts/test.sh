@@ -74,6 +74,7 @@ fi
 # compile of it; the `it` suites get the valet binary built for them anyway.
 targets=(--lib --tests)
 build_log="$(mktemp)"
+: >"$tmp/build-started"
 {
     cargo test --locked "${targets[@]}" --no-run &&
         cargo build --locked --example noop_authz --example mint
@@ -105,6 +106,20 @@ phase "installs"
 # ruff and shellcheck need only the installs: they run while the compile goes on (its
 # last crates and links leave a core idle).
 job lint nice -n 19 scripts/lint.sh
+# check-observability and check-deploy need only the valet binary (and the installs):
+# they start once this compile has linked it, while it compiles the `it` suites alone
+# on one core (~13 s), rather than after it. VALET_BIN: the binary cargo made or
+# found fresh, never a rebuild by the scripts (a plain `cargo build` has other
+# features than `cargo test`, so it would recompile dependencies, waiting for the
+# tests' cargo to unlock the build directory first).
+export VALET_BIN="$PWD/target/debug/valet"
+while kill -0 "$build" 2>/dev/null && ! [[ $VALET_BIN -nt $tmp/build-started ]]; do
+    read -r -t 0.5 -u 3 _ || true
+done
+if [[ $VALET_BIN -nt $tmp/build-started ]]; then
+    job observability scripts/check-observability.sh
+    job deploy scripts/check-deploy.sh
+fi
 build_ok=0
 wait "$build" || build_ok=$?
 cat "$build_log"
@@ -123,8 +138,10 @@ phase "compile (the rest of it)"
 # and so does much of what runs beside them; the load generators are paced
 # (tests/it/common/load.rs) and the load tests take one of two `common::load_slot`s.
 job --live tests cargo test --locked "${targets[@]}" -- --test-threads="${VALET_TEST_THREADS:-8}"
-job observability scripts/check-observability.sh
-job deploy scripts/check-deploy.sh
+if [[ -z ${job_pid[observability]:-} ]]; then
+    job observability scripts/check-observability.sh
+    job deploy scripts/check-deploy.sh
+fi
 job "envoy smoke" env ENVOY="$VALET_ENVOY" scripts/bench-envoy.sh --smoke --debug --no-build
 await_jobs lint tests observability deploy "envoy smoke"
 phase "tests, checks and Envoy smoke"

@@ -59,8 +59,13 @@
 //     invalid_grant. (Client authentication stays client_secret_basic: the header is
 //     only a binding source, not a credential.)
 //   * key rotation via admin endpoints on the same port (loopback only):
-//       POST /__rotate  generate key k<N+1>, put it FIRST in the key set (new tokens
+//       POST /__rotate  take key k<N+1>, put it FIRST in the key set (new tokens
 //                       are signed with it) and keep all older keys published.
+//     Keys come from the committed test-only pool tests/idp/keys.json (k1 at start,
+//     k2, k3... at each rotation; written once by tests/idp/gen-keys.mjs), so no
+//     start or rotation spends CPU on RSA key generation; past the pool's end a key
+//     is generated. Hence every instance starts with the same k1: tokens of two
+//     instances differ by issuer (port), not by key.
 //       POST /__retire  drop every key but the newest one.
 //       GET  /__keys    show the current kids (newest first).
 //     Each returns JSON {"kids": [...], "signing_kid": "..."}.
@@ -84,10 +89,13 @@
 //     would. The token endpoint is never limited.
 //
 // Env knobs: IDP_PORT (see above), IDP_ACCESS_TOKEN_TTL (seconds, default 300),
-// IDP_INTROSPECTION_RPS (see above; unset or 0 = no limit).
+// IDP_INTROSPECTION_RPS (see above; unset or 0 = no limit), IDP_EXIT_WITH_STDIN=1
+// (exit when stdin reaches end of file: a harness keeps stdin's pipe open, so the
+// IdP ends with the harness's process however that ends, even by SIGKILL).
 // SIGTERM / SIGINT close the server and exit 0.
 
 import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
 import * as http from 'node:http';
 
 // Keep stdout for the READY line only: oidc-provider prints notices with console.info.
@@ -154,13 +162,21 @@ if (!Number.isInteger(PORT) || PORT < 0 || PORT > 65535) {
 let keyCounter = 0;
 /** Private RSA JWKs, newest first. keys[0] signs new tokens. */
 let keys = [];
+// Committed test-only keys (tests/idp/keys.json, written by gen-keys.mjs), taken in
+// order: generating a 2048-bit RSA key costs ~0.4 cpu-s, at every start and rotation.
+// So every instance's k1 (k2...) is the same key; issuers still differ by port.
+const KEY_POOL = JSON.parse(fs.readFileSync(new URL('./keys.json', import.meta.url), 'utf8')).keys;
 
 function newKey() {
   keyCounter += 1;
+  const kid = `k${keyCounter}`;
+  const pooled = KEY_POOL[keyCounter - 1];
+  if (pooled) return { ...pooled, kid, alg: 'RS256', use: 'sig' };
+  // Beyond the pool (more rotations than keys.json holds): a fresh key.
   const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
   return {
     ...privateKey.export({ format: 'jwk' }),
-    kid: `k${keyCounter}`,
+    kid,
     alg: 'RS256',
     use: 'sig',
   };
@@ -384,3 +400,8 @@ function shutdown(signal) {
 }
 process.on('SIGTERM', () => shutdown('SIGTERM'));
 process.on('SIGINT', () => shutdown('SIGINT'));
+if (process.env.IDP_EXIT_WITH_STDIN === '1') {
+  process.stdin.on('end', () => shutdown('stdin closed'));
+  process.stdin.on('error', () => shutdown('stdin error'));
+  process.stdin.resume();
+}

@@ -230,7 +230,7 @@ fn rand_id() -> u64 {
 /// Tokens bound by the real oidc-provider (DPoP and certificate), verified by Valet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_bound_by_a_real_openid_provider() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     let config = format!(
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"{ORDERS}\"]\n    jwks: {{ discovery: true }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read], binding: any }}\n",
         idp.issuer

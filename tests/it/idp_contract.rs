@@ -21,6 +21,7 @@ fn now() -> i64 {
 
 #[tokio::test]
 async fn opaque_tokens_introspect_active_until_revoked() {
+    // Its own IdP: it rotates the keys (at the end).
     let idp = Idp::start();
     let (endpoint, client_id, client_secret) = idp.introspection();
     assert_eq!(endpoint, format!("{}/token/introspection", idp.issuer));
@@ -97,7 +98,7 @@ async fn opaque_tokens_expire() {
 
 #[tokio::test]
 async fn dpop_proofs_bind_tokens_to_the_key_thumbprint() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     let key = DpopKey::generate();
     let proof = key.proof("POST", &idp.token_endpoint(), None);
 
@@ -157,7 +158,7 @@ async fn dpop_proofs_bind_tokens_to_the_key_thumbprint() {
 
 #[tokio::test]
 async fn client_certificate_header_binds_tokens_to_x5t_s256() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     assert_eq!(cert_thumbprint(CLIENT_CERT_PEM), CLIENT_CERT_X5T_S256);
     let token = idp.mtls_token(ORDERS, "orders:read", CLIENT_CERT_PEM).await;
     let claims = jwt_payload(&token);

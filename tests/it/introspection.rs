@@ -44,7 +44,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tokens_are_introspected_and_cached() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     let dir = tempfile::tempdir().unwrap();
     let v =
         Valet::in_process_ready_in(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir).await;
@@ -154,7 +154,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_bound_opaque_tokens_need_their_proof() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     let dir = tempfile::tempdir().unwrap();
     let v = Valet::in_process_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let mut c = v.client().await;
@@ -181,7 +181,7 @@ async fn dpop_bound_opaque_tokens_need_their_proof() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
-    let idp = Idp::start();
+    let idp = Idp::shared();
     let bad = JwksServer::start(serde_json::json!({})).await;
     // The endpoint never answers until released: an answer at all is the timeout's.
     let gate = common::jwks_server::held();

@@ -17,6 +17,7 @@ fn kid(token: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_a_real_openid_provider() {
+    // Its own IdP: it rotates the keys.
     let idp = Idp::start();
     let config = format!(
         "providers:\n  - name: idp\n    issuer: {}\n    audiences: [\"https://orders.example/\"]\n    jwks: {{ discovery: true }}\n    claims_to_headers: {{ client_id: x-client-id }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",

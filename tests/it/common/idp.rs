@@ -16,8 +16,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest::{SHA256, digest};
@@ -62,9 +62,13 @@ Pg==
 /// `openssl x509 -outform der | openssl dgst -sha256 -binary | basenc --base64url`.
 pub const CLIENT_CERT_X5T_S256: &str = "PJAwaM5ARjCDBtKmh6cFv0vlhN6cQYTD76M9pNbOX4U";
 
-/// A running tests/idp/server.mjs; killed on drop.
+/// A running tests/idp/server.mjs: a test's own ([`Idp::start`], killed on drop) or a
+/// handle on the process's shared one ([`Idp::shared`]).
 pub struct Idp {
-    child: Child,
+    /// The server and the write end of its stdin, for a test's own IdP; `None` for a
+    /// handle on the shared one. The server exits when its stdin closes
+    /// (IDP_EXIT_WITH_STDIN), so no IdP outlives the test process, however it ends.
+    own: Option<(Child, ChildStdin)>,
     /// `http://127.0.0.1:<port>`, no trailing slash (as in its discovery document).
     pub issuer: String,
     stderr: Arc<Mutex<String>>,
@@ -73,8 +77,28 @@ pub struct Idp {
 
 impl Idp {
     /// Starts the IdP (VALET_IDP_SERVER, else tests/idp/server.mjs) and waits for it.
+    /// For a test that rotates keys, reads [`Idp::introspection_stats`] as absolute
+    /// counts, or needs the IdP's full attention; else use [`Idp::shared`].
     pub fn start() -> Idp {
         Idp::start_with(&[])
+    }
+
+    /// The one default IdP of this test process (started by the first caller, ~1 cpu-s
+    /// of node saved per test that shares it), for tests that only need its tokens,
+    /// introspection and revocation: never `/__rotate` or `/__retire` it, and read
+    /// its [`Idp::introspection_stats`] only as deltas that other tests may add to.
+    /// It lives as long as the test process (a static is never dropped; the server
+    /// exits when the process's end closes its stdin). Each handle has its own HTTP
+    /// client: a pooled connection must not outlive the test runtime that opened it.
+    pub fn shared() -> Idp {
+        static SHARED: OnceLock<Idp> = OnceLock::new();
+        let idp = SHARED.get_or_init(Idp::start);
+        Idp {
+            own: None,
+            issuer: idp.issuer.clone(),
+            stderr: idp.stderr.clone(),
+            http: reqwest::Client::new(),
+        }
     }
 
     /// [`Idp::start`] with extra environment, e.g. `[("IDP_ACCESS_TOKEN_TTL", "2")]`.
@@ -92,12 +116,14 @@ impl Idp {
         let mut child = Command::new("node")
             .arg(&server)
             .arg("0")
+            .env("IDP_EXIT_WITH_STDIN", "1")
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("node runs");
+        let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -126,7 +152,7 @@ impl Idp {
             }
         };
         Idp {
-            child,
+            own: Some((child, stdin)),
             issuer,
             stderr,
             http: reqwest::Client::new(),
@@ -264,7 +290,8 @@ impl Idp {
     }
 
     /// Requests that reached the introspection endpoint, and those it answered 429
-    /// (with `IDP_INTROSPECTION_RPS`), since the IdP started.
+    /// (with `IDP_INTROSPECTION_RPS`), since the IdP started: on [`Idp::shared`],
+    /// other tests' requests included.
     pub async fn introspection_stats(&self) -> (u64, u64) {
         let body = self
             .http
@@ -336,8 +363,10 @@ impl Idp {
 
 impl Drop for Idp {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some((child, _)) = &mut self.own {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -28,6 +28,8 @@ use valet::stores::Snapshot;
 
 #[path = "../tests/it/common/pem_key.rs"]
 mod pem_key;
+#[path = "../tests/it/common/tempdir.rs"]
+mod tempdir;
 
 const ISSUER: &str = "https://idp.bench/";
 const AUDIENCE: &str = "orders-api";
@@ -290,7 +292,7 @@ fn bench_check(c: &mut Criterion) {
 /// comes second, a workload on a principal route, and an API key; all in one run.
 fn bench_identity(c: &mut Criterion) {
     let signers = signers();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir::tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks(&signers)).unwrap();
     let key = "bench-key-bench-key-bench-key-bench-key-00";
     std::fs::write(

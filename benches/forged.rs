@@ -25,6 +25,8 @@ use tonic::transport::Channel;
 mod pem_key;
 #[path = "../tests/it/floods_forged/shapes.rs"]
 mod shapes;
+#[path = "../tests/it/common/tempdir.rs"]
+mod tempdir;
 /// What shapes.rs takes from the test binary's `common`.
 mod common {
     pub(crate) use super::pem_key;
@@ -36,7 +38,7 @@ const GOAL: f64 = 20.0;
 struct Server {
     child: Child,
     grpc: String,
-    _dir: tempfile::TempDir,
+    _dir: tempdir::TempDir,
 }
 
 impl Drop for Server {
@@ -48,7 +50,7 @@ impl Drop for Server {
 
 impl Server {
     fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempdir::tempdir().unwrap();
         let policy = shapes::lay_out(dir.path());
         let path = dir.path().join("valet.yaml");
         std::fs::write(
@@ -274,7 +276,7 @@ fn bench_forged(c: &mut Criterion) {
 /// token costs by itself (the 60 KiB cookie against a bearer header).
 fn bench_inprocess(c: &mut Criterion) {
     use prost::Message;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir::tempdir().unwrap();
     let yaml = shapes::lay_out(dir.path());
     let policy = valet::load::parse(&yaml, &dir.path().join("valet.yaml"))
         .expect("flood policy compiles")

@@ -39,4 +39,8 @@ pub mod service;
 pub mod state;
 pub mod stores;
 pub mod telemetry;
+/// For the unit tests: the integration tests' temporary directories, shared by path.
+#[cfg(test)]
+#[path = "../tests/it/common/tempdir.rs"]
+mod tempdir;
 pub mod trace_context;

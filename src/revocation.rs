@@ -1128,7 +1128,7 @@ mod tests {
                 && e.contains("revoked[10]: more than 10 entries"),
             "{e}"
         );
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::tempdir::tempdir().unwrap();
         let path = dir.path().join("d.yaml");
         std::fs::write(&path, b"revoked:\n  - jti: caf\xe9\n").unwrap();
         assert!(read(&path).unwrap_err().to_string().contains("not UTF-8"));

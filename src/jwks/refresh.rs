@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn the_cache_round_trips_and_refuses_stale_or_foreign_sets() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::tempdir::tempdir().unwrap();
         let raw = br#"{"keys":[{"kty":"oct","kid":"a","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}]}"#;
         save_cache(
             "corp",

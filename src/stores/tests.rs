@@ -13,8 +13,8 @@ fn loaded(dir: &Path, yaml: &str) -> Loaded {
     load::parse(yaml, &dir.join("valet.yaml")).unwrap()
 }
 
-fn dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+fn dir() -> crate::tempdir::TempDir {
+    let dir = crate::tempdir::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
     std::fs::write(dir.path().join("denylist.yaml"), "revoked:\n  - jti: x\n").unwrap();
     std::fs::write(dir.path().join("other.yaml"), "revoked:\n  - jti: y\n").unwrap();

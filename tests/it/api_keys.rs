@@ -41,7 +41,7 @@ fn entry(key: &str, claims: &str) -> String {
 }
 
 async fn start(keys: &str) -> Valet {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     std::fs::write(dir.path().join("denylist.yaml"), "revoked: []\n").unwrap();
     std::fs::write(dir.path().join("keys.yaml"), keys).unwrap();
@@ -133,7 +133,7 @@ async fn a_key_stands_for_its_claims_and_never_goes_upstream() {
 /// At start (and in `check-config`) a broken key file is a policy error, placed.
 #[test]
 fn a_broken_key_file_is_a_configuration_error_with_its_position() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     std::fs::write(dir.path().join("denylist.yaml"), "revoked: []\n").unwrap();
     std::fs::write(dir.path().join("keys.yaml"), "keys:\n  - sha256: nothex\n").unwrap();

@@ -39,7 +39,7 @@ fn check_config_accepts_the_shipped_config() {
 
 #[test]
 fn check_config_reports_every_error_with_its_position() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = write_config(
         dir.path(),
         r#"providers:
@@ -93,7 +93,7 @@ routes:
 
 #[test]
 fn check_config_checks_the_jwks_file_and_prints_warnings() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = write_config(
         dir.path(),
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: nope.json }\nroutes:\n  - name: all\n    match: { path_prefix: / }\n  - name: never\n    match: { path: /x }\n",
@@ -110,7 +110,7 @@ fn check_config_checks_the_jwks_file_and_prints_warnings() {
 
 #[test]
 fn serve_refuses_a_bad_config_with_ex_usage() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = write_config(dir.path(), "routes: [ broken");
     let o = valet(&["serve", "--config", &path]);
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
@@ -119,7 +119,7 @@ fn serve_refuses_a_bad_config_with_ex_usage() {
 
 #[test]
 fn explain_tells_the_whole_story() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = write_config(
         dir.path(),
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: { file: jwks.json }\n    claims_to_headers: { sub: x-user-id }\nroutes:\n  - name: health\n    match: { path: /healthz }\n    anonymous: true\n  - name: write\n    match: { methods: [POST], path_prefix: /orders }\n    require: { scopes: [orders:write] }\n  - name: read\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n",
@@ -192,7 +192,7 @@ fn the_example_policy_suite_passes() {
 
 #[test]
 fn a_failing_suite_shows_a_readable_diff_and_fails() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let suite = dir.path().join("suite.yaml");
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/valet.yaml");
     std::fs::write(

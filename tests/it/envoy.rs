@@ -209,7 +209,7 @@ async fn envoy_asks_valet_before_the_upstream() {
     let valet = Valet::start(POLICY);
     let (listen_port, admin_port) = (free_port(), free_port());
     let config = envoy_config(listen_port, valet.grpc.port(), up_addr.port(), admin_port);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let config_path = dir.path().join("envoy.yaml");
     std::fs::write(&config_path, &config).unwrap();
 
@@ -372,7 +372,7 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
     let valet = Valet::start(GENERATED_POLICY);
     let (listen_port, admin_port) = (free_port(), free_port());
     let out = generated(&valet, listen_port, up_addr, admin_port);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let config_path = dir.path().join("generated.yaml");
     std::fs::write(&config_path, &out).unwrap();
     validate(&envoy_bin, &config_path);
@@ -512,7 +512,7 @@ async fn the_generated_envoy_config_decides_as_valet_does() {
 /// filter for the request), not with `ExtAuthzPerRoute { disabled: true }`.
 #[test]
 fn anonymous_routes_switch_the_ext_authz_filter_off_per_route() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, GENERATED_POLICY).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_valet"))
@@ -923,7 +923,7 @@ async fn the_istio_output_skips_only_paths_valet_allows_anonymously() {
     );
 
     // Real Envoy with that chain in front of Valet and an upstream.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("istio-inbound.json");
     std::fs::write(&path, boot.to_string()).unwrap();
     validate(&envoy_bin, &path);
@@ -1018,7 +1018,7 @@ fn make_pki(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_bound_tokens_through_envoy_mtls() {
     let envoy_bin = envoy_path();
-    let pki = tempfile::tempdir().unwrap();
+    let pki = tempdir().unwrap();
     make_pki(pki.path());
     let client_pem = std::fs::read_to_string(pki.path().join("client.pem")).unwrap();
     let x5t = idp::cert_thumbprint(&client_pem);
@@ -1036,7 +1036,7 @@ async fn certificate_bound_tokens_through_envoy_mtls() {
     ))
     .unwrap();
     common::pki::require_mtls(&mut cfg, pki.path());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let config_path = dir.path().join("mtls.yaml");
     std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     validate(&envoy_bin, &config_path);

@@ -47,7 +47,7 @@ routes:
 
 /// Valet in process on `policy`, with the JWKS and a key file holding `key`'s digest.
 fn start_valet(policy: &str, key: &str) -> Valet {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     std::fs::write(
         dir.path().join("keys.yaml"),
@@ -82,8 +82,8 @@ async fn run(
     cfg: &Value,
     pki: &Path,
     listen: u16,
-) -> ((Envoy, tempfile::TempDir), reqwest::Client, reqwest::Client) {
-    let dir = tempfile::tempdir().unwrap();
+) -> ((Envoy, TempDir), reqwest::Client, reqwest::Client) {
+    let dir = tempdir().unwrap();
     let config_path = dir.path().join("envoy.yaml");
     std::fs::write(&config_path, serde_json::to_string_pretty(cfg).unwrap()).unwrap();
     let envoy_bin = envoy_path();
@@ -101,7 +101,7 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
-    let pki = tempfile::tempdir().unwrap();
+    let pki = tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
     let (key, _) = valet::api_keys::generate().unwrap();
@@ -186,7 +186,7 @@ async fn envoy_mtls_principals_decide_alone_or_as_one_alternative() {
 /// the certificate's, and a client's forged header never counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_http_service_forwards_the_principal_in_xfcc_and_drops_a_forged_one() {
-    let pki = tempfile::tempdir().unwrap();
+    let pki = tempdir().unwrap();
     make_spiffe_pki(pki.path(), &[WORKER, EVIL]);
     let (up_addr, seen) = upstream().await;
     let policy = POLICY.replacen(

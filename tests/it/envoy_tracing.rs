@@ -83,7 +83,7 @@ async fn valets_span_is_a_child_of_envoys_ext_authz_span() {
         admin_port,
         receiver.addr.port(),
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");
     std::fs::write(&path, &yaml).unwrap();
     validate(&envoy_bin, &path);

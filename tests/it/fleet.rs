@@ -112,7 +112,7 @@ fn free_port() -> u16 {
 }
 
 fn replica(config: &str) -> Valet {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
     let path = dir.path().join("valet.yaml");
@@ -604,7 +604,7 @@ async fn store_latency_measured() {
 
 #[test]
 fn store_and_spread_settings_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("pw"), "hunter2\n").unwrap();
     std::fs::write(dir.path().join("empty"), "").unwrap();
     let path = dir.path().join("valet.yaml");

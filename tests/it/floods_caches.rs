@@ -271,7 +271,7 @@ fn jti_token(jti: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_denylist_loads_within_its_bound_and_a_broken_one_keeps_it() {
     let _load = common::load_slot().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     let deny = dir.path().join("denylist.yaml");
     std::fs::write(&deny, "revoked:\n  - jti: first\n").unwrap();

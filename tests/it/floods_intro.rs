@@ -242,7 +242,7 @@ async fn new_tokens_pass_during_a_random_token_flood() {
     let _load = common::load_slot().await;
     let (workers, n) = if long() { (512, 400) } else { (64, 30) };
     let idp = Idp::shared();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
     // The shared IdP counts other tests' introspections too: this one's is the delta.
@@ -279,7 +279,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
     // Its own IdP: the rate limit is its environment.
     let idp = Idp::start_with(&[("IDP_INTROSPECTION_RPS", "25")]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
 
@@ -320,7 +320,7 @@ async fn active_answers_survive_a_flood_of_inactive_ones() {
     // Its own IdP: "no new IdP request" below is read from the IdP's own counter,
     // which another test's introspections would move.
     let idp = Idp::start();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     // A small cache, so that the flood is many times its size.
     let v =
         Valet::start_ready_in(&config(&idp, dir.path(), "      cache_entries: 100\n"), dir).await;

@@ -294,7 +294,7 @@ async fn nginx_auth_request() {
     ] {
         conf = replace_once(&conf, file, from, &format!("127.0.0.1:{to}"));
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     let mut proxy = spawn_proxy(
         Command::new(&nginx)
@@ -322,7 +322,7 @@ async fn traefik_forward_auth() {
     let (up, seen) = upstream().await;
     let up = up.port();
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let dynamic_path = dir.path().join("dynamic.yml");
     let mut dynamic = example("traefik-dynamic.yml");
     for (from, to) in [
@@ -412,7 +412,7 @@ async fn envoy_http_service() {
     let (up, seen) = upstream().await;
     let up = up.port();
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");
     std::fs::write(
         &path,

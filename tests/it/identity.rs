@@ -179,7 +179,7 @@ async fn http_mode_reads_the_principal_from_envoys_xfcc_only() {
 
     // Behind nginx, xfcc is a configuration error, and the header is never read.
     let nginx = policy.replace("http_proxy: envoy", "http_proxy: nginx");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, &nginx).unwrap();
     let e = valet::load::load(&path).err().expect("refused").to_string();
@@ -194,7 +194,7 @@ async fn http_mode_reads_the_principal_from_envoys_xfcc_only() {
 /// front), and an API key's header is among those Envoy sends Valet.
 #[test]
 fn generators_check_principal_routes_and_forward_api_key_headers() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("keys.yaml"), "keys: []\n").unwrap();
     let src = format!(
         "{}  - name: partners\n    issuer: api-keys:partners\n    api_keys: {{ file: keys.yaml }}\n    tokens_from: [{{ header: x-api-key }}]\n",

@@ -45,7 +45,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tokens_are_introspected_and_cached() {
     let idp = Idp::shared();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let v =
         Valet::in_process_ready_in(&config(&idp, dir.path(), "      cache_ttl: 2s\n"), dir).await;
     let mut c = v.client().await;
@@ -155,7 +155,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_bound_opaque_tokens_need_their_proof() {
     let idp = Idp::shared();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let v = Valet::in_process_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let mut c = v.client().await;
     let key = DpopKey::generate();
@@ -186,7 +186,7 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
     // The endpoint never answers until released: an answer at all is the timeout's.
     let gate = common::jwks_server::held();
     bad.set_mode(Mode::Held(gate.clone()));
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let cfg = config(
         &idp,
         dir.path(),
@@ -262,7 +262,7 @@ async fn a_failing_endpoint_times_out_then_the_circuit_opens() {
 async fn answers_are_checked_like_claims_and_deadlines_are_valets() {
     use serde_json::json;
     let endpoint = JwksServer::start(json!({})).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
     let cfg = format!(
         "providers:\n  - name: opaque\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    claims_to_headers: {{ client_id: x-client-id }}\n    introspection:\n      endpoint: {}/jwks\n      client_id: valet\n      client_secret_file: secret\n      timeout: 2s\n      negative_cache_ttl: 1s\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",

@@ -237,7 +237,7 @@ async fn a_flood_of_random_kids_causes_at_most_one_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_an_outage_serves_from_the_cache() {
     let mut server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempdir().unwrap();
     let extra = format!("      cache_dir: {}\n", cache.path().display());
     let config = remote_config(&format!("{}/jwks", server.url()), &extra);
     {

@@ -46,7 +46,7 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     use common::jwks_server::{JwksServer, Mode};
     // One slow server: the JWKS of `corp` and the introspection endpoint of `opaque`.
     let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "s\n").unwrap();
     let path = dir.path().join("valet.yaml");
     std::fs::write(

@@ -55,7 +55,7 @@ const WRITES: usize = 20;
 const RELOAD_ERRORS: &str = "valet_policy_reload_total{result=\"error\"}";
 
 async fn reload_under_load(k8s: bool) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("valet.yaml");
     if k8s {
         k8s_write(dir.path(), &policy(true), 0);

@@ -30,7 +30,7 @@ fn token_with(extra: serde_json::Value) -> String {
 
 /// Valet on CONFIG with this denylist beside it; the paths of both files.
 fn start(denylist: &str) -> (Valet, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     let deny = dir.path().join("denylist.yaml");
     std::fs::write(&deny, denylist).unwrap();
@@ -233,7 +233,7 @@ async fn revocation_propagates_in_about_a_second_under_load() {
 
 #[test]
 fn a_policy_naming_a_broken_denylist_does_not_start() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     std::fs::write(
         dir.path().join("denylist.yaml"),

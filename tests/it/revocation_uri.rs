@@ -143,7 +143,7 @@ async fn a_denylist_url_is_followed_confirmed_and_reported_stale() {
 
 #[test]
 fn exactly_one_of_file_and_uri() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let path = dir.path().join("valet.yaml");
     let err = |revocation: &str| {
         let src = format!("routes: []\nrevocation: {revocation}\n");

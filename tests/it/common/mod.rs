@@ -30,7 +30,10 @@ pub mod load;
 pub mod otlp;
 pub mod pem_key;
 pub mod pki;
+pub mod tempdir;
 pub mod tools;
+
+pub use tempdir::{TempDir, tempdir};
 
 pub const ISSUER: &str = "https://idp.test/";
 pub const AUDIENCE: &str = "orders-api";
@@ -216,7 +219,7 @@ pub struct Valet {
     pub admin: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
-    pub dir: tempfile::TempDir,
+    pub dir: TempDir,
 }
 
 impl Valet {
@@ -240,7 +243,7 @@ impl Valet {
 
     /// Valet on `config` written into `dir` (beside the files it names, such as a
     /// client secret), logging at info, ready.
-    pub async fn start_ready_in(config: &str, dir: tempfile::TempDir) -> Valet {
+    pub async fn start_ready_in(config: &str, dir: TempDir) -> Valet {
         let path = dir.path().join("valet.yaml");
         std::fs::write(&path, with_free_ports(config)).unwrap();
         let v = Self::spawn(dir, &path, &[("VALET_LOG", "info")]);
@@ -253,7 +256,7 @@ impl Valet {
     }
 
     /// [`Valet::start_ready_in`], in process.
-    pub async fn in_process_ready_in(config: &str, dir: tempfile::TempDir) -> Valet {
+    pub async fn in_process_ready_in(config: &str, dir: TempDir) -> Valet {
         let path = dir.path().join("valet.yaml");
         std::fs::write(&path, with_free_ports(config)).unwrap();
         let v = Self::in_process_at(dir, &path);
@@ -266,7 +269,7 @@ impl Valet {
     }
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Valet {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempdir().unwrap();
         std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
         let path = dir.path().join("valet.yaml");
         std::fs::write(&path, with_free_ports(config)).unwrap();
@@ -275,7 +278,7 @@ impl Valet {
 
     /// Starts Valet on a config file the test laid out itself (in `dir`, which the
     /// returned Valet keeps alive).
-    pub fn spawn(dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Valet {
+    pub fn spawn(dir: TempDir, path: &Path, env: &[(&str, &str)]) -> Valet {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_valet"));
         cmd.arg("serve").arg("--config").arg(path);
         for (k, v) in env {
@@ -349,7 +352,7 @@ impl Valet {
     /// [`Valet::in_process`] on `clock`: the test keeps a clone and moves Valet's
     /// time with `advance_unix` instead of sleeping.
     pub fn in_process_on(config: &str, clock: valet::clock::Clock) -> Valet {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempdir().unwrap();
         std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
         let path = dir.path().join("valet.yaml");
         std::fs::write(&path, with_free_ports(config)).unwrap();
@@ -357,16 +360,12 @@ impl Valet {
     }
 
     /// [`Valet::in_process`] on a config file the test laid out itself in `dir`.
-    pub fn in_process_at(dir: tempfile::TempDir, path: &Path) -> Valet {
+    pub fn in_process_at(dir: TempDir, path: &Path) -> Valet {
         Self::in_process_at_on(dir, path, valet::clock::Clock::system())
     }
 
     /// [`Valet::in_process_at`] on `clock`.
-    pub fn in_process_at_on(
-        dir: tempfile::TempDir,
-        path: &Path,
-        clock: valet::clock::Clock,
-    ) -> Valet {
+    pub fn in_process_at_on(dir: TempDir, path: &Path, clock: valet::clock::Clock) -> Valet {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let server = in_process::start(path, logs.clone(), clock);
         Valet {

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cases::Case;
-use common::{Answer, Valet, check, claims, get, now, other_rsa_key, sign_raw, token};
+use common::{Answer, Valet, check, claims, get, now, other_rsa_key, sign_raw, tempdir, token};
 use jsonwebtoken::Algorithm;
 use proxy::{Proxy, Setup};
 use serde_json::json;
@@ -376,7 +376,7 @@ async fn run(proxy_name: &str) {
     };
     let valet = Valet::start_ready(&format!("{listen}{POLICY}")).await;
     let policy = valet.dir.path().join("valet.yaml");
-    let scratch = tempfile::tempdir().unwrap();
+    let scratch = tempdir().unwrap();
     let setup = Setup {
         policy: &policy,
         valet_grpc: valet.grpc,

@@ -9,7 +9,7 @@ mod shapes;
 
 use std::time::Duration;
 
-use common::{Valet, check, get, with_free_ports};
+use common::{Valet, check, get, tempdir, with_free_ports};
 use shapes::Kind;
 
 const CALLERS: usize = 8;
@@ -23,7 +23,7 @@ fn per_shape() -> usize {
 }
 
 async fn start() -> Valet {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir().unwrap();
     let policy = shapes::lay_out(dir.path());
     let path = dir.path().join("valet.yaml");
     std::fs::write(&path, with_free_ports(&policy)).unwrap();

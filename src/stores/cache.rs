@@ -44,6 +44,8 @@ pub struct Extras {
 pub struct VerifiedCache {
     /// Deadlines in Unix seconds.
     cache: Option<BoundedCache<TokenHash, Arc<Entry>, u64>>,
+    /// `max_bytes / max_entries`: what an entry weighs at least (README).
+    min_weight: u32,
     /// `valet_verify_cache_total` (hit, miss), made on first use under the
     /// Valet's recorder.
     counters: std::sync::OnceLock<[metrics::Counter; 2]>,
@@ -94,9 +96,11 @@ impl VerifiedCache {
         if max_entries == 0 || max_bytes == 0 {
             return VerifiedCache {
                 cache: None,
+                min_weight: 1,
                 counters: Default::default(),
             };
         }
+        let min_weight = (max_bytes / max_entries).clamp(1, u64::from(u32::MAX)) as u32;
         let cache = BoundedCache::new(max_entries, max_bytes).on_removal(|why| {
             if why == Removal::Evicted {
                 EVICTIONS.fetch_add(1, Ordering::Relaxed);
@@ -105,6 +109,7 @@ impl VerifiedCache {
         });
         VerifiedCache {
             cache: Some(cache),
+            min_weight,
             counters: Default::default(),
         }
     }
@@ -170,7 +175,7 @@ impl VerifiedCache {
             headers: extras.headers,
             exp,
         };
-        cache.insert(key, Arc::new(entry), bytes, exp, now);
+        cache.insert(key, Arc::new(entry), bytes.max(self.min_weight), exp, now);
     }
 
     pub fn entries(&self) -> u64 {

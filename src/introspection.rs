@@ -20,6 +20,7 @@ use tokio::sync::watch;
 pub use gate::Client;
 use gate::{Gate, Lane, Outcome, Shed};
 
+use crate::bounded_cache::BoundedCache;
 use crate::shared_store::SharedStore;
 use crate::telemetry;
 
@@ -101,12 +102,12 @@ pub struct Introspector {
     pub issuer: String,
     pub settings: Settings,
     /// Active answers, and apart from them inactive ones: a flood of random tokens
-    /// fills only the negative cache.
-    cache: moka::sync::Cache<Key, (Answer, Instant)>,
-    negative: moka::sync::Cache<Key, (Answer, Instant)>,
+    /// fills only the negative cache. Each lives as long as its answer says.
+    cache: BoundedCache<Key, Answer, Instant>,
+    negative: BoundedCache<Key, Answer, Instant>,
     /// Tokens answered active, until their `exp`: a re-validation after `cache_ttl`
     /// is no stranger (its request may use the reserved slots).
-    known: moka::sync::Cache<Key, Instant>,
+    known: BoundedCache<Key, (), Instant>,
     in_flight: Mutex<HashMap<Key, Flight>>,
     /// Bounds concurrent requests, and shares them so that random tokens cost
     /// their senders (see [`gate`]).
@@ -132,31 +133,6 @@ struct Breaker {
     trial: bool,
 }
 
-/// Entries live as long as their answer says: a moka per-entry expiry.
-struct Expire;
-
-impl moka::Expiry<Key, (Answer, Instant)> for Expire {
-    fn expire_after_create(
-        &self,
-        _key: &Key,
-        value: &(Answer, Instant),
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.1.saturating_duration_since(created_at))
-    }
-}
-
-impl moka::Expiry<Key, Instant> for Expire {
-    fn expire_after_create(
-        &self,
-        _key: &Key,
-        until: &Instant,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(until.saturating_duration_since(created_at))
-    }
-}
-
 pub fn key(token: &str) -> Key {
     digest(&SHA256, token.as_bytes())
         .as_ref()
@@ -176,13 +152,7 @@ impl Introspector {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         // LRU: a fresh answer is always admitted (TinyLFU could drop it at once
         // when the cache is full, and the Check would find nothing).
-        let lru = |entries| {
-            moka::sync::Cache::builder()
-                .max_capacity(entries)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .expire_after(Expire)
-                .build()
-        };
+        let lru = |entries| BoundedCache::new(entries, entries);
         let gate = Gate::new(gate::Limits {
             slots: settings.max_in_flight,
             revalidation_reserve: settings.revalidation_reserve,
@@ -196,11 +166,7 @@ impl Introspector {
             issuer: issuer.to_string(),
             cache: lru(settings.cache_entries),
             negative: lru(settings.negative_cache_entries),
-            known: moka::sync::Cache::builder()
-                .max_capacity(settings.cache_entries)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .expire_after(Expire)
-                .build(),
+            known: BoundedCache::new(settings.cache_entries, settings.cache_entries),
             gate,
             settings,
             in_flight: Mutex::new(HashMap::new()),
@@ -223,10 +189,8 @@ impl Introspector {
     }
 
     fn lookup(&self, k: &Key) -> Option<Answer> {
-        self.cache
-            .get(k)
-            .or_else(|| self.negative.get(k))
-            .map(|(a, _)| a)
+        let now = Instant::now();
+        self.cache.get(k, now).or_else(|| self.negative.get(k, now))
     }
 
     /// Asks the IdP about `token` (once for all concurrent callers) and caches the
@@ -249,7 +213,7 @@ impl Introspector {
             match map.get(&k) {
                 Some(f) => f.clone(),
                 None => {
-                    let lane = if self.known.contains_key(&k) {
+                    let lane = if self.known.contains(&k, Instant::now()) {
                         Lane::Known
                     } else {
                         Lane::New(client)
@@ -317,21 +281,22 @@ impl Introspector {
 
     /// Caches `answer` for `ttl` (and remembers an active token until its `exp`).
     fn remember(&self, k: Key, answer: &Answer, ttl: Duration, now: u64) {
-        let until = Instant::now() + ttl;
+        let at = Instant::now();
+        let until = at + ttl;
         match answer {
             Answer::Active(claims) => {
-                self.cache.insert(k, (answer.clone(), until));
+                self.cache.insert(k, answer.clone(), 1, until, at);
                 let known = claims
                     .get("exp")
                     .and_then(Value::as_u64)
                     .map_or(KNOWN_FOR, |exp| {
                         Duration::from_secs(exp.saturating_sub(now))
                     });
-                let until = Instant::now() + known.min(KNOWN_FOR * 24);
-                self.known.insert(k, until);
+                let until = at + known.min(KNOWN_FOR * 24);
+                self.known.insert(k, (), 1, until, at);
             }
             Answer::Inactive => {
-                self.negative.insert(k, (answer.clone(), until));
+                self.negative.insert(k, answer.clone(), 1, until, at);
             }
         }
     }

@@ -209,8 +209,9 @@ fn layers_keep_their_direction() {
         ("clock", &["*"]),
         // Telemetry is a leaf: the clock and the decision types at most.
         ("telemetry", &["*", "!clock", "!decision"]),
-        // Decision and request views are leaves.
+        // Decision and request views are leaves, and so is the bounded cache.
         ("decision", &["*"]),
+        ("bounded_cache", &["*"]),
         ("request", &["*"]),
         // gRPC dispatch by service name knows no Valet service.
         ("grpc_mux", &["*"]),

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api_keys;
 pub mod app;
 pub mod audit;
+pub mod bounded_cache;
 pub mod check;
 pub mod clock;
 pub mod config;

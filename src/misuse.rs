@@ -6,21 +6,21 @@
 //! `valet_misuse_signals_total{provider, signal}` and logged once, naming the
 //! token by its SHA-256, never the token.
 //!
-//! Bounded state: per token, a moka entry keyed by the token's SHA-256 that
-//! lives until the token's `exp` (at most `misuse.tracked_tokens` entries,
-//! least recently used out first), holding at most one address more than
-//! `max_addresses_per_token`; per client, a moka entry of three counters that
-//! lives two idle minutes (at most 10,000 clients).
+//! Bounded state ([`BoundedCache`]s, deadlines in the Check's Unix seconds):
+//! per token, an entry keyed by the token's SHA-256 that lives until the
+//! token's `exp` (at most `misuse.tracked_tokens` entries, least recently used
+//! out first), holding at most one address more than `max_addresses_per_token`;
+//! per client, an entry of three counters that lives two idle minutes (at most
+//! 10,000 clients).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use moka::sync::Cache;
 
 use crate::audit::Facts;
+use crate::bounded_cache::BoundedCache;
 use crate::decision::Decision;
 use crate::policy::observe::Misuse;
 use crate::policy::{Access, Policy};
@@ -28,17 +28,19 @@ use crate::request::Request;
 use crate::telemetry;
 
 const MAX_CLIENTS: u64 = 10_000;
+/// Seconds a client's window outlives its last denial.
+const CLIENT_IDLE: u64 = 120;
 
 type TokenHash = [u8; 32];
 
 pub struct Watch {
-    tokens: Cache<TokenHash, Arc<Seen>>,
-    clients: Cache<Box<str>, Arc<Window>>,
+    tokens: BoundedCache<TokenHash, Arc<Seen>, u64>,
+    clients: BoundedCache<Box<str>, Arc<Window>, u64>,
 }
 
 /// The addresses one token came from.
+#[derive(Default)]
 struct Seen {
-    ttl: Duration,
     addresses: Mutex<Vec<IpAddr>>,
 }
 
@@ -50,25 +52,11 @@ struct Window {
     reported: AtomicU64,
 }
 
-struct UntilExp;
-
-impl moka::Expiry<TokenHash, Arc<Seen>> for UntilExp {
-    fn expire_after_create(&self, _: &TokenHash, seen: &Arc<Seen>, _: Instant) -> Option<Duration> {
-        Some(seen.ttl)
-    }
-}
-
 impl Watch {
     pub fn new(settings: &Misuse) -> Watch {
         Watch {
-            tokens: Cache::builder()
-                .max_capacity(settings.tracked_tokens)
-                .expire_after(UntilExp)
-                .build(),
-            clients: Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                .time_to_idle(Duration::from_secs(120))
-                .build(),
+            tokens: BoundedCache::new(settings.tracked_tokens, settings.tracked_tokens),
+            clients: BoundedCache::new(MAX_CLIENTS, MAX_CLIENTS),
         }
     }
 
@@ -117,12 +105,10 @@ impl Watch {
         let Some(hash) = token_hash(policy, req, facts.route) else {
             return;
         };
-        let seen = self.tokens.get_with(hash, || {
-            Arc::new(Seen {
-                ttl: Duration::from_secs(exp.saturating_sub(now).max(1)),
-                addresses: Mutex::new(Vec::new()),
-            })
-        });
+        let until = exp.max(now + 1);
+        let seen = self
+            .tokens
+            .get_or_insert_with(hash, now, until, false, Default::default);
         let bound = settings.max_addresses_per_token;
         let crossed = {
             let mut addresses = seen.addresses.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +140,9 @@ impl Watch {
             None => return,
         };
         let key: Box<str> = format!("{kind}:{client}").into();
-        let window = self.clients.get_with(key, Default::default);
+        let window =
+            self.clients
+                .get_or_insert_with(key, now, now + CLIENT_IDLE, true, Default::default);
         let minute = now / 60;
         if window.minute.swap(minute, Ordering::Relaxed) != minute {
             window.count.store(0, Ordering::Relaxed);

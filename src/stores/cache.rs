@@ -7,12 +7,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
-use moka::sync::Cache;
 use prost::bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::bounded_cache::{BoundedCache, Removal};
 use crate::telemetry;
 
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
@@ -30,12 +29,9 @@ pub struct Entry {
     pub metadata: Option<Bytes>,
     /// The provider's `claims_to_headers` of the claims.
     pub headers: Arc<[(String, String)]>,
-    /// Unix seconds; the entry is gone at this instant.
+    /// Unix seconds; the entry is gone at this instant (the cache's deadline, in
+    /// the `now` of each `get`: moved time is honoured).
     pub exp: u64,
-    /// `exp` less the `now` of the insert: how long moka keeps the entry (a `get`
-    /// also compares `exp` with its own `now`, so moved time is honoured).
-    ttl: Duration,
-    weight: u32,
 }
 
 /// What a Check's answer takes from the claims, made once per verified token.
@@ -46,27 +42,16 @@ pub struct Extras {
 }
 
 pub struct VerifiedCache {
-    cache: Option<Cache<TokenHash, Arc<Entry>>>,
+    /// Deadlines in Unix seconds.
+    cache: Option<BoundedCache<TokenHash, Arc<Entry>, u64>>,
+    /// `max_bytes / max_entries`: what an entry weighs at least (README).
     min_weight: u32,
     /// `valet_verify_cache_total` (hit, miss), made on first use under the
     /// Valet's recorder.
     counters: std::sync::OnceLock<[metrics::Counter; 2]>,
 }
 
-struct UntilExp;
-
-impl moka::Expiry<TokenHash, Arc<Entry>> for UntilExp {
-    fn expire_after_create(
-        &self,
-        _: &TokenHash,
-        entry: &Arc<Entry>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(entry.ttl)
-    }
-}
-
-/// The entry, its `Arc`, the key and moka's bookkeeping for one entry.
+/// The entry, its `Arc`, the key and the cache's bookkeeping for one entry.
 const ENTRY_OVERHEAD: usize = 256;
 
 /// What one allocation of `n` bytes takes from the allocator (glibc: an 8-byte
@@ -115,20 +100,13 @@ impl VerifiedCache {
                 counters: Default::default(),
             };
         }
-        // One capacity, two bounds: each entry weighs at least max_bytes/max_entries,
-        // so neither more entries nor more bytes than configured fit.
         let min_weight = (max_bytes / max_entries).clamp(1, u64::from(u32::MAX)) as u32;
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_, e: &Arc<Entry>| e.weight)
-            .expire_after(UntilExp)
-            .eviction_listener(|_, _, cause| {
-                if cause.was_evicted() && cause != moka::notification::RemovalCause::Expired {
-                    EVICTIONS.fetch_add(1, Ordering::Relaxed);
-                    telemetry::verify_cache_evicted();
-                }
-            })
-            .build();
+        let cache = BoundedCache::new(max_entries, max_bytes).on_removal(|why| {
+            if why == Removal::Evicted {
+                EVICTIONS.fetch_add(1, Ordering::Relaxed);
+                telemetry::verify_cache_evicted();
+            }
+        });
         VerifiedCache {
             cache: Some(cache),
             min_weight,
@@ -154,16 +132,9 @@ impl VerifiedCache {
     pub fn get(&self, key: &TokenHash, now: u64) -> Option<Arc<Entry>> {
         let cache = self.cache.as_ref()?;
         let [hit, miss] = self.counters.get_or_init(telemetry::verify_cache_counters);
-        match cache.get(key) {
-            Some(e) if now < e.exp => {
-                hit.increment(1);
-                Some(e)
-            }
-            _ => {
-                miss.increment(1);
-                None
-            }
-        }
+        let found = cache.get(key, now);
+        if found.is_some() { hit } else { miss }.increment(1);
+        found
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -203,21 +174,12 @@ impl VerifiedCache {
             metadata: extras.metadata,
             headers: extras.headers,
             exp,
-            ttl: Duration::from_secs(exp - now),
-            weight: bytes.max(self.min_weight),
         };
-        cache.insert(key, Arc::new(entry));
-        // moka evicts in batches; an entry of parsed claims can be large, so make
-        // room now rather than hold a batch of them past max_bytes. Inserts follow
-        // a signature check, which costs far more.
-        cache.run_pending_tasks();
+        cache.insert(key, Arc::new(entry), bytes.max(self.min_weight), exp, now);
     }
 
     pub fn entries(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| {
-            c.run_pending_tasks();
-            c.entry_count()
-        })
+        self.cache.as_ref().map_or(0, BoundedCache::len)
     }
 
     pub fn evictions() -> u64 {

@@ -61,14 +61,14 @@
 //   * key rotation via admin endpoints on the same port (loopback only):
 //       POST /__rotate  take key k<N+1>, put it FIRST in the key set (new tokens
 //                       are signed with it) and keep all older keys published.
+//       POST /__retire  drop every key but the newest one.
+//       GET  /__keys    show the current kids (newest first).
+//     Each returns JSON {"kids": [...], "signing_kid": "..."}.
 //     Keys come from the committed test-only pool tests/idp/keys.json (k1 at start,
 //     k2, k3... at each rotation; written once by tests/idp/gen-keys.mjs), so no
 //     start or rotation spends CPU on RSA key generation; past the pool's end a key
 //     is generated. Hence every instance starts with the same k1: tokens of two
 //     instances differ by issuer (port), not by key.
-//       POST /__retire  drop every key but the newest one.
-//       GET  /__keys    show the current kids (newest first).
-//     Each returns JSON {"kids": [...], "signing_kid": "..."}.
 //
 // How rotation works: oidc-provider takes its signing keys (`jwks`) only at
 // construction and serves them unchanged from its jwks_uri. So every key-set change

@@ -51,7 +51,8 @@ fn k8s_write(dir: &Path, content: &str, n: usize) {
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
 
-const WRITES: usize = 20;
+/// Every other write is invalid: 5 valid and 5 invalid, one of each kind in INVALID.
+const WRITES: usize = 10;
 const RELOAD_ERRORS: &str = "valet_policy_reload_total{result=\"error\"}";
 
 async fn reload_under_load(k8s: bool) {
@@ -69,7 +70,7 @@ async fn reload_under_load(k8s: bool) {
     let v = Valet::in_process_at(dir, &path);
 
     // Checks that every policy allows run throughout, at `common::load::STEADY` a
-    // second: each of the 20 writes lands among them (a reload takes 150 ms of
+    // second: each write lands among them (a reload takes 150 ms of
     // debounce at least, so dozens of Checks each), and none may fail.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -96,9 +97,8 @@ async fn reload_under_load(k8s: bool) {
     let mut c = v.client().await;
     let mut public = true;
     let mut latencies = Vec::new();
-    // 20 writes: 14 valid, 6 invalid (every kind in INVALID at least once).
     for n in 1..=WRITES {
-        let valid = n % 3 != 0;
+        let valid = n % 2 != 0;
         let written = Instant::now();
         let content = if valid {
             public = !public;
@@ -164,12 +164,12 @@ async fn reload_under_load(k8s: bool) {
         "a Check failed during reloads"
     );
     let errors = v.metric(RELOAD_ERRORS).await.unwrap();
-    assert!(errors >= (WRITES / 3) as f64, "{errors}");
+    assert!(errors >= (WRITES / 2) as f64, "{errors}");
     assert!(
         v.metric("valet_policy_reload_total{result=\"success\"}")
             .await
             .unwrap()
-            >= (WRITES - WRITES / 3) as f64
+            >= (WRITES - WRITES / 2) as f64
     );
     let logs = v.logs();
     assert!(

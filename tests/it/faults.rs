@@ -32,7 +32,7 @@ async fn start_load(v: &Valet, path: &'static str) -> Load {
         let mut c = v.client().await;
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         let token = token(Algorithm::ES256, &claims("orders:read"));
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let mut pace = common::load::Pace::share(common::load::STEADY, 4);
             while !stop.load(Ordering::Relaxed) {
                 pace.tick().await;

@@ -282,7 +282,7 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
     for (i, v) in fleet.iter().enumerate() {
         let mut c = v.client().await;
         let (stop, ok, lost) = (stop.clone(), ok.clone(), lost.clone());
-        load.push(tokio::spawn(async move {
+        load.push(common::spawn(async move {
             let key = DpopKey::generate();
             let t = jwt(json!({"cnf": {"jkt": key.thumbprint()}, "jti": format!("load-{i}")}));
             let mut n = 0u64;
@@ -413,7 +413,7 @@ async fn a_fleet_shares_replay_introspection_and_revocation_and_survives_redis()
 async fn a_silent_store_costs_each_use_its_fallback_only() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("redis://{}/", silent.local_addr().unwrap());
-    let hold = tokio::spawn(async move {
+    let hold = common::spawn(async move {
         let mut open = Vec::new();
         while let Ok((s, _)) = silent.accept().await {
             open.push(s);

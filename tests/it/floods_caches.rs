@@ -61,7 +61,7 @@ where
     let mut tasks = Vec::new();
     for _ in 0..width {
         let (make, next, mut client) = (make.clone(), next.clone(), client.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let mut reasons = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -414,7 +414,7 @@ async fn a_random_kid_flood_during_a_slow_fetch_does_not_make_valid_checks_overl
     let mut tasks = Vec::new();
     for w in 0..flooders {
         let (stop, mut c) = (stop.clone(), client.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let (key, _) = signing_key(Algorithm::ES256);
             let mut reasons = Vec::new();
             let mut i = 0;

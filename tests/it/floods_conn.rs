@@ -63,7 +63,7 @@ impl RssSampler {
     fn start(pid: u32) -> Self {
         let peak = Arc::new(AtomicU64::new(rss(pid)));
         let p = peak.clone();
-        let task = tokio::spawn(async move {
+        let task = common::spawn(async move {
             loop {
                 p.fetch_max(rss(pid), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -97,7 +97,7 @@ async fn h2_connect(addr: SocketAddr) -> (SendRequest<Bytes>, tokio::task::JoinH
         .handshake(tcp)
         .await
         .unwrap();
-    let task = tokio::spawn(async move {
+    let task = common::spawn(async move {
         let _ = conn.await;
     });
     (send, task)
@@ -215,8 +215,8 @@ async fn half_sent_flood(
             break;
         };
         let (zeros, sent, answered) = (zeros.clone(), sent.clone(), answered.clone());
-        tasks.push(tokio::spawn(async move {
-            let reply = tokio::spawn(read_reply(resp));
+        tasks.push(common::spawn(async move {
+            let reply = common::spawn(read_reply(resp));
             if send_paced(&mut stream, prefix(declared), false).await
                 && send_paced(&mut stream, zeros, false).await
             {
@@ -358,7 +358,7 @@ impl SilentFlood {
         for _ in 0..connections {
             let (held, closed, refused, stop) =
                 (held.clone(), closed.clone(), refused.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.push(common::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(mut tcp) = TcpStream::connect(addr).await else {
                         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -119,7 +119,7 @@ impl Flood {
             let stop = stop.clone();
             let answered = answered.clone();
             let sources = sources.to_vec();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(common::spawn(async move {
                 let mut i = w;
                 let mut pace = common::load::Pace::share(10, 1);
                 while !stop.load(Ordering::Relaxed) {
@@ -176,7 +176,7 @@ async fn check_legit(v: &Valet, tokens: Vec<String>, workers: usize, pace: Durat
     for _ in 0..workers {
         let mut c = v.client().await;
         let queue = queue.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let mut out = Vec::new();
             loop {
                 let Some((i, t)) = queue.lock().unwrap().pop() else {
@@ -338,7 +338,7 @@ async fn active_answers_survive_a_flood_of_inactive_ones() {
     let mut tasks = Vec::new();
     for w in 0..8 {
         let mut c = v.client().await;
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let mut inactive = 0;
             for _ in (w..flood_tokens).step_by(8) {
                 if let Err(e) = ask(&mut c, request(&random_token(), None)).await

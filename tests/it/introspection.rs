@@ -106,7 +106,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
     for _ in 0..20 {
         let mut c = v.client().await;
         let t = fresh.clone();
-        all.push(tokio::spawn(async move {
+        all.push(common::spawn(async move {
             check(&mut c, get("/orders/1").bearer(&t)).await
         }));
     }

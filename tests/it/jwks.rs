@@ -44,7 +44,7 @@ async fn a_rotation_is_followed_without_dropping_a_valid_check() {
             first_new_ok.clone(),
         );
         let mut c = v.client().await;
-        tokio::spawn(async move {
+        common::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let alg = if signer.load(Ordering::Relaxed) == 0 {
                     Algorithm::RS256
@@ -197,7 +197,7 @@ async fn a_flood_of_random_kids_causes_at_most_one_fetch() {
     for t in 0..20 {
         let mut c = v.client().await;
         let sig = sig.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             let mut reasons = Vec::new();
             for i in 0..50 {
                 let kid = format!("random-{t}-{i}-{}", now());

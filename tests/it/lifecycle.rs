@@ -75,7 +75,7 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     );
     let mut c1 = v.client().await;
     let asked = server.requests();
-    let waiting = tokio::spawn(async move { check(&mut c1, get("/").bearer(&new_kid)).await });
+    let waiting = common::spawn(async move { check(&mut c1, get("/").bearer(&new_kid)).await });
     // The refetch has reached the server: the Check is waiting on it.
     assert!(
         server
@@ -90,7 +90,7 @@ async fn past_max_in_flight_checks_are_shed_with_a_clear_answer() {
     let mut c1 = v.client().await;
     let asked = server.requests();
     let introspecting =
-        tokio::spawn(async move { check(&mut c1, get("/").bearer("opaque-token")).await });
+        common::spawn(async move { check(&mut c1, get("/").bearer("opaque-token")).await });
     // The introspection has reached the server: its Check holds the slot.
     assert!(
         server

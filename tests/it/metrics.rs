@@ -73,7 +73,7 @@ async fn labels_stay_bounded_under_random_input() {
     let mut tasks = Vec::new();
     for (t, mut c) in clients.into_iter().enumerate() {
         let key = key.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(common::spawn(async move {
             for i in 0..64 {
                 let (path, kid, sub) = {
                     let mut r = rand::rng();

@@ -105,7 +105,7 @@ async fn a_stuck_or_absent_collector_drops_spans_and_never_holds_a_check() {
     // timeout while Checks go on; a queue of 4 overflows.
     let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stuck_addr = stuck.local_addr().unwrap();
-    let held = tokio::spawn(async move {
+    let held = common::spawn(async move {
         let mut open = Vec::new();
         while let Ok((s, _)) = stuck.accept().await {
             open.push(s);

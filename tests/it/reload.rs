@@ -78,7 +78,7 @@ async fn reload_under_load(k8s: bool) {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         let mut c = v.client().await;
         let token = rs256("orders:read");
-        tokio::spawn(async move {
+        common::spawn(async move {
             let mut pace = common::load::Pace::share(common::load::STEADY, 1);
             while !stop.load(Ordering::Relaxed) {
                 pace.tick().await;

@@ -113,7 +113,7 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         );
         let victims: Vec<String> = rounds.iter().map(|(t, _)| t.clone()).collect();
         let others = bystanders.clone();
-        load.push(tokio::spawn(async move {
+        load.push(common::spawn(async move {
             let mut pace = common::load::Pace::share(common::load::STEADY, 4);
             while !stop.load(Ordering::Relaxed) {
                 for (i, v) in victims.iter().enumerate() {

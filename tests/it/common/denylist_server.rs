@@ -43,7 +43,7 @@ impl DenylistServer {
             version: 1,
             ..State::default()
         }));
-        let task = tokio::spawn(serve(listener, state.clone()));
+        let task = super::spawn(serve(listener, state.clone()));
         DenylistServer { url, state, task }
     }
 

@@ -34,13 +34,13 @@ pub async fn upstream() -> (SocketAddr, Log) {
     let addr = listener.local_addr().unwrap();
     let seen: Log = Arc::default();
     let log = seen.clone();
-    tokio::spawn(async move {
+    super::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let log = log.clone();
-            tokio::spawn(async move {
+            super::spawn(async move {
                 let _ = serve_one(stream, log).await;
             });
         }

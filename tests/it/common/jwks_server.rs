@@ -58,7 +58,7 @@ impl JwksServer {
             jwks_requests: 0,
             not_modified: 0,
         }));
-        let task = Some(tokio::spawn(serve(listener, state.clone(), addr)));
+        let task = Some(super::spawn(serve(listener, state.clone(), addr)));
         JwksServer { addr, state, task }
     }
 
@@ -100,7 +100,7 @@ impl JwksServer {
                 Err(e) => panic!("rebind {}: {e}", self.addr),
             }
         };
-        self.task = Some(tokio::spawn(serve(listener, self.state.clone(), self.addr)));
+        self.task = Some(super::spawn(serve(listener, self.state.clone(), self.addr)));
     }
 
     /// Waits until the server has answered `n` more JWKS requests than `from`.

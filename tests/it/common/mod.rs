@@ -182,6 +182,16 @@ pub async fn load_slot() -> tokio::sync::SemaphorePermit<'static> {
     LOAD.acquire().await.unwrap()
 }
 
+/// `tokio::spawn` of a boxed future: tokio's task code (~1.7k lines of LLVM IR) is
+/// then compiled once per output type, not once per kind of spawned future (this
+/// crate spawns dozens).
+pub fn spawn<T: Send + 'static>(
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let boxed: std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>> = Box::pin(future);
+    tokio::spawn(boxed)
+}
+
 /// The client of every `admin_get`: tests poll /metrics and /readyz every few
 /// milliseconds, and `reqwest::get` built a new client each time (its TLS setup
 /// parses the root certificates: most of a poll's CPU in a debug build). Nothing

@@ -104,7 +104,7 @@ impl Receiver {
         let sink = Sink::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = TraceServiceServer::new(sink.clone());
-        tokio::spawn(async move {
+        super::spawn(async move {
             valet::grpc_mux::serve(listener, service, async move {
                 let _ = stopped.await;
             })

@@ -412,7 +412,7 @@ async fn run(proxy_name: &str) {
         let record = record.clone();
         let addr = proxy.addr();
         let mut grpc = valet.client().await;
-        workers.push(tokio::spawn(async move {
+        workers.push(common::spawn(async move {
             let mut client = Client::new(addr);
             let mut done = Vec::new();
             loop {

@@ -36,10 +36,10 @@ pub async fn upstream() -> (SocketAddr, Record) {
     let addr = listener.local_addr().unwrap();
     let record: Record = Arc::default();
     let r = record.clone();
-    tokio::spawn(async move {
+    crate::common::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let r = r.clone();
-            tokio::spawn(async move {
+            crate::common::spawn(async move {
                 let _ = serve(stream, r).await;
             });
         }

@@ -69,13 +69,13 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idp_faults_under_load() {
-    let _load = common::load_slot().await;
     let mut server = JwksServer::start(jwks_with(&["ec256-1"])).await;
     let v = Valet::start(&format!(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks:\n      uri: {}/jwks\n      refresh_interval: 1s\n      min_refresh: 1s\n      max_refresh: 1s\n      timeout: 300ms\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n    require: {{ scopes: [orders:read] }}\n",
         server.url()
     ));
     assert!(v.wait_ready(200, Duration::from_secs(10)).await);
+    let _load = common::load_slot().await;
     let load = start_load(&v, "/orders").await;
 
     // Each fault lasts until Valet has logged the failed refresh it causes.
@@ -143,11 +143,11 @@ async fn fault_seen(v: &Valet, load: &Load, result: &str, change: impl FnOnce())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_file_faults_under_load() {
-    let _load = common::load_slot().await;
     let base = "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n";
     let v = Valet::start(base);
     let path = v.dir.path().join("valet.yaml");
     let good = std::fs::read(&path).unwrap();
+    let _load = common::load_slot().await;
     let load = start_load(&v, "/orders").await;
 
     fault_seen(&v, &load, "error", || std::fs::remove_file(&path).unwrap()).await;
@@ -207,10 +207,10 @@ async fn policy_file_faults_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_on_the_check_port_under_load() {
-    let _load = common::load_slot().await;
     let v = Valet::start(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    jwks: { file: jwks.json }\nroutes:\n  - name: orders\n    match: { path_prefix: /orders }\n    require: { scopes: [orders:read] }\n",
     );
+    let _load = common::load_slot().await;
     let load = start_load(&v, "/orders").await;
     // Raw garbage, a truncated HTTP/2 preface, and an HTTP/1 request.
     for i in 0..50u32 {

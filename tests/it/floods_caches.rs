@@ -108,12 +108,12 @@ fn wide_tokens(range: std::ops::Range<usize>, members: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_with_large_claims_keep_the_cache_within_max_bytes() {
-    let _load = common::load_slot().await;
     // Long: the default budget, as in the issue (293 MiB of RSS before).
     let max_bytes = if long() { 16 * MIB } else { MIB };
     let v = Valet::start(&format!(
         "cache: {{ max_entries: 10000, max_bytes: {max_bytes} }}\nproviders:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ file: jwks.json }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n"
     ));
+    let _load = common::load_slot().await;
     let members = 900;
     // Warm up every path a Check takes (and the allocator) before the baseline.
     let warm = Arc::new(wide_tokens(1_000_000..1_000_040, 10));
@@ -163,7 +163,6 @@ fn dpop_config(entries: Option<u64>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dpop_proof_flood_refuses_new_proofs_rather_than_forget_spent_ones() {
-    let _load = common::load_slot().await;
     // Long: the default capacity and 150k proofs (the figure of the issue).
     let (capacity, n) = if long() {
         (None, 150_000)
@@ -176,6 +175,7 @@ async fn a_dpop_proof_flood_refuses_new_proofs_rather_than_forget_spent_ones() {
     c["cnf"] = json!({"jkt": key.thumbprint()});
     let t = Arc::new(token(Algorithm::ES256, &c));
     let htu = format!("{URL}/dpop/1");
+    let _load = common::load_slot().await;
 
     let mut client = v.client().await;
     let first = key.proof("GET", &htu, Some(&t));
@@ -270,7 +270,6 @@ fn jti_token(jti: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_denylist_loads_within_its_bound_and_a_broken_one_keeps_it() {
-    let _load = common::load_slot().await;
     let dir = tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks().to_string()).unwrap();
     let deny = dir.path().join("denylist.yaml");
@@ -284,6 +283,7 @@ async fn a_large_denylist_loads_within_its_bound_and_a_broken_one_keeps_it() {
     )
     .unwrap();
     let v = Valet::spawn(dir, &path, &[("VALET_LOG", "info")]);
+    let _load = common::load_slot().await;
     let mut client = v.client().await;
     assert_eq!(
         check(&mut client, get("/orders").bearer(&jti_token("first")))
@@ -378,7 +378,6 @@ async fn a_large_denylist_loads_within_its_bound_and_a_broken_one_keeps_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_kid_flood_during_a_slow_fetch_does_not_make_valid_checks_overloaded() {
-    let _load = common::load_slot().await;
     let server = JwksServer::start(jwks()).await;
     let config = format!(
         "providers:\n  - name: corp\n    issuer: https://idp.test/\n    audiences: [orders-api]\n    jwks: {{ uri: {}/jwks, unknown_kid_wait: 1s, unknown_kid_waiters: 8 }}\nroutes:\n  - name: orders\n    match: {{ path_prefix: /orders }}\n",
@@ -393,6 +392,7 @@ async fn a_random_kid_flood_during_a_slow_fetch_does_not_make_valid_checks_overl
         "{}",
         v.logs()
     );
+    let _load = common::load_slot().await;
     let valid = rs256("orders:read");
     let mut client = v.client().await;
     assert!(

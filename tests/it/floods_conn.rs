@@ -245,9 +245,9 @@ async fn normal_check(v: &Valet) -> Answer {
 /// answered at once, and a normal Check on its own connection still passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_messages_stay_within_the_memory_limit() {
-    let _load = common::load_slot().await;
     let v = Valet::start_with(POLICY, &[("VALET_LOG", "info")]);
     assert!(v.wait_ready(200, Duration::from_secs(15)).await);
+    let _load = common::load_slot().await;
     assert!(normal_check(&v).await.allowed());
     let pid = v.pid();
     let base = rss(pid);
@@ -414,7 +414,6 @@ impl Drop for SilentFlood {
 /// and a legitimate Check connects and passes once slots free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_capped_and_closed() {
-    let _load = common::load_slot().await;
     let cap = 500usize;
     let cap_text = cap.to_string();
     let v = Valet::start_with(
@@ -427,6 +426,7 @@ async fn idle_connections_are_capped_and_closed() {
         ],
     );
     assert!(v.wait_ready(200, Duration::from_secs(15)).await);
+    let _load = common::load_slot().await;
     let connections = if long() { 5000 } else { 2000 };
     let pid = v.pid();
     let sampler = RssSampler::start(pid);
@@ -516,12 +516,12 @@ async fn idle_connections_are_capped_and_closed() {
 /// `request_too_large`), never a gRPC error; one just under it is decided.
 #[tokio::test]
 async fn oversize_check_request_is_a_deny() {
-    let _load = common::load_slot().await;
     let v = Valet::start_with(
         POLICY,
         &[("VALET_LOG", "info"), ("VALET_MAX_MESSAGE_BYTES", "64KiB")],
     );
     assert!(v.wait_ready(200, Duration::from_secs(15)).await);
+    let _load = common::load_slot().await;
     let mut c = v.client().await;
     let token = rs256("orders:read");
     let under = check(

@@ -239,12 +239,12 @@ async fn shed(v: &Valet) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_random_token_flood() {
-    let _load = common::load_slot().await;
     let (workers, n) = if long() { (512, 400) } else { (64, 30) };
     let idp = Idp::shared();
     let dir = tempdir().unwrap();
     let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
+    let _load = common::load_slot().await;
     // The shared IdP counts other tests' introspections too: this one's is the delta.
     let (asked_before, _) = idp.introspection_stats().await;
 
@@ -273,7 +273,6 @@ async fn new_tokens_pass_during_a_random_token_flood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
-    let _load = common::load_slot().await;
     let (workers, n) = if long() { (512, 200) } else { (64, 20) };
     // The IdP (or its gateway) admits 25 introspections a second and answers the
     // rest 429 with Retry-After: 1. Legitimate clients bring ~10 new tokens a second.
@@ -282,6 +281,7 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
     let dir = tempdir().unwrap();
     let v = Valet::start_ready_in(&config(&idp, dir.path(), ""), dir).await;
     let tokens = opaque_tokens(&idp, n).await;
+    let _load = common::load_slot().await;
 
     let flood = Flood::start(&v, workers, &attackers(8)).await;
     flood.warm(workers as u64 * 4).await;
@@ -315,7 +315,6 @@ async fn new_tokens_pass_during_a_flood_when_the_idp_rate_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_answers_survive_a_flood_of_inactive_ones() {
-    let _load = common::load_slot().await;
     let flood_tokens = if long() { 20_000 } else { 400 };
     // Its own IdP: "no new IdP request" below is read from the IdP's own counter,
     // which another test's introspections would move.
@@ -326,6 +325,7 @@ async fn active_answers_survive_a_flood_of_inactive_ones() {
         Valet::start_ready_in(&config(&idp, dir.path(), "      cache_entries: 100\n"), dir).await;
     let mut c = v.client().await;
     let kept = opaque_tokens(&idp, 20).await;
+    let _load = common::load_slot().await;
     for t in &kept {
         assert_eq!(ask(&mut c, request(t, Some("10.1.0.1"))).await, Ok(()));
     }

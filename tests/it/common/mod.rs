@@ -176,7 +176,10 @@ pub fn rs256(scope: &str) -> String {
 /// time. The harness hands tests to its threads (one per core) in name order and
 /// the load suites are neighbours, so with one at a time the other thread mostly
 /// sat waiting for the lock; their assertions are counts and bounds, not
-/// durations, and hold with two side by side. Hold the guard for the whole test.
+/// durations, and hold with two side by side. Take it once the test is set up
+/// (its Valet, IdP, proxy and tokens ready) and hold it to the end: the load tests
+/// one after the other are the suite's longest path, so setup (seconds, for a
+/// node IdP on a busy machine) is done outside it.
 pub async fn load_slot() -> tokio::sync::SemaphorePermit<'static> {
     static LOAD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     LOAD.acquire().await.unwrap()

@@ -330,7 +330,6 @@ fn describe(seed: u64, o: &Outcome, d: &Disagreement) -> String {
 // === The run ===
 
 async fn run(proxy_name: &str) {
-    let _load = common::load_slot().await;
     let started = Instant::now();
     let seed = env_u64("VALET_DIFF_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -398,6 +397,7 @@ async fn run(proxy_name: &str) {
         started.elapsed()
     );
 
+    let _load = common::load_slot().await;
     let tokens = Arc::new(tokens());
     let all = Arc::new(all);
     let next = Arc::new(AtomicUsize::new(0));

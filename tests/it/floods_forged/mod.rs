@@ -110,8 +110,8 @@ async fn assert_legit_passes(v: &Valet) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forged_shape_is_refused_for_at_most_one_verification() {
-    let _load = common::load_slot().await;
     let v = start().await;
+    let _load = common::load_slot().await;
     let n = per_shape();
     let mut report = Vec::new();
     for shape in shapes::shapes() {
@@ -154,8 +154,8 @@ async fn every_forged_shape_is_refused_for_at_most_one_verification() {
 
 #[tokio::test]
 async fn a_kidless_token_is_tried_against_one_key_only() {
-    let _load = common::load_slot().await;
     let v = start().await;
+    let _load = common::load_slot().await;
     let mut client = v.client().await;
     // Honestly signed by a key of a set where several keys fit: Valet does not
     // guess which (OpenID Connect Core §10.1: a kid is required then).

@@ -43,8 +43,19 @@ fn start(denylist: &str) -> (Valet, std::path::PathBuf, std::path::PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_propagates_in_about_a_second_under_load() {
-    let (valet, deny, _) = start("revoked: []\n");
+    under_load(false).await;
+}
 
+/// The same load, on a list in force from the start: broken, empty and missing
+/// files keep it, and the repaired file is read. (Its own test: each step waits for
+/// the once-a-second look at the file, and beside the rounds above the two take
+/// half the time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_denylist_keeps_the_list_in_force_under_load() {
+    under_load(true).await;
+}
+
+async fn under_load(broken_files: bool) {
     // Victims, one per round, each revoked by one kind of rule (jti, sub, issued_before):
     // three rounds, each kind once. (Six, each kind twice, took twice as long for
     // nothing more: every round is the same write-then-wait.)
@@ -79,12 +90,14 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         token_with(json!({"jti": "ok-1", "sub": "bob", "iat": cut + 1000})),
         token_with(json!({"jti": "ok-2", "sub": "carol", "iat": cut + 2000})),
     ];
+    let full: String = rounds.iter().fold("revoked:\n".into(), |b, (_, e)| b + e);
+    let (valet, deny, _) = start(if broken_files { &full } else { "revoked: []\n" });
 
     let mut client = valet.client().await;
     for (t, _) in &rounds {
         assert_eq!(
             check(&mut client, get("/orders").bearer(t)).await.reason(),
-            "verified"
+            if broken_files { "revoked" } else { "verified" }
         );
     }
 
@@ -148,7 +161,7 @@ async fn revocation_propagates_in_about_a_second_under_load() {
     // Revoke one victim per round: time from the write to its first denial.
     let mut body = String::from("revoked:\n");
     let mut took = Vec::new();
-    for (i, (_, entry)) in rounds.iter().enumerate() {
+    for (i, (_, entry)) in rounds.iter().enumerate().filter(|_| !broken_files) {
         body.push_str(entry);
         let written = Instant::now();
         write(&deny, &body);
@@ -166,36 +179,49 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         }
     }
 
-    // A broken denylist keeps the list in force, says where, and is counted.
-    write(&deny, "revoked:\n  - jti: x\n    sub: y\n");
-    assert!(valet.wait_for_log("denylist.yaml:2:"));
-    write(&deny, "");
-    assert!(valet.wait_for_log("the file is empty"));
-    std::fs::remove_file(&deny).unwrap();
-    assert!(valet.wait_for_log("No such file"), "{}", valet.logs());
-    write(&deny, &body);
-
-    assert!(
-        valet
-            .wait_metric(
-                "valet_revocation_last_reload_successful",
-                1.0,
-                Duration::from_secs(10)
-            )
-            .await,
-        "the repaired denylist was not read"
-    );
+    if broken_files {
+        // Every victim denied under load before the faults: a flap from here on is
+        // the list lost.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while revoked_at.iter().any(|at| at.lock().unwrap().is_none()) {
+            assert!(Instant::now() < deadline, "the load never saw every victim");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A broken denylist keeps the list in force, says where, and is counted.
+        write(&deny, "revoked:\n  - jti: x\n    sub: y\n");
+        assert!(valet.wait_for_log("denylist.yaml:2:"));
+        write(&deny, "");
+        assert!(valet.wait_for_log("the file is empty"));
+        std::fs::remove_file(&deny).unwrap();
+        assert!(valet.wait_for_log("No such file"), "{}", valet.logs());
+        write(&deny, &full);
+        assert!(
+            valet
+                .wait_metric(
+                    "valet_revocation_last_reload_successful",
+                    1.0,
+                    Duration::from_secs(10)
+                )
+                .await,
+            "the repaired denylist was not read"
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.await.unwrap();
     }
     took.sort();
     let ms: Vec<u128> = took.iter().map(Duration::as_millis).collect();
+    if !broken_files {
+        println!(
+            "revocation propagation (write -> first deny) over {} writes: median {} ms, max {} ms",
+            ms.len(),
+            ms[ms.len() / 2],
+            ms[ms.len() - 1],
+        );
+    }
     println!(
-        "revocation propagation (write -> first deny) over {} writes: median {} ms, max {} ms; {} Checks, {} bystander failures, {} flaps",
-        ms.len(),
-        ms[ms.len() / 2],
-        ms[ms.len() - 1],
+        "{} Checks, {} bystander failures, {} flaps",
         checks.load(Ordering::Relaxed),
         failures.load(Ordering::Relaxed),
         flaps.load(Ordering::Relaxed),
@@ -218,11 +244,13 @@ async fn revocation_propagates_in_about_a_second_under_load() {
         metrics.contains(&format!("valet_revocation_entries {ROUNDS}")),
         "{metrics}"
     );
-    let errors = valet
-        .metric("valet_revocation_reload_total{result=\"error\"}")
-        .await
-        .unwrap();
-    assert!(errors >= 2.0, "{errors}");
+    if broken_files {
+        let errors = valet
+            .metric("valet_revocation_reload_total{result=\"error\"}")
+            .await
+            .unwrap();
+        assert!(errors >= 3.0, "{errors}");
+    }
     let revoked = check(&mut client, get("/orders").bearer(&rounds[0].0)).await;
     assert_eq!(revoked.http_status, 401);
     assert!(

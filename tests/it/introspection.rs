@@ -99,12 +99,17 @@ async fn opaque_tokens_are_introspected_and_cached() {
         "inactive_token"
     );
 
-    // 20 concurrent Checks of a fresh token: one request to the IdP.
+    // 20 concurrent Checks of a fresh token: one request to the IdP. The clients
+    // connect first: connecting one after another, under load, could outlast the
+    // 2 s cache_ttl, and a Check after that asks again (rightly).
     let fresh = idp.opaque_token("orders:read").await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(v.client().await);
+    }
     let before = requests(&v, "active").await;
     let mut all = Vec::new();
-    for _ in 0..20 {
-        let mut c = v.client().await;
+    for mut c in clients {
         let t = fresh.clone();
         all.push(common::spawn(async move {
             check(&mut c, get("/orders/1").bearer(&t)).await

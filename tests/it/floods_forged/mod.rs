@@ -10,7 +10,9 @@ mod shapes;
 use std::time::Duration;
 
 use common::{Valet, check, get, tempdir, with_free_ports};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use shapes::Kind;
+use tonic::transport::Channel;
 
 const CALLERS: usize = 8;
 
@@ -36,27 +38,37 @@ async fn start() -> Valet {
     v
 }
 
-/// Signature verifications so far, over every provider, with `result`.
-async fn verifications(v: &Valet, result: &str) -> u64 {
-    let (_, body) = v.admin_get("/metrics").await;
+/// Signature verifications so far, over every provider, with `result`, read from
+/// one scrape.
+fn count(metrics: &str, result: &str) -> u64 {
     let label = format!("result=\"{result}\"");
-    body.lines()
+    metrics
+        .lines()
         .filter(|l| l.starts_with("valet_signature_verifications_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
-async fn total_verifications(v: &Valet) -> u64 {
-    verifications(v, "valid").await + verifications(v, "invalid").await
+async fn verifications(v: &Valet, result: &str) -> u64 {
+    count(&v.admin_get("/metrics").await.1, result)
 }
 
-/// Sends `n` copies of the request from CALLERS concurrent callers; every
-/// answer's reason.
-async fn flood(v: &Valet, headers: &[(String, String)], n: usize) -> Vec<String> {
+async fn total_verifications(v: &Valet) -> u64 {
+    let metrics = v.admin_get("/metrics").await.1;
+    count(&metrics, "valid") + count(&metrics, "invalid")
+}
+
+/// Sends `n` copies of the request from the callers (one connection each, all at
+/// once); every answer's reason.
+async fn flood(
+    callers: &[AuthorizationClient<Channel>],
+    headers: &[(String, String)],
+    n: usize,
+) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..CALLERS {
-        let count = n / CALLERS + usize::from(c < n % CALLERS);
-        let mut client = v.client().await;
+    for (c, client) in callers.iter().enumerate() {
+        let count = n / callers.len() + usize::from(c < n % callers.len());
+        let mut client = client.clone();
         let headers = headers.to_vec();
         tasks.spawn(async move {
             let mut reasons = Vec::with_capacity(count);
@@ -111,12 +123,18 @@ async fn assert_legit_passes(v: &Valet) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forged_shape_is_refused_for_at_most_one_verification() {
     let v = start().await;
+    let shapes = shapes::shapes();
+    let mut callers = Vec::new();
+    for _ in 0..CALLERS {
+        callers.push(v.client().await);
+    }
     let _load = common::load_slot().await;
     let n = per_shape();
     let mut report = Vec::new();
-    for shape in shapes::shapes() {
-        let before = total_verifications(&v).await;
-        let reasons = flood(&v, &shape.headers, n).await;
+    // One scrape between shapes: this shape's count after is the next one's before.
+    let mut before = total_verifications(&v).await;
+    for shape in shapes {
+        let reasons = flood(&callers, &shape.headers, n).await;
         let after = total_verifications(&v).await;
         let wrong: Vec<&String> = reasons.iter().filter(|r| *r != shape.reason).collect();
         assert!(
@@ -141,6 +159,7 @@ async fn every_forged_shape_is_refused_for_at_most_one_verification() {
             shape.reason,
             spent as f64 / n as f64
         ));
+        before = after;
     }
     eprintln!("{}", report.join("\n"));
     assert_eq!(

@@ -354,6 +354,12 @@ async fn a_large_denylist_loads_within_its_bound_and_a_broken_one_keeps_it() {
         v.logs()
     );
     let line = n + 2;
+    // The error is counted before its log line reaches this process's reader: wait for it.
+    assert!(
+        v.logged(&format!("denylist.yaml:{line}:")).await,
+        "{}",
+        v.logs()
+    );
     let logs = v.logs();
     assert!(
         logs.lines()

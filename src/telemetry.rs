@@ -223,8 +223,9 @@ where
 ///
 /// The future is boxed: tokio's task code (~1.7k lines of LLVM IR) is then compiled
 /// once per output type rather than twice per call site, in the lib and in every
-/// build that instantiates it. These tasks are background loops and connections,
-/// not Checks, so the one allocation is nothing.
+/// build that instantiates it. These tasks are background loops, connections and
+/// introspection requests (an IdP round trip each), not Checks: the one allocation
+/// is nothing beside them.
 pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,

@@ -173,7 +173,7 @@ pub fn rs256(scope: &str) -> String {
 }
 
 /// Load tests (floods, faults under load, the differential runs) at most two at a
-/// time. The harness hands tests to its threads (one per core) in name order and
+/// time. The harness hands tests to its threads in name order and
 /// the load suites are neighbours, so with one at a time the other thread mostly
 /// sat waiting for the lock; their assertions are counts and bounds, not
 /// durations, and hold with two side by side. Take it once the test is set up
